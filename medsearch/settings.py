@@ -1,0 +1,41 @@
+"""Every option of the product, read from the environment (prefix MEDSEARCH_) in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEDSEARCH_", extra="ignore")
+
+    home: Path = Field(default=Path("var"), description="Root for built models and the embedded store.")
+    models_dir: Path | None = Field(default=None, description="Built encoders; default HOME/models.")
+    query_model: str = Field(default="multilingual-e5-small-onnx", description="Query encoder directory.")
+    document_model: str = Field(
+        default="multilingual-e5-small",
+        description="Document encoder directory used by the indexer (e.g. gemma-3-270m).",
+    )
+    collection: str = "medsearch"
+    qdrant_url: str | None = Field(
+        default=None, description="Qdrant server URL (or ':memory:'); unset = embedded engine."
+    )
+    qdrant_api_key: SecretStr | None = None
+    qdrant_path: Path | None = Field(default=None, description="Embedded store data; default HOME/qdrant.")
+    qdrant_timeout_s: float = 5.0
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int = Field(default=0, ge=0, description="Encoder intra-op threads; 0 = runtime default.")
+    max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    log_queries: bool = Field(default=False, description="Log query text. Patient data: keep off.")
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir or self.home / "models"
+
+    @property
+    def store_path(self) -> Path:
+        return self.qdrant_path or self.home / "qdrant"

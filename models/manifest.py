@@ -1,0 +1,103 @@
+"""The manifest that travels with every built encoder (``manifest.json`` beside the weights).
+
+It is the single source of truth for how an encoder turns text into a vector and, through ``space``,
+which other encoders' vectors it can be compared with. The service refuses a query encoder whose space
+differs from the collection's document space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_FILE = "manifest.json"
+
+Role = Literal["query", "document"]
+Pooling = Literal["cls", "mean", "last_token"]
+WeightFormat = Literal["onnx", "hf"]
+
+
+class ManifestError(RuntimeError):
+    """A model directory is missing, incomplete or does not match its manifest."""
+
+
+class ModelManifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="Short unique name of this built encoder.")
+    role: Role
+    format: WeightFormat = Field(description="onnx: onnxruntime graph; hf: transformers directory.")
+    architecture: str = Field(description="Model class, e.g. BertModel or Gemma3TextModel.")
+    decoder_only: bool = False
+    pooling: Pooling
+    normalize: bool = True
+    prompt: str = Field(default="{text}", description="Template applied to every input; must hold {text}.")
+    max_tokens: int = Field(gt=0, description="Inputs are truncated to this many tokens, specials included.")
+    dim: int = Field(gt=0, description="Output dimension (after optional truncation to the first N dims).")
+    space: str = Field(description="Vector space id: only encoders with equal spaces are comparable.")
+    fingerprint: str = Field(default="", description="sha256 over the weight files (see files).")
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+    source: str = Field(default="", description="Where the weights came from.")
+    quantization: str | None = None
+    license: str = ""
+
+    def render(self, text: str) -> str:
+        return self.prompt.replace("{text}", text)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_files(model_dir: Path) -> dict[str, str]:
+    """sha256 of every file in ``model_dir`` (recursively) except the manifest itself."""
+    return {
+        str(p.relative_to(model_dir)): sha256_file(p)
+        for p in sorted(model_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
+
+
+def fingerprint_of(files: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{files[name]}\n".encode())
+    return digest.hexdigest()
+
+
+def write_manifest(model_dir: Path, manifest: ModelManifest) -> ModelManifest:
+    """Hash the directory's files, fill ``files``/``fingerprint`` and write ``manifest.json``."""
+    files = hash_files(model_dir)
+    sealed = manifest.model_copy(update={"files": files, "fingerprint": fingerprint_of(files)})
+    (model_dir / MANIFEST_FILE).write_text(sealed.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return sealed
+
+
+def read_manifest(model_dir: Path) -> ModelManifest:
+    path = model_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"{path} not found")
+    try:
+        return ModelManifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as exc:
+        raise ManifestError(f"{path}: invalid manifest: {exc}") from exc
+
+
+def verify_manifest(model_dir: Path) -> ModelManifest:
+    """Read the manifest and check every listed file against its sha256."""
+    manifest = read_manifest(model_dir)
+    actual = hash_files(model_dir)
+    for name, digest in manifest.files.items():
+        if name not in actual:
+            raise ManifestError(f"{model_dir}: {name} is missing")
+        if actual[name] != digest:
+            raise ManifestError(f"{model_dir}: {name} does not match its sha256 in the manifest")
+    return manifest

@@ -1,0 +1,93 @@
+"""One small interface over Qdrant. Backends: embedded engine (qdrant-edge) and a Qdrant server.
+
+Every collection records which document space its vectors live in, so a query encoder from another
+space is refused before it can return garbage.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+# Fixed namespace: the same document id maps to the same point id in every deployment, so a rerun
+# of the indexer overwrites instead of duplicating.
+POINT_NAMESPACE = uuid.UUID("5b0e3c1e-8d2f-4a57-9a43-2f1f6c0d9e11")
+
+
+def point_id(doc_id: str) -> str:
+    return str(uuid.uuid5(POINT_NAMESPACE, doc_id))
+
+
+class StoreError(RuntimeError):
+    """The store answered, but refused the operation (bad schema, missing collection...)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached or timed out; callers may retry later."""
+
+
+class CollectionSpec(BaseModel):
+    """What a collection records about the vectors it holds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dim: int = Field(gt=0)
+    space: str
+    encoder: str = Field(description="Name of the document encoder that produced the vectors.")
+    encoder_fingerprint: str
+    keyword_fields: tuple[str, ...] = Field(
+        default=(), description="metadata keys indexed for exact-match filtering"
+    )
+
+
+class DocumentPoint(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    doc_id: str
+    vector: list[float]
+    title: str = ""
+    text: str
+    metadata: dict[str, object] = Field(default_factory=dict)
+    content_hash: str = Field(description="sha256 of what was encoded; lets reruns skip unchanged docs")
+
+
+class Hit(BaseModel):
+    doc_id: str
+    score: float
+    title: str
+    text: str
+    metadata: dict[str, object]
+
+
+class VectorStore(Protocol):
+    def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot be reached."""
+        ...
+
+    def get_collection(self, name: str) -> CollectionSpec | None: ...
+
+    def create_collection(self, name: str, spec: CollectionSpec) -> None: ...
+
+    def count(self, name: str) -> int: ...
+
+    def content_hashes(self, name: str, doc_ids: Sequence[str]) -> dict[str, str]:
+        """doc_id -> content_hash for those of ``doc_ids`` already stored."""
+        ...
+
+    def upsert(self, name: str, points: Sequence[DocumentPoint]) -> None: ...
+
+    def search(
+        self,
+        name: str,
+        vector: np.ndarray,
+        top_k: int,
+        filters: Mapping[str, str] | None = None,
+    ) -> list[Hit]:
+        """Nearest points by cosine; ``filters`` are exact matches on metadata keyword fields."""
+        ...
+
+    def close(self) -> None: ...
