@@ -1,0 +1,193 @@
+"""The indexing job: documents -> batches -> document encoder -> store, resumable by content hash.
+
+Point ids are UUID5 of the document id, so a rerun overwrites rather than duplicates; documents whose
+content hash is already stored are skipped without encoding, so a rerun over an indexed corpus takes
+seconds. A batch the store refuses is retried, then reported; it is never silently dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from indexer.reader import Document, Rejected, count_lines, read_documents
+from models.encoder import Encoder
+from store.base import CollectionSpec, DocumentPoint, StoreError, VectorStore
+
+
+class IndexingError(RuntimeError):
+    """The run cannot start (e.g. the collection holds another document space)."""
+
+
+@dataclass
+class IndexSummary:
+    indexed: int = 0
+    skipped: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # doc ids whose batch the store refused
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.rejected and not self.failed
+
+    def describe(self) -> str:
+        rate = self.indexed / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"indexed {self.indexed}, skipped {self.skipped} (unchanged), rejected {len(self.rejected)}, "
+            f"failed {len(self.failed)} in {self.seconds:.1f} s ({rate:.1f} docs/s)"
+        )
+
+
+def document_text(doc: Document) -> str:
+    return f"{doc.title}\n{doc.text}" if doc.title else doc.text
+
+
+def content_hash(doc: Document, encoder_fingerprint: str) -> str:
+    payload = json.dumps(
+        [encoder_fingerprint, doc.title, doc.text, doc.metadata], ensure_ascii=False, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def collection_spec(encoder: Encoder, keyword_fields: Sequence[str]) -> CollectionSpec:
+    manifest = encoder.manifest
+    if manifest.role != "document":
+        raise IndexingError(f"{manifest.name} is a {manifest.role} encoder; index with a document encoder")
+    return CollectionSpec(
+        dim=manifest.dim,
+        space=manifest.space,
+        encoder=manifest.name,
+        encoder_fingerprint=manifest.fingerprint,
+        keyword_fields=tuple(sorted(set(keyword_fields))),
+    )
+
+
+def prepare_collection(
+    store: VectorStore, collection: str, encoder: Encoder, keyword_fields: Sequence[str] | None
+) -> CollectionSpec:
+    """Create the collection, or check that an existing one holds this encoder's vectors."""
+    existing = store.get_collection(collection)
+    if existing is not None and keyword_fields is None:
+        keyword_fields = existing.keyword_fields
+    spec = collection_spec(encoder, keyword_fields or ())
+    if existing is not None and existing != spec:
+        raise IndexingError(
+            f"collection {collection!r} holds vectors of {existing.encoder} (space {existing.space!r}, "
+            f"keyword fields {list(existing.keyword_fields)}); this run would write {spec.encoder} "
+            f"(space {spec.space!r}, keyword fields {list(spec.keyword_fields)}). "
+            "Index into a new collection (MEDSEARCH_COLLECTION) instead."
+        )
+    if existing is None:
+        store.create_collection(collection, spec)
+    return spec
+
+
+def _batches(items: Iterable[Document | Rejected], size: int) -> Iterator[list[Document | Rejected]]:
+    batch: list[Document | Rejected] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _upsert_with_retry(
+    store: VectorStore, collection: str, points: list[DocumentPoint], attempts: int, backoff_s: float
+) -> str | None:
+    """Upsert; return None on success or the last error message after ``attempts`` tries."""
+    for attempt in range(1, attempts + 1):
+        try:
+            store.upsert(collection, points)
+            return None
+        except StoreError as exc:
+            if attempt == attempts:
+                return f"{type(exc).__name__}: {exc}"
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+    return None
+
+
+def index_files(
+    paths: Sequence[Path],
+    encoder: Encoder,
+    store: VectorStore,
+    collection: str,
+    *,
+    keyword_fields: Sequence[str] | None = None,
+    chunk_size: int = 64,
+    batch_size: int = 16,
+    rejects_path: Path | None = None,
+    upsert_attempts: int = 3,
+    backoff_s: float = 0.5,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> IndexSummary:
+    """Index every document of ``paths``. ``on_progress(done_lines, indexed)`` is called per chunk.
+
+    ``chunk_size`` documents are read, encoded (the encoder sorts them by length into ``batch_size``
+    batches) and upserted together.
+    """
+    prepare_collection(store, collection, encoder, keyword_fields)
+    fingerprint = encoder.manifest.fingerprint
+    summary = IndexSummary()
+    seen: dict[str, str] = {}
+    started = time.perf_counter()
+    rejects = rejects_path.open("w", encoding="utf-8") if rejects_path else None
+    done = 0
+    try:
+        for path in paths:
+            for chunk in _batches(read_documents(path), chunk_size):
+                docs: list[Document] = []
+                for item in chunk:
+                    if isinstance(item, Document) and item.doc_id in seen:
+                        item = Rejected(
+                            item.path, item.line, f"duplicate id {item.doc_id!r} (first at {seen[item.doc_id]})", ""
+                        )
+                    if isinstance(item, Rejected):
+                        summary.rejected.append(item)
+                        if rejects:
+                            rejects.write(json.dumps({"source": f"{item.path}:{item.line}",
+                                                      "reason": item.reason, "line": item.raw},
+                                                     ensure_ascii=False) + "\n")
+                        continue
+                    seen[item.doc_id] = item.source
+                    docs.append(item)
+                done += len(chunk)
+                hashes = {d.doc_id: content_hash(d, fingerprint) for d in docs}
+                stored = store.content_hashes(collection, [d.doc_id for d in docs]) if docs else {}
+                todo = [d for d in docs if stored.get(d.doc_id) != hashes[d.doc_id]]
+                summary.skipped += len(docs) - len(todo)
+                if todo:
+                    vectors = encoder.encode([document_text(d) for d in todo], batch_size=batch_size)
+                    points = [
+                        DocumentPoint(
+                            doc_id=d.doc_id, vector=v.tolist(), title=d.title, text=d.text,
+                            metadata=d.metadata, content_hash=hashes[d.doc_id],
+                        )
+                        for d, v in zip(todo, vectors, strict=True)
+                    ]
+                    error = _upsert_with_retry(store, collection, points, upsert_attempts, backoff_s)
+                    if error is None:
+                        summary.indexed += len(points)
+                    else:
+                        summary.failed.extend(d.doc_id for d in todo)
+                        if rejects:
+                            for d in todo:
+                                rejects.write(json.dumps({"source": d.source, "reason": error,
+                                                          "id": d.doc_id}, ensure_ascii=False) + "\n")
+                if on_progress:
+                    on_progress(done, summary.indexed)
+    finally:
+        if rejects:
+            rejects.close()
+        summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def total_lines(paths: Sequence[Path]) -> int:
+    return sum(count_lines(p) for p in paths)

