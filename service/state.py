@@ -1,0 +1,196 @@
+"""What the running service holds: settings, the query encoder, the store and the collection's spec.
+
+The collection spec is re-read from the store by every readiness probe (and by a search when no
+compatible spec is known), so the service recovers from a store outage, or from a store that was
+down at start-up, without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from medsearch.settings import Settings
+from models.encoder import Encoder, load_encoder
+from models.manifest import ManifestError, ModelManifest, read_manifest
+from service.errors import NotReady
+from store.base import CollectionSpec, StoreError, StoreUnavailable, VectorStore
+from store.factory import open_store
+
+logger = logging.getLogger("medsearch.service")
+
+BUILD_MODELS = "`medsearch models build`"
+BUILD_INDEX = "`medsearch index ...`"
+WARM_UP_TEXT = "warm-up"
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says what is wrong and which command fixes it."""
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reasons: tuple[str, ...] = ()
+
+
+def compatibility_problem(query: ModelManifest, collection: str, spec: CollectionSpec) -> str | None:
+    """Why vectors of ``query`` cannot be compared with ``collection``'s, or None when they can."""
+    if query.space == spec.space and query.dim == spec.dim:
+        return None
+    return (
+        f"query encoder {query.name!r} encodes into space {query.space!r} (dim {query.dim}) but "
+        f"collection {collection!r} holds space {spec.space!r} (dim {spec.dim}) from document encoder "
+        f"{spec.encoder!r}; serve a query encoder of space {spec.space!r} or reindex the collection"
+    )
+
+
+@dataclass(eq=False)
+class ServingState:
+    settings: Settings
+    encoder: Encoder
+    store: VectorStore
+    # The spec last read from the store (compatible or not) and, if not, why.
+    spec: CollectionSpec | None = None
+    problem: str | None = None
+    warmed: bool = False
+    store_reachable: bool = True
+
+    @property
+    def collection(self) -> str:
+        return self.settings.collection
+
+    @property
+    def query_manifest(self) -> ModelManifest:
+        return self.encoder.manifest
+
+    def warm_up(self) -> None:
+        """One encode before serving: the first onnxruntime run allocates and is much slower."""
+        self.encoder.encode([WARM_UP_TEXT])
+        self.warmed = True
+
+    def refresh(self) -> Readiness:
+        """Re-read the collection spec from the store and re-check it (blocking: run off the loop)."""
+        reasons: list[str] = []
+        if not self.warmed:
+            reasons.append("query encoder not loaded")
+        try:
+            spec = self.store.get_collection(self.collection)
+        except StoreUnavailable as exc:
+            self._note_store(reachable=False, exc=exc)
+            reasons.append("vector store unreachable")
+            return Readiness(False, tuple(reasons))
+        except StoreError as exc:
+            logger.warning("reading collection %r failed: %s", self.collection, exc)
+            reasons.append("vector store refused to describe the collection")
+            return Readiness(False, tuple(reasons))
+        self._note_store(reachable=True)
+        self.spec = spec
+        if spec is None:
+            self.problem = f"collection {self.collection!r} not found; build it with {BUILD_INDEX}"
+        else:
+            self.problem = compatibility_problem(self.query_manifest, self.collection, spec)
+        if self.problem is not None:
+            reasons.append(self.problem)
+        return Readiness(not reasons, tuple(reasons))
+
+    def serving_spec(self) -> CollectionSpec:
+        """The compatible collection spec, re-checked with the store when none is known; else NotReady."""
+        if self.spec is not None and self.problem is None:
+            return self.spec
+        readiness = self.refresh()
+        if not readiness.ready or self.spec is None:
+            raise NotReady(readiness.reasons)
+        return self.spec
+
+    def store_failed(self, exc: StoreUnavailable) -> None:
+        """A search could not reach the store: the collection may come back different, so re-check it."""
+        self.spec = None
+        self.problem = None
+        self._note_store(reachable=False, exc=exc)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _note_store(self, reachable: bool, exc: Exception | None = None) -> None:
+        # Log transitions only: probes run every few seconds and would flood the log during an outage.
+        if reachable and not self.store_reachable:
+            logger.info("vector store reachable again")
+        elif not reachable and self.store_reachable:
+            logger.warning("vector store unreachable: %s", exc)
+        self.store_reachable = reachable
+
+
+def _store_location(settings: Settings) -> str:
+    return settings.qdrant_url or str(settings.store_path)
+
+
+def _read_query_manifest(settings: Settings) -> ModelManifest:
+    models = settings.models_path
+    if not models.is_dir():
+        raise StartupError(f"models directory {models} does not exist; build it with {BUILD_MODELS}")
+    query_dir = models / settings.query_model
+    if not query_dir.is_dir():
+        raise StartupError(
+            f"query encoder {settings.query_model!r} not found in {models}; build it with {BUILD_MODELS}"
+        )
+    try:
+        manifest = read_manifest(query_dir)
+    except ManifestError as exc:
+        raise StartupError(f"{exc}; rebuild it with {BUILD_MODELS}") from exc
+    if manifest.format != "onnx":
+        # Other formats need torch, which the serving install does not have.
+        raise StartupError(
+            f"query encoder {manifest.name!r} has format {manifest.format!r}; the service serves ONNX "
+            f"query encoders only (build one with {BUILD_MODELS})"
+        )
+    return manifest
+
+
+def load_state(settings: Settings) -> ServingState:
+    """Open everything the service needs, refusing to start on anything a restart would not fix.
+
+    The collection is checked against the query manifest before the encoder is loaded, so a
+    mismatch fails fast. An unreachable store is not fatal: the service starts not ready and
+    checks the collection when the store answers.
+    """
+    manifest = _read_query_manifest(settings)
+    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    try:
+        store = open_store(settings.qdrant_url, settings.store_path, api_key, settings.qdrant_timeout_s)
+    except StoreError as exc:
+        raise StartupError(f"cannot open the vector store at {_store_location(settings)}: {exc}") from exc
+    try:
+        spec, reachable = _initial_spec(store, settings, manifest)
+        encoder = _load_encoder(settings)
+    except BaseException:
+        store.close()
+        raise
+    return ServingState(settings=settings, encoder=encoder, store=store, spec=spec, store_reachable=reachable)
+
+
+def _initial_spec(
+    store: VectorStore, settings: Settings, manifest: ModelManifest
+) -> tuple[CollectionSpec | None, bool]:
+    """The collection's spec and whether the store answered; StartupError when it cannot be served."""
+    try:
+        spec = store.get_collection(settings.collection)
+    except StoreUnavailable as exc:
+        logger.warning("vector store unreachable at start-up; serving once it answers: %s", exc)
+        return None, False
+    if spec is None:
+        raise StartupError(
+            f"collection {settings.collection!r} not found in the store at {_store_location(settings)}; "
+            f"build it with {BUILD_INDEX}"
+        )
+    problem = compatibility_problem(manifest, settings.collection, spec)
+    if problem is not None:
+        raise StartupError(f"refusing to serve: {problem}")
+    return spec, True
+
+
+def _load_encoder(settings: Settings) -> Encoder:
+    try:
+        return load_encoder(settings.models_path / settings.query_model, threads=settings.threads)
+    except ManifestError as exc:
+        raise StartupError(f"{exc}; rebuild it with {BUILD_MODELS}") from exc

@@ -1,0 +1,260 @@
+"""The embedded backend: Qdrant's own engine in-process (qdrant-edge), one shard per collection.
+
+Layout under the data directory::
+
+    <root>/<collection>/collection.json   the CollectionSpec
+    <root>/<collection>/shard/            the EdgeShard (segments, WAL)
+
+A collection is built in ``<root>/.creating-<collection>/`` and renamed into place once its shard,
+payload indexes and spec are on disk, so a crash mid-creation never leaves a half-made collection
+behind (the staging directory is discarded on the next attempt).
+
+Searches are exact (brute force). The edge engine only builds HNSW when ``optimize()`` is called, and
+at the scale one process serves (up to a few hundred thousand documents) a SIMD full scan costs a
+few milliseconds with perfect recall, while HNSW on a small or freshly built graph can miss neighbours.
+
+Thread safety: EdgeShard methods take ``&self`` and lock inside the engine, so concurrent searches
+and upserts need no Python lock (tests/test_store.py checks this). The lock here only guards which
+shards are open. The WAL lock makes a shard usable by one process at a time; a second process gets
+StoreUnavailable until the first closes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import qdrant_edge as qe
+from pydantic import ValidationError
+
+from store import schema
+from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, point_id
+
+SPEC_FILE = "collection.json"
+SHARD_DIR = "shard"
+STAGING_PREFIX = ".creating-"
+# Collection names become directory names: no separators, no dot-files, no "..".
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise StoreError(f"invalid collection name {name!r}: use letters, digits, '_' and '-' (max 128)")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _engine_error(action: str, exc: Exception) -> StoreError:
+    # The engine raises plain Exception; a held WAL lock is the one case worth retrying.
+    message = f"{action}: {exc}"
+    if "WouldBlock" in str(exc):
+        return StoreUnavailable(f"{message} (the data directory is in use by another process)")
+    return StoreError(message)
+
+
+@dataclass(frozen=True)
+class _Open:
+    shard: qe.EdgeShard
+    spec: CollectionSpec
+
+
+class EdgeStore:
+    """VectorStore over qdrant-edge shards in ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._lock = threading.Lock()
+        self._open: dict[str, _Open] = {}
+        self._closed = False
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create the embedded store directory {root}: {exc}") from exc
+
+    def ping(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("the embedded store is closed")
+        if not self._root.is_dir():
+            raise StoreUnavailable(f"embedded store directory {self._root} is missing")
+
+    def get_collection(self, name: str) -> CollectionSpec | None:
+        _check_name(name)
+        with self._lock:
+            self._check_open()
+            if name in self._open:
+                return self._open[name].spec
+            return self._read_spec(name)
+
+    def create_collection(self, name: str, spec: CollectionSpec) -> None:
+        _check_name(name)
+        with self._lock:
+            self._check_open()
+            stored = self._open[name].spec if name in self._open else self._read_spec(name)
+            if stored is not None:
+                error = schema.mismatch_error(name, stored, spec)
+                if error is not None:
+                    raise error
+                return
+            target = self._root / name
+            if target.exists():
+                raise StoreError(f"{target} exists but holds no {SPEC_FILE}; not a medsearch collection")
+            staging = self._root / f"{STAGING_PREFIX}{name}"
+            # Left over by a crash during an earlier creation: it never became visible, so drop it.
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                self._build(staging, spec)
+                os.rename(staging, target)
+                _fsync_dir(self._root)
+            except OSError as exc:
+                raise StoreError(f"cannot create collection {name!r} in {self._root}: {exc}") from exc
+            self._open[name] = _Open(self._load_shard(name), spec)
+
+    def count(self, name: str) -> int:
+        coll = self._collection(name)
+        try:
+            return coll.shard.count(qe.CountRequest(exact=True))
+        except Exception as exc:
+            raise _engine_error(f"count {name!r}", exc) from exc
+
+    def content_hashes(self, name: str, doc_ids: Sequence[str]) -> dict[str, str]:
+        if not doc_ids:
+            return {}
+        coll = self._collection(name)
+        ids: list[qe.PointId] = [point_id(d) for d in dict.fromkeys(doc_ids)]
+        try:
+            records = coll.shard.retrieve(
+                ids, with_payload=qe.PayloadSelector.Include(schema.HASH_FIELDS), with_vector=False
+            )
+        except Exception as exc:
+            raise _engine_error(f"retrieve from {name!r}", exc) from exc
+        return schema.hashes_of([r.payload for r in records])
+
+    def upsert(self, name: str, points: Sequence[DocumentPoint]) -> None:
+        if not points:
+            return
+        coll = self._collection(name)
+        schema.check_points(coll.spec, points)
+        batch = [qe.Point(point_id(p.doc_id), list(p.vector), schema.payload_of(p)) for p in points]
+        try:
+            coll.shard.update(qe.UpdateOperation.upsert_points(batch))
+        except Exception as exc:
+            raise _engine_error(f"upsert into {name!r}", exc) from exc
+
+    def search(
+        self,
+        name: str,
+        vector: np.ndarray,
+        top_k: int,
+        filters: Mapping[str, str] | None = None,
+    ) -> list[Hit]:
+        schema.check_top_k(top_k)
+        coll = self._collection(name)
+        query = schema.query_vector(coll.spec, vector)
+        conditions = schema.filter_conditions(coll.spec, filters)
+        where = (
+            qe.Filter(must=[qe.FieldCondition(key=k, match=qe.MatchValue(v)) for k, v in conditions])
+            if conditions
+            else None
+        )
+        request = qe.QueryRequest(
+            limit=top_k,
+            query=qe.Query.Nearest(query),
+            filter=where,
+            with_payload=True,
+            with_vector=False,
+            params=qe.SearchParams(exact=True),
+        )
+        try:
+            points = coll.shard.query(request)
+        except Exception as exc:
+            raise _engine_error(f"search {name!r}", exc) from exc
+        return [schema.hit_of(p.payload, p.score) for p in points]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            opened, self._open = self._open, {}
+        errors = []
+        for name, coll in opened.items():
+            try:
+                coll.shard.flush()
+                coll.shard.close()
+            except Exception as exc:
+                errors.append(_engine_error(f"close {name!r}", exc))
+        if errors:
+            raise errors[0]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the embedded store is closed")
+
+    def _collection(self, name: str) -> _Open:
+        _check_name(name)
+        with self._lock:
+            self._check_open()
+            if name not in self._open:
+                spec = self._read_spec(name)
+                if spec is None:
+                    raise StoreError(f"collection {name!r} does not exist in {self._root}")
+                self._open[name] = _Open(self._load_shard(name), spec)
+            return self._open[name]
+
+    def _read_spec(self, name: str) -> CollectionSpec | None:
+        path = self._root / name / SPEC_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {path}: {exc}") from exc
+        try:
+            return CollectionSpec.model_validate_json(text)
+        except ValidationError as exc:
+            raise StoreError(f"{path} is not a valid collection spec: {exc}") from exc
+
+    def _load_shard(self, name: str) -> qe.EdgeShard:
+        path = self._root / name / SHARD_DIR
+        try:
+            return qe.EdgeShard.load(str(path))
+        except Exception as exc:
+            raise _engine_error(f"open {path}", exc) from exc
+
+    def _build(self, staging: Path, spec: CollectionSpec) -> None:
+        config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=spec.dim, distance=qe.Distance.Cosine))
+        try:
+            shard = qe.EdgeShard.create(str(staging / SHARD_DIR), config)
+            try:
+                for key in spec.keyword_fields:
+                    shard.update(
+                        qe.UpdateOperation.create_field_index(
+                            schema.metadata_path(key), qe.PayloadSchemaType.Keyword
+                        )
+                    )
+                shard.flush()
+            finally:
+                shard.close()
+        except Exception as exc:
+            raise _engine_error(f"create shard in {staging}", exc) from exc
+        _write_atomic(staging / SPEC_FILE, spec.model_dump_json(indent=2) + "\n")

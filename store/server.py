@@ -1,0 +1,224 @@
+"""The server backend: a Qdrant server over REST through qdrant-client (or its ':memory:' local mode).
+
+The CollectionSpec lives in the collection's own metadata (``config.metadata["medsearch"]``), so it
+travels with the collection through snapshots and cannot drift from it. Collection metadata needs
+Qdrant >= 1.16; an older server silently drops it, which ``create_collection`` detects by reading the
+spec back and refusing.
+
+Errors: a server that cannot be reached, times out, or answers 408/429/5xx raises StoreUnavailable;
+any other refusal (4xx, malformed answer, unknown collection) raises StoreError.
+
+Thread safety: the remote client is one httpx connection pool, safe to share between threads. The
+':memory:' local mode is plain Python over numpy arrays with no locking of its own, so its calls are
+serialized here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+
+import httpx
+import numpy as np
+from pydantic import ValidationError
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ApiException, ResponseHandlingException, UnexpectedResponse
+
+from store import schema
+from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, point_id
+
+MEMORY = ":memory:"
+SPEC_KEY = "medsearch"
+# Requests stay well under the server's default 32 MiB body limit even with 4k-d vectors and long texts.
+UPSERT_BATCH = 256
+# Answers worth retrying: the server is overloaded, restarting, or behind a failing proxy.
+_RETRYABLE_STATUS = {408, 429}
+# HNSW candidate list per search; Qdrant's default (ef_construct = 100) loses recall on some queries.
+DEFAULT_HNSW_EF = 128
+
+
+def store_error(action: str, exc: Exception) -> StoreError:
+    """Map a qdrant-client / transport exception onto the store's two error kinds."""
+    cause: BaseException = exc.source if isinstance(exc, ResponseHandlingException) else exc
+    if isinstance(cause, httpx.TransportError | OSError):
+        return StoreUnavailable(f"{action}: Qdrant unreachable ({type(cause).__name__}: {cause})")
+    if isinstance(cause, UnexpectedResponse):
+        status = cause.status_code or 0
+        message = f"{action}: Qdrant answered {status} {cause.reason_phrase}: {cause.content[:300]!r}"
+        if status in _RETRYABLE_STATUS or status >= 500:
+            return StoreUnavailable(message)
+        return StoreError(message)
+    return StoreError(f"{action}: {type(cause).__name__}: {cause}")
+
+
+# What qdrant-client raises when the call, not the caller, failed: transport/HTTP errors, response
+# parsing errors, and local mode's ValueError (unknown collection, bad argument).
+_CLIENT_ERRORS = (ApiException, httpx.HTTPError, OSError, ValueError)
+
+
+class ServerStore:
+    """VectorStore over a Qdrant server (``url``) or qdrant-client's in-process ':memory:' mode."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout_s: float = 5.0,
+        hnsw_ef: int = DEFAULT_HNSW_EF,
+    ) -> None:
+        if url == MEMORY:
+            self._client = QdrantClient(location=MEMORY)
+        else:
+            # No compatibility check: it is a request at construction time that only warns. The
+            # metadata read-back in create_collection catches the incompatibility that matters.
+            self._client = QdrantClient(
+                url=url, api_key=api_key, timeout=max(1, math.ceil(timeout_s)), check_compatibility=False
+            )
+        self._serial = threading.Lock() if url == MEMORY else None
+        self._hnsw_ef = hnsw_ef
+        self._specs: dict[str, CollectionSpec] = {}
+        self._specs_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _call(self, action: str) -> Iterator[None]:
+        try:
+            if self._serial is None:
+                yield
+            else:
+                with self._serial:
+                    yield
+        except _CLIENT_ERRORS as exc:
+            raise store_error(action, exc) from exc
+
+    def ping(self) -> None:
+        with self._call("ping"):
+            self._client.get_collections()
+
+    def get_collection(self, name: str) -> CollectionSpec | None:
+        spec = self._fetch_spec(name)
+        with self._specs_lock:
+            if spec is None:
+                self._specs.pop(name, None)
+            else:
+                self._specs[name] = spec
+        return spec
+
+    def create_collection(self, name: str, spec: CollectionSpec) -> None:
+        stored = self.get_collection(name)
+        if stored is None:
+            with self._call(f"create collection {name!r}"):
+                self._client.create_collection(
+                    name,
+                    vectors_config=models.VectorParams(size=spec.dim, distance=models.Distance.COSINE),
+                    metadata={SPEC_KEY: spec.model_dump(mode="json")},
+                )
+            stored = self.get_collection(name)
+            if stored is None:
+                raise StoreError(f"collection {name!r} vanished right after creation")
+        error = schema.mismatch_error(name, stored, spec)
+        if error is not None:
+            raise error
+        # Also on an existing collection: completes one whose creation was interrupted before its indexes.
+        self._ensure_indexes(name, spec)
+
+    def count(self, name: str) -> int:
+        self._spec(name)
+        with self._call(f"count {name!r}"):
+            return self._client.count(name, exact=True).count
+
+    def content_hashes(self, name: str, doc_ids: Sequence[str]) -> dict[str, str]:
+        if not doc_ids:
+            return {}
+        self._spec(name)
+        ids: list[int | str] = [point_id(d) for d in dict.fromkeys(doc_ids)]
+        with self._call(f"retrieve from {name!r}"):
+            records = self._client.retrieve(name, ids, with_payload=schema.HASH_FIELDS, with_vectors=False)
+        return schema.hashes_of([r.payload for r in records])
+
+    def upsert(self, name: str, points: Sequence[DocumentPoint]) -> None:
+        if not points:
+            return
+        schema.check_points(self._spec(name), points)
+        for start in range(0, len(points), UPSERT_BATCH):
+            batch = [
+                models.PointStruct(id=point_id(p.doc_id), vector=list(p.vector), payload=schema.payload_of(p))
+                for p in points[start : start + UPSERT_BATCH]
+            ]
+            with self._call(f"upsert into {name!r}"):
+                self._client.upsert(name, points=batch, wait=True)
+
+    def search(
+        self,
+        name: str,
+        vector: np.ndarray,
+        top_k: int,
+        filters: Mapping[str, str] | None = None,
+    ) -> list[Hit]:
+        schema.check_top_k(top_k)
+        spec = self._spec(name)
+        query = schema.query_vector(spec, vector)
+        conditions = schema.filter_conditions(spec, filters)
+        where = (
+            models.Filter(
+                must=[models.FieldCondition(key=k, match=models.MatchValue(value=v)) for k, v in conditions]
+            )
+            if conditions
+            else None
+        )
+        with self._call(f"search {name!r}"):
+            response = self._client.query_points(
+                name,
+                query=query,
+                query_filter=where,
+                limit=top_k,
+                with_payload=True,
+                with_vectors=False,
+                search_params=models.SearchParams(hnsw_ef=max(self._hnsw_ef, top_k)),
+            )
+        return [schema.hit_of(p.payload, p.score) for p in response.points]
+
+    def close(self) -> None:
+        with self._call("close"):
+            self._client.close()
+
+    def _spec(self, name: str) -> CollectionSpec:
+        # Cached: the spec of a collection never changes (a different one is a different collection),
+        # and a search should cost one request, not two.
+        with self._specs_lock:
+            cached = self._specs.get(name)
+        if cached is not None:
+            return cached
+        spec = self.get_collection(name)
+        if spec is None:
+            raise StoreError(f"collection {name!r} does not exist")
+        return spec
+
+    def _fetch_spec(self, name: str) -> CollectionSpec | None:
+        with self._call(f"read collection {name!r}"):
+            if not self._client.collection_exists(name):
+                return None
+            info = self._client.get_collection(name)
+        raw = (info.config.metadata or {}).get(SPEC_KEY)
+        if raw is None:
+            raise StoreError(
+                f"collection {name!r} records no medsearch spec in its metadata: it was created by another "
+                "tool, or the server is older than Qdrant 1.16 and drops collection metadata"
+            )
+        try:
+            return CollectionSpec.model_validate(raw)
+        except ValidationError as exc:
+            raise StoreError(f"collection {name!r} has an invalid medsearch spec: {exc}") from exc
+
+    def _ensure_indexes(self, name: str, spec: CollectionSpec) -> None:
+        with self._call(f"read payload indexes of {name!r}"):
+            present = set(self._client.get_collection(name).payload_schema)
+        for key in spec.keyword_fields:
+            path = schema.metadata_path(key)
+            if path in present:
+                continue
+            with self._call(f"create payload index {path!r} on {name!r}"):
+                self._client.create_payload_index(
+                    name, path, field_schema=models.PayloadSchemaType.KEYWORD, wait=True
+                )
