@@ -1,0 +1,22 @@
+"""FastAPI dependencies: the per-app objects, read from ``app.state`` (set by ``create_app``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, cast
+
+from fastapi import Depends, Request
+
+from service.metrics import ServiceMetrics
+from service.state import ServingState
+
+
+def get_state(request: Request) -> ServingState:
+    return cast(ServingState, request.app.state.serving)
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return cast(ServiceMetrics, request.app.state.metrics)
+
+
+StateDep = Annotated[ServingState, Depends(get_state)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]

@@ -1,0 +1,87 @@
+"""Operational endpoints: liveness, readiness, model/collection info and Prometheus metrics."""
+
+from __future__ import annotations
+
+import anyio.to_thread
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from models.manifest import ModelManifest
+from service.deps import MetricsDep, StateDep
+from service.schemas import CollectionInfo, HealthResponse, InfoResponse, QueryEncoderInfo, ReadyResponse
+from service.state import ServingState
+from store.base import CollectionSpec, StoreError
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=HealthResponse)
+async def healthz() -> HealthResponse:
+    """The process is alive. Never touches the encoder or the store."""
+    return HealthResponse()
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    responses={503: {"model": ReadyResponse, "description": "Not ready; `reasons` says why."}},
+)
+async def readyz(state: StateDep) -> JSONResponse:
+    """Ready when the query encoder is loaded, the store answers, and the collection exists with the
+    query encoder's space and dimension. Re-checked with the store on every call."""
+    readiness = await anyio.to_thread.run_sync(state.refresh)
+    body = ReadyResponse(ready=readiness.ready, reasons=list(readiness.reasons))
+    return JSONResponse(body.model_dump(), status_code=200 if readiness.ready else 503)
+
+
+def pairing_note(query: ModelManifest, spec: CollectionSpec | None) -> str:
+    """How queries and documents are paired, from what the manifests and the collection record."""
+    quantization = query.quantization or "not quantized"
+    query_side = (
+        f"queries are encoded by {query.name!r} ({query.architecture}, {quantization}, "
+        f"source: {query.source or 'unrecorded'}) into space {query.space!r}"
+    )
+    if spec is None:
+        return f"{query_side}; the document side is unknown until the store answers."
+    return (
+        f"Documents were encoded by {spec.encoder!r} (fingerprint {spec.encoder_fingerprint[:12] or 'unrecorded'}) "
+        f"into space {spec.space!r}; {query_side}."
+    )
+
+
+def _collection_info(state: ServingState) -> CollectionInfo:
+    if state.spec is None:
+        state.refresh()
+    points: int | None = None
+    if state.spec is not None:
+        try:
+            points = state.store.count(state.collection)
+        except StoreError:
+            points = None
+    return CollectionInfo(name=state.collection, spec=state.spec, points=points)
+
+
+@router.get("/info", response_model=InfoResponse)
+async def info(state: StateDep) -> InfoResponse:
+    """The query encoder's manifest summary, the collection's spec and size, and how they pair."""
+    collection = await anyio.to_thread.run_sync(_collection_info, state)
+    manifest = state.query_manifest
+    return InfoResponse(
+        query_encoder=QueryEncoderInfo(
+            name=manifest.name,
+            space=manifest.space,
+            fingerprint=manifest.fingerprint,
+            quantization=manifest.quantization,
+            dim=manifest.dim,
+            max_tokens=manifest.max_tokens,
+        ),
+        collection=collection,
+        pairing_note=pairing_note(manifest, collection.spec),
+    )
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus text exposition of this app's registry."""
+    content, content_type = metrics.render()
+    return Response(content=content, media_type=content_type)

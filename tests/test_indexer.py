@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.pipeline import IndexingError, index_files
+from indexer.reader import Document, Rejected, read_documents
+from models.encoder import load_encoder
+from store.base import DocumentPoint, StoreUnavailable, VectorStore
+from store.factory import open_store
+
+GOOD = [
+    {"_id": "d1", "title": "", "text": "高血压病人可以口服党参", "metadata": {"department": "心血管科"}},
+    {"_id": "d2", "title": "感冒", "text": "感冒发烧多喝水，注意休息", "metadata": {"department": "呼吸科"}},
+    {"id": "d3", "text": "糖尿病患者饮食要控制糖分"},
+]
+
+
+def write_jsonl(path: Path, rows: Sequence[object]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
+                            for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def encoder(tiny_bert: Path):
+    return load_encoder(tiny_bert, threads=1)
+
+
+@pytest.fixture()
+def store(tmp_path: Path):
+    s = open_store(None, tmp_path / "qdrant")
+    yield s
+    s.close()
+
+
+def test_reader_reports_file_and_line_for_each_bad_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", [
+        GOOD[0], "{not json", "[1, 2]", {"_id": "x"}, {"_id": "y", "text": "   "},
+        {"_id": "z", "text": "ok", "metadata": "nope"}, {"text": "no id"}, GOOD[2],
+    ])
+    with path.open("ab") as fh:
+        fh.write(b'{"_id": "bad-utf8", "text": "\xff"}\n')
+    items = list(read_documents(path))
+    assert [type(i).__name__ for i in items] == ["Document"] + ["Rejected"] * 6 + ["Document", "Rejected"]
+    rejected = [i for i in items if isinstance(i, Rejected)]
+    assert [r.line for r in rejected] == [2, 3, 4, 5, 6, 7, 9]
+    assert str(rejected[0]).startswith(f"{path}:2: invalid JSON")
+    assert "'text'" in rejected[2].reason
+    assert "'metadata'" in rejected[4].reason
+    assert "'id'" in rejected[5].reason
+    assert "UTF-8" in rejected[6].reason
+    doc = items[-2]
+    assert isinstance(doc, Document) and doc.doc_id == "d3" and doc.source == f"{path}:8"
+
+
+def test_index_search_and_rerun_skips_unchanged(tmp_path: Path, encoder, store: VectorStore) -> None:
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
+    first = index_files([corpus], encoder, store, "c", keyword_fields=["department"])
+    assert (first.indexed, first.skipped, first.ok) == (3, 0, True)
+    assert store.count("c") == 3
+    spec = store.get_collection("c")
+    assert spec is not None and spec.space == encoder.manifest.space and spec.keyword_fields == ("department",)
+
+    vector = encoder.encode(["感冒\n感冒发烧多喝水，注意休息"])[0]
+    assert store.search("c", vector, 1)[0].doc_id == "d2"
+
+    second = index_files([corpus], encoder, store, "c")
+    assert (second.indexed, second.skipped) == (0, 3)
+    assert store.count("c") == 3
+
+    changed = [GOOD[0], {**GOOD[1], "text": "感冒了要多休息"}, GOOD[2]]
+    third = index_files([write_jsonl(tmp_path / "corpus.jsonl", changed)], encoder, store, "c")
+    assert (third.indexed, third.skipped) == (1, 2)
+    assert store.count("c") == 3
+
+
+def test_rejects_are_written_and_good_lines_still_indexed(tmp_path: Path, encoder, store: VectorStore) -> None:
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [GOOD[0], "oops", GOOD[1], GOOD[0]])
+    rejects = tmp_path / "rejects.jsonl"
+    summary = index_files([corpus], encoder, store, "c", rejects_path=rejects)
+    assert summary.indexed == 2 and not summary.ok
+    lines = [json.loads(x) for x in rejects.read_text(encoding="utf-8").splitlines()]
+    assert [x["source"] for x in lines] == [f"{corpus}:2", f"{corpus}:4"]
+    assert "duplicate id 'd1'" in lines[1]["reason"] and f"{corpus}:1" in lines[1]["reason"]
+
+
+class FlakyStore:
+    """Fails the first ``failures`` upserts, then delegates."""
+
+    def __init__(self, inner: VectorStore, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def upsert(self, name: str, points: Sequence[DocumentPoint]) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable("connection refused")
+        self.inner.upsert(name, points)
+
+
+def test_a_failed_batch_is_retried(tmp_path: Path, encoder, store: VectorStore) -> None:
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
+    flaky = FlakyStore(store, failures=2)
+    summary = index_files([corpus], encoder, flaky, "c", upsert_attempts=3, backoff_s=0)  # type: ignore[arg-type]
+    assert summary.ok and summary.indexed == 3
+
+
+def test_a_batch_that_keeps_failing_is_reported_not_dropped(tmp_path: Path, encoder, store: VectorStore) -> None:
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
+    rejects = tmp_path / "rejects.jsonl"
+    flaky = FlakyStore(store, failures=100)
+    summary = index_files([corpus], encoder, flaky, "c", upsert_attempts=2, backoff_s=0,  # type: ignore[arg-type]
+                          rejects_path=rejects)
+    assert not summary.ok and sorted(summary.failed) == ["d1", "d2", "d3"]
+    assert "StoreUnavailable" in rejects.read_text(encoding="utf-8")
+    # Nothing was marked done: the next run indexes them.
+    assert index_files([corpus], encoder, store, "c").indexed == 3
+
+
+def test_collection_of_another_space_is_refused(tmp_path: Path, encoder, store: VectorStore,
+                                                tiny_gemma: Path) -> None:
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
+    index_files([corpus], encoder, store, "c")
+    other = load_encoder(tiny_gemma, threads=1)
+    with pytest.raises(IndexingError, match="holds vectors of"):
+        index_files([corpus], other, store, "c")
+
+
+def test_query_encoder_cannot_index(tmp_path: Path, tiny_onnx: Path, store: VectorStore) -> None:
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
+    with pytest.raises(IndexingError, match="query encoder"):
+        index_files([corpus], load_encoder(tiny_onnx), store, "c")
+
+
+def test_point_vectors_match_the_encoder(tmp_path: Path, encoder, store: VectorStore) -> None:
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD[:1])
+    index_files([corpus], encoder, store, "c")
+    vector = encoder.encode([GOOD[0]["text"]])[0]
+    hit = store.search("c", vector, 1)[0]
+    assert hit.score == pytest.approx(1.0, abs=1e-4)
+    assert hit.metadata == {"department": "心血管科"}
+    assert np.isfinite(hit.score)
