@@ -94,8 +94,7 @@ class EdgeStore:
             raise StoreUnavailable(f"cannot create the embedded store directory {root}: {exc}") from exc
 
     def ping(self) -> None:
-        if self._closed:
-            raise StoreUnavailable("the embedded store is closed")
+        self._check_open()
         if not self._root.is_dir():
             raise StoreUnavailable(f"embedded store directory {self._root} is missing")
 

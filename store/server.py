@@ -54,8 +54,9 @@ def store_error(action: str, exc: Exception) -> StoreError:
 
 
 # What qdrant-client raises when the call, not the caller, failed: transport/HTTP errors, response
-# parsing errors, and local mode's ValueError (unknown collection, bad argument).
-_CLIENT_ERRORS = (ApiException, httpx.HTTPError, OSError, ValueError)
+# parsing errors, local mode's ValueError (unknown collection, bad argument), and the RuntimeError
+# both modes raise once the client is closed.
+_CLIENT_ERRORS = (ApiException, httpx.HTTPError, OSError, ValueError, RuntimeError)
 
 
 class ServerStore:
@@ -77,7 +78,9 @@ class ServerStore:
                 url=url, api_key=api_key, timeout=max(1, math.ceil(timeout_s)), check_compatibility=False
             )
         self._serial = threading.Lock() if url == MEMORY else None
-        self._hnsw_ef = hnsw_ef
+        # Local mode is brute force already and warns on every search that sets parameters. The
+        # server uses max(hnsw_ef, limit) candidates, so a fixed ef also covers large top_k.
+        self._params = None if url == MEMORY else models.SearchParams(hnsw_ef=hnsw_ef)
         self._specs: dict[str, CollectionSpec] = {}
         self._specs_lock = threading.Lock()
 
@@ -175,7 +178,7 @@ class ServerStore:
                 limit=top_k,
                 with_payload=True,
                 with_vectors=False,
-                search_params=models.SearchParams(hnsw_ef=max(self._hnsw_ef, top_k)),
+                search_params=self._params,
             )
         return [schema.hit_of(p.payload, p.score) for p in response.points]
 

@@ -1,0 +1,452 @@
+"""The store layer: one behavioural suite run against both backends, plus their congruence.
+
+Backends: the embedded engine (qdrant-edge) in tmp_path, and the server backend in qdrant-client's
+':memory:' mode (same code path as a real server, minus the network).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, VectorStore
+from store.edge import SPEC_FILE, STAGING_PREFIX, EdgeStore
+from store.factory import open_store
+from store.server import SPEC_KEY, ServerStore
+
+# qdrant-client's local mode warns that payload indexes are no-ops there; the server path still
+# creates them, which is the point of running the same code.
+pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
+
+DIM = 32
+NAME = "docs"
+DEPARTMENTS = ["心血管科", "神经内科", "儿科"]
+LANGS = ["zh", "en"]
+SPEC = CollectionSpec(
+    dim=DIM,
+    space="test-space",
+    encoder="tiny-doc",
+    encoder_fingerprint="fp-1",
+    keyword_fields=("department", "lang"),
+)
+
+
+def unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def make_points(n: int = 300, seed: int = 0) -> list[DocumentPoint]:
+    vectors = unit(np.random.default_rng(seed), n)
+    return [
+        DocumentPoint(
+            doc_id=f"doc-{i}",
+            vector=vectors[i].tolist(),
+            title=f"标题 {i}",
+            text=f"正文 {i}",
+            metadata={"department": DEPARTMENTS[i % 3], "lang": LANGS[i % 2], "year": 2000 + i % 7},
+            content_hash=f"hash-{i}",
+        )
+        for i in range(n)
+    ]
+
+
+def brute_force(
+    points: list[DocumentPoint], query: np.ndarray, k: int, filters: dict[str, str] | None = None
+) -> list[tuple[str, float]]:
+    kept = [p for p in points if all(p.metadata.get(key) == v for key, v in (filters or {}).items())]
+    matrix = np.array([p.vector for p in kept], dtype=np.float64)
+    scores = matrix @ (query / np.linalg.norm(query))
+    order = np.argsort(-scores)[:k]
+    return [(kept[i].doc_id, float(scores[i])) for i in order]
+
+
+def ids_scores(hits: list[Hit]) -> list[tuple[str, float]]:
+    return [(h.doc_id, h.score) for h in hits]
+
+
+def assert_same_ranking(got: list[tuple[str, float]], want: list[tuple[str, float]]) -> None:
+    assert [d for d, _ in got] == [d for d, _ in want]
+    np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-4)
+
+
+Loaded = tuple[VectorStore, list[DocumentPoint]]
+
+FILTER_CASES: list[dict[str, str] | None] = [
+    None,
+    {"department": "心血管科"},
+    {"department": "儿科", "lang": "en"},
+]
+
+
+def _open(backend: str, root: Path) -> VectorStore:
+    return open_store(None if backend == "edge" else ":memory:", root / "qdrant")
+
+
+@pytest.fixture(params=["edge", "server"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorStore]:
+    s = _open(request.param, tmp_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module", params=["edge", "server"])
+def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
+    """A collection of 300 points shared by the tests that leave its content as it is."""
+    s = _open(request.param, tmp_path_factory.mktemp(request.param))
+    points = make_points()
+    s.create_collection(NAME, SPEC)
+    s.upsert(NAME, points)
+    yield s, points
+    s.close()
+
+
+# --- both backends -------------------------------------------------------------------------------
+
+
+def test_collection_spec_round_trip(store: VectorStore) -> None:
+    assert store.get_collection(NAME) is None
+    store.create_collection(NAME, SPEC)
+    assert store.get_collection(NAME) == SPEC
+    store.create_collection(NAME, SPEC)  # same spec: no-op
+    store.create_collection(NAME, SPEC.model_copy(update={"keyword_fields": ("lang", "department")}))
+    assert store.get_collection(NAME) == SPEC
+    assert store.count(NAME) == 0
+    store.ping()
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"dim": 64}, "dim"),
+        ({"encoder_fingerprint": "fp-2"}, "encoder_fingerprint"),
+        ({"keyword_fields": ("department",)}, "keyword_fields"),
+    ],
+)
+def test_create_with_different_spec_names_the_difference(
+    store: VectorStore, change: dict[str, object], named: str
+) -> None:
+    store.create_collection(NAME, SPEC)
+    with pytest.raises(StoreError, match=named) as info:
+        store.create_collection(NAME, SPEC.model_copy(update=change))
+    assert not isinstance(info.value, StoreUnavailable)
+    assert store.get_collection(NAME) == SPEC
+
+
+def test_search_matches_brute_force(loaded: Loaded) -> None:
+    store, points = loaded
+    queries = unit(np.random.default_rng(1), 15)
+    for filters in FILTER_CASES:
+        for q in queries:
+            hits = store.search(NAME, q, 10, filters=filters)
+            assert_same_ranking(ids_scores(hits), brute_force(points, q, 10, filters))
+            for h in hits:
+                assert all(h.metadata[k] == v for k, v in (filters or {}).items())
+
+
+def test_hits_carry_the_stored_payload(loaded: Loaded) -> None:
+    store, points = loaded
+    target = points[42]
+    [hit] = store.search(NAME, np.array(target.vector), 1)
+    assert hit.doc_id == target.doc_id
+    assert hit.score == pytest.approx(1.0, abs=1e-4)
+    assert (hit.title, hit.text, hit.metadata) == (target.title, target.text, target.metadata)
+
+
+def test_filter_value_without_matches_returns_nothing(loaded: Loaded) -> None:
+    store, _ = loaded
+    assert store.search(NAME, np.ones(DIM), 5, filters={"department": "眼科"}) == []
+
+
+def test_filter_on_unindexed_key_is_refused(loaded: Loaded) -> None:
+    store, _ = loaded
+    with pytest.raises(StoreError, match="year"):
+        store.search(NAME, np.ones(DIM), 5, filters={"year": "2001"})
+
+
+def test_top_k_larger_than_collection_returns_all(store: VectorStore) -> None:
+    store.create_collection(NAME, SPEC)
+    store.upsert(NAME, make_points(4))
+    assert len(store.search(NAME, np.ones(DIM), 10)) == 4
+    with pytest.raises(ValueError):
+        store.search(NAME, np.ones(DIM), 0)
+
+
+def test_reupsert_overwrites_instead_of_duplicating(store: VectorStore) -> None:
+    points = make_points(60)
+    store.create_collection(NAME, SPEC)
+    store.upsert(NAME, points)
+    store.upsert(NAME, points)
+    assert store.count(NAME) == len(points)
+    changed = points[7].model_copy(update={"text": "新正文", "content_hash": "hash-new"})
+    store.upsert(NAME, [changed])
+    assert store.count(NAME) == len(points)
+    [hit] = store.search(NAME, np.array(changed.vector), 1)
+    assert (hit.doc_id, hit.text) == (changed.doc_id, "新正文")
+    assert store.content_hashes(NAME, [changed.doc_id]) == {changed.doc_id: "hash-new"}
+
+
+def test_content_hashes_of_stored_documents_only(loaded: Loaded) -> None:
+    store, _ = loaded
+    got = store.content_hashes(NAME, ["doc-3", "doc-299", "missing", "doc-3"])
+    assert got == {"doc-3": "hash-3", "doc-299": "hash-299"}
+    assert store.content_hashes(NAME, []) == {}
+
+
+def test_empty_upsert_is_a_noop(store: VectorStore) -> None:
+    store.upsert("never-created", [])
+    store.create_collection(NAME, SPEC)
+    store.upsert(NAME, [])
+    assert store.count(NAME) == 0
+
+
+def test_missing_collection_is_a_store_error(store: VectorStore) -> None:
+    for call in (
+        lambda: store.search("absent", np.ones(DIM), 3),
+        lambda: store.count("absent"),
+        lambda: store.upsert("absent", make_points(1)),
+        lambda: store.content_hashes("absent", ["doc-1"]),
+    ):
+        with pytest.raises(StoreError, match="absent") as info:
+            call()
+        assert not isinstance(info.value, StoreUnavailable)
+
+
+def test_wrong_dimension_is_refused(loaded: Loaded) -> None:
+    store, points = loaded
+    with pytest.raises(StoreError, match="dimensions"):
+        store.search(NAME, np.ones(DIM + 1), 3)
+    bad = points[0].model_copy(update={"doc_id": "bad", "vector": [0.1] * (DIM - 1)})
+    with pytest.raises(StoreError, match="bad"):
+        store.upsert(NAME, [bad])
+    assert store.count(NAME) == len(points)
+
+
+def test_concurrent_searches_give_sequential_answers(loaded: Loaded) -> None:
+    store, points = loaded
+    queries = unit(np.random.default_rng(2), 10)
+    jobs = [(q, f) for q in queries for f in FILTER_CASES]
+    expected = [ids_scores(store.search(NAME, q, 5, filters=f)) for q, f in jobs]
+
+    def search(job: tuple[np.ndarray, dict[str, str] | None]) -> list[tuple[str, float]]:
+        return ids_scores(store.search(NAME, job[0], 5, filters=job[1]))
+
+    def rewrite(start: int) -> None:
+        # Re-upserting identical points must not disturb concurrent readers.
+        store.upsert(NAME, points[start : start + 50])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        writes = [pool.submit(rewrite, s) for s in range(0, len(points), 50)]
+        got = list(pool.map(search, jobs * 4))
+        for w in writes:
+            w.result()
+    assert len(got) == len(expected) * 4
+    for answer, want in zip(got, expected * 4, strict=True):
+        # Scores may move in the last float bits when a point is rewritten; the ranking may not.
+        assert_same_ranking(answer, want)
+    assert store.count(NAME) == len(points)
+
+
+def test_closed_store_refuses(store: VectorStore) -> None:
+    store.create_collection(NAME, SPEC)
+    store.close()
+    with pytest.raises(StoreError):
+        store.search(NAME, np.ones(DIM), 3)
+
+
+# --- the two backends agree -----------------------------------------------------------------------
+
+
+def test_backends_return_identical_rankings(tmp_path: Path) -> None:
+    points = make_points(300, seed=5)
+    edge, server = open_store(None, tmp_path / "edge"), open_store(":memory:", tmp_path)
+    try:
+        for s in (edge, server):
+            s.create_collection(NAME, SPEC)
+            s.upsert(NAME, points)
+        assert edge.count(NAME) == server.count(NAME) == 300
+        for q in unit(np.random.default_rng(6), 25):
+            for filters in FILTER_CASES:
+                assert_same_ranking(
+                    ids_scores(edge.search(NAME, q, 8, filters=filters)),
+                    ids_scores(server.search(NAME, q, 8, filters=filters)),
+                )
+        ids = [p.doc_id for p in points[::7]] + ["missing"]
+        assert edge.content_hashes(NAME, ids) == server.content_hashes(NAME, ids)
+    finally:
+        edge.close()
+        server.close()
+
+
+# --- embedded backend -----------------------------------------------------------------------------
+
+
+def test_edge_persists_across_reopen(tmp_path: Path) -> None:
+    points = make_points(50)
+    first = EdgeStore(tmp_path)
+    first.create_collection(NAME, SPEC)
+    first.upsert(NAME, points)
+    query = np.array(points[3].vector)
+    before = ids_scores(first.search(NAME, query, 5, filters={"lang": "en"}))
+    first.close()
+
+    assert CollectionSpec.model_validate_json((tmp_path / NAME / SPEC_FILE).read_text()) == SPEC
+    second = EdgeStore(tmp_path)
+    try:
+        assert second.get_collection(NAME) == SPEC
+        assert second.count(NAME) == 50
+        assert ids_scores(second.search(NAME, query, 5, filters={"lang": "en"})) == before
+        assert second.content_hashes(NAME, ["doc-1"]) == {"doc-1": "hash-1"}
+    finally:
+        second.close()
+
+
+def test_edge_shard_in_use_by_another_store_is_unavailable(tmp_path: Path) -> None:
+    first = EdgeStore(tmp_path)
+    first.create_collection(NAME, SPEC)
+    second = EdgeStore(tmp_path)
+    with pytest.raises(StoreUnavailable, match="in use"):
+        second.count(NAME)
+    first.close()
+    assert second.count(NAME) == 0
+    second.close()
+
+
+def test_edge_discards_an_interrupted_creation(tmp_path: Path) -> None:
+    staging = tmp_path / f"{STAGING_PREFIX}{NAME}"
+    (staging / "shard").mkdir(parents=True)
+    (staging / "shard" / "junk").write_text("half-written")
+    store = EdgeStore(tmp_path)
+    store.create_collection(NAME, SPEC)
+    assert not staging.exists()
+    assert store.count(NAME) == 0
+    store.close()
+
+
+def test_edge_refuses_foreign_directories_and_path_like_names(tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    store = EdgeStore(tmp_path)
+    with pytest.raises(StoreError, match="not a medsearch collection"):
+        store.create_collection("other", SPEC)
+    for name in ("../escape", "a/b", ".hidden", ""):
+        with pytest.raises(StoreError, match="invalid collection name"):
+            store.create_collection(name, SPEC)
+    assert not (tmp_path.parent / "escape").exists()
+    store.close()
+
+
+def test_edge_ping_reports_a_missing_directory(tmp_path: Path) -> None:
+    root = tmp_path / "qdrant"
+    store = EdgeStore(root)
+    store.ping()
+    root.rmdir()
+    with pytest.raises(StoreUnavailable):
+        store.ping()
+
+
+# --- server backend -------------------------------------------------------------------------------
+
+
+def test_server_keeps_the_spec_in_collection_metadata() -> None:
+    store = ServerStore(":memory:")
+    store.create_collection(NAME, SPEC)
+    info = store._client.get_collection(NAME)
+    assert info.config.metadata == {SPEC_KEY: json.loads(SPEC.model_dump_json())}
+    # A collection some other tool created: no spec, so it is refused rather than trusted.
+    store._client.create_collection("foreign", vectors_config=None)
+    with pytest.raises(StoreError, match="no medsearch spec"):
+        store.get_collection("foreign")
+    store.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_server_is_unavailable(tmp_path: Path) -> None:
+    store = open_store(f"http://127.0.0.1:{_free_port()}", tmp_path, timeout_s=0.5)
+    for call in (
+        store.ping,
+        lambda: store.search(NAME, np.ones(DIM), 3),
+        lambda: store.get_collection(NAME),
+        lambda: store.create_collection(NAME, SPEC),
+        lambda: store.upsert(NAME, make_points(1)),
+    ):
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            call()
+    store.close()
+
+
+def test_server_that_never_answers_times_out_as_unavailable(tmp_path: Path) -> None:
+    with socket.socket() as listener:
+        # Connections complete in the kernel backlog but nobody ever reads or answers.
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        store = open_store(f"http://127.0.0.1:{port}", tmp_path, timeout_s=0.2)
+        with pytest.raises(StoreUnavailable, match="Timeout"):
+            store.ping()
+        store.close()
+
+
+@pytest.fixture
+def answering(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fake Qdrant answering every request with the status given by indirect parametrization."""
+    status: int = request.param
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"status": {"error": "nope"}, "time": 0.0}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("answering", [503, 502, 429], indirect=True)
+def test_server_overload_answers_are_unavailable(answering: str, tmp_path: Path) -> None:
+    store = open_store(answering, tmp_path)
+    with pytest.raises(StoreUnavailable, match="answered"):
+        store.ping()
+    store.close()
+
+
+@pytest.mark.parametrize("answering", [400, 401, 403], indirect=True)
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
+def test_server_refusals_are_store_errors(answering: str, tmp_path: Path) -> None:
+    store = open_store(answering, tmp_path, api_key="wrong")
+    with pytest.raises(StoreError, match="answered") as info:
+        store.ping()
+    assert not isinstance(info.value, StoreUnavailable)
+    store.close()
+
+
+def test_open_store_picks_the_backend(tmp_path: Path) -> None:
+    edge = open_store(None, tmp_path)
+    assert isinstance(edge, EdgeStore)
+    edge.close()
+    assert isinstance(open_store(":memory:", tmp_path), ServerStore)
+    assert isinstance(open_store("https://qdrant.example:6333", tmp_path, api_key="k"), ServerStore)
+    with pytest.raises(ValueError, match="unsupported"):
+        open_store("qdrant.example:6333", tmp_path)
