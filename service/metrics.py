@@ -52,11 +52,17 @@ class ServiceMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def route_label(routes: list[BaseRoute], scope: Scope) -> str:
-    """The matching route's template, never the raw path: keeps label cardinality bounded."""
-    for route in routes:
-        match, _ = route.matches(scope)
-        if match is not Match.NONE:
+def route_label(scope: Scope, known: list[BaseRoute]) -> str:
+    """The route template, never the raw path, so label cardinality stays bounded.
+
+    The router records the route it picked in the scope; requests rejected before routing (e.g. an
+    oversized body) are matched against ``known``.
+    """
+    routed_path = getattr(scope.get("route"), "path", None)
+    if isinstance(routed_path, str):
+        return routed_path
+    for route in known:
+        if route.matches(scope)[0] is not Match.NONE:
             return str(getattr(route, "path", UNMATCHED_ROUTE))
     return UNMATCHED_ROUTE
 
@@ -73,7 +79,6 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = route_label(self.routes, scope)
         status = 500
         start = time.perf_counter()
 
@@ -86,6 +91,6 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            labels = {"route": route, "status": str(status)}
+            labels = {"route": route_label(scope, self.routes), "status": str(status)}
             self.metrics.requests.labels(**labels).inc()
             self.metrics.request_latency.labels(**labels).observe(time.perf_counter() - start)

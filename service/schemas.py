@@ -23,7 +23,7 @@ class SearchRequest(BaseModel):
     top_k: int = Field(default=10, ge=1, le=MAX_TOP_K, description="Number of hits to return.")
     filter: dict[str, str] | None = Field(
         default=None,
-        description="Exact matches on metadata; keys must be among the collection's keyword fields (see /info).",
+        description="Exact metadata matches; keys must be keyword fields of the collection (see /info).",
         examples=[{"department": "cardiology"}],
     )
 

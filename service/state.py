@@ -95,10 +95,15 @@ class ServingState:
         return Readiness(not reasons, tuple(reasons))
 
     def serving_spec(self) -> CollectionSpec:
-        """The compatible collection spec, re-checked with the store when none is known; else NotReady."""
+        """The compatible collection spec, re-checked with the store when none is known.
+
+        Raises StoreUnavailable when the store does not answer, NotReady for any other reason.
+        """
         if self.spec is not None and self.problem is None:
             return self.spec
         readiness = self.refresh()
+        if not self.store_reachable:
+            raise StoreUnavailable(f"the store did not answer for collection {self.collection!r}")
         if not readiness.ready or self.spec is None:
             raise NotReady(readiness.reasons)
         return self.spec
@@ -158,7 +163,7 @@ def load_state(settings: Settings) -> ServingState:
     api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
     try:
         store = open_store(settings.qdrant_url, settings.store_path, api_key, settings.qdrant_timeout_s)
-    except StoreError as exc:
+    except (StoreError, ValueError) as exc:
         raise StartupError(f"cannot open the vector store at {_store_location(settings)}: {exc}") from exc
     try:
         spec, reachable = _initial_spec(store, settings, manifest)

@@ -33,3 +33,14 @@ def tiny_gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-gemma"
     make_tiny_decoder(path, "gemma3")
     return path
+
+
+@pytest.fixture(scope="session")
+def default_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real default encoders built from the PyPI packages, once per test session (slow tests only)."""
+    from models.registry import build
+
+    root = tmp_path_factory.mktemp("default-models")
+    for name in ("multilingual-e5-small", "multilingual-e5-small-onnx"):
+        build(name, root, progress=lambda _m: None)
+    return root

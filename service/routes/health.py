@@ -43,9 +43,10 @@ def pairing_note(query: ModelManifest, spec: CollectionSpec | None) -> str:
     )
     if spec is None:
         return f"{query_side}; the document side is unknown until the store answers."
+    fingerprint = spec.encoder_fingerprint[:12] or "unrecorded"
     return (
-        f"Documents were encoded by {spec.encoder!r} (fingerprint {spec.encoder_fingerprint[:12] or 'unrecorded'}) "
-        f"into space {spec.space!r}; {query_side}."
+        f"Documents were encoded by {spec.encoder!r} (fingerprint {fingerprint}) into space "
+        f"{spec.space!r}; {query_side}."
     )
 
 

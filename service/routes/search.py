@@ -56,6 +56,10 @@ def _search(
         return state.store.search(state.collection, vector, top_k, filters)
 
 
+def _hit(hit: Hit) -> SearchHit:
+    return SearchHit(id=hit.doc_id, score=hit.score, title=hit.title, text=hit.text, metadata=hit.metadata)
+
+
 @router.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES)
 async def search(request: SearchRequest, state: StateDep, metrics: MetricsDep) -> SearchResponse:
     """Nearest documents to a free-text query.
@@ -76,13 +80,20 @@ async def search(request: SearchRequest, state: StateDep, metrics: MetricsDep) -
         raise
     took_ms = (time.perf_counter() - start) * 1000
     if state.settings.log_queries:
-        logger.info("search query=%r top_k=%d hits=%d took_ms=%.1f", request.query, request.top_k, len(hits), took_ms)
+        logger.info(
+            "search query=%r top_k=%d hits=%d took_ms=%.1f", request.query, request.top_k, len(hits), took_ms
+        )
     else:
         # Query text and filter values can identify a patient: only their shape is logged.
-        logger.debug("search top_k=%d filter_keys=%s hits=%d took_ms=%.1f",
-                     request.top_k, sorted(filters or {}), len(hits), took_ms)
+        logger.debug(
+            "search top_k=%d filter_keys=%s hits=%d took_ms=%.1f",
+            request.top_k,
+            sorted(filters or {}),
+            len(hits),
+            took_ms,
+        )
     return SearchResponse(
-        hits=[SearchHit(id=h.doc_id, score=h.score, title=h.title, text=h.text, metadata=h.metadata) for h in hits],
+        hits=[_hit(h) for h in hits],
         took_ms=round(took_ms, 3),
         query_encoder=state.query_manifest.name,
         document_encoder=spec.encoder,

@@ -1,0 +1,70 @@
+"""The FastAPI application factory. Everything per-app (state, metrics registry) hangs off the app."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio.to_thread
+from fastapi import FastAPI
+
+from medsearch.settings import Settings
+from service.body_limit import BodyLimitMiddleware
+from service.errors import install_error_handlers
+from service.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.routes import health, search
+from service.state import ServingState, load_state
+
+# Version of the HTTP contract (tests/openapi.json), independent of the package version.
+API_VERSION = "1.0"
+
+DESCRIPTION = (
+    "Medical semantic search. Documents were embedded offline by a document encoder; queries are "
+    "embedded here by a small ONNX query encoder trained into the same vector space. Query text is "
+    "not logged unless the operator enables it."
+)
+
+
+# Recent FastAPI releases emit OpenTelemetry by default (and auto-configure exporters from an
+# environment variable). Queries here are patient data: no telemetry leaves the process.
+_NO_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False, "auto_configure": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
+
+
+def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI:
+    """Build the app. Without ``state`` the lifespan loads it from ``settings`` (and closes it on
+    shutdown); a given ``state`` belongs to the caller. Either way one encode warms the encoder
+    before the app reports ready."""
+    metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        serving = state if state is not None else await anyio.to_thread.run_sync(load_state, settings)
+        try:
+            await anyio.to_thread.run_sync(serving.warm_up)
+            app.state.serving = serving
+            yield
+        finally:
+            if state is None:
+                serving.close()
+
+    app = FastAPI(
+        title="medsearch", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan, **_NO_TELEMETRY
+    )
+    app.state.metrics = metrics
+    if state is not None:
+        app.state.serving = state
+    install_error_handlers(app, metrics)
+    app.include_router(search.router)
+    app.include_router(health.router)
+    # Added last = outermost: requests rejected by the body limit are counted too.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        RequestMetricsMiddleware, metrics=metrics, routes=[*search.router.routes, *health.router.routes]
+    )
+    return app

@@ -1,0 +1,40 @@
+"""Run the service under uvicorn; the process exit code is ``serve``'s return value."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from medsearch.settings import Settings
+from service.app import create_app
+from service.state import StartupError, load_state
+
+EXIT_STARTUP_ERROR = 2
+
+
+def serve(settings: Settings) -> int:
+    """Serve until interrupted: 0 after a clean shutdown, 2 when the configuration cannot be served
+    (message on stderr), uvicorn's code when it fails to start (e.g. the port is taken)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Loaded before uvicorn starts so a bad setup is one clear line, not a lifespan traceback.
+    try:
+        state = load_state(settings)
+    except StartupError as exc:
+        print(f"medsearch: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_ERROR
+    config = uvicorn.Config(
+        create_app(settings, state), host=settings.host, port=settings.port, log_level="info", workers=1
+    )
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        # uvicorn re-raises Ctrl-C after its graceful shutdown has finished.
+        return 0
+    except SystemExit as exc:
+        # uvicorn exits the process on start-up failures; hand the code to the caller instead.
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        state.close()
+    return 0

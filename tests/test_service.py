@@ -1,0 +1,578 @@
+"""The HTTP service end to end: requests through the ASGI app (lifespan included) against the real
+embedded store, with a deterministic fake query encoder so no model is needed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from medsearch.settings import Settings
+from models.manifest import ModelManifest, write_manifest
+from service.app import create_app
+from service.server import serve
+from service.state import ServingState, StartupError, load_state
+from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, VectorStore
+from store.factory import open_store
+
+OPENAPI_SNAPSHOT = Path(__file__).with_name("openapi.json")
+REGENERATE = (
+    'regenerate with: .venv/bin/python -c "from tests.test_service import write_openapi; write_openapi()"'
+)
+
+DIM = 16
+SPACE = "test-space"
+COLLECTION = "medsearch"
+QUERY = "crushing chest pain radiating to the left arm"
+DOCS = {
+    "mi": ("Myocardial infarction", QUERY, "cardiology"),
+    "migraine": ("Migraine", "throbbing one-sided headache with aura", "neurology"),
+    "asthma": ("Asthma", "wheezing and shortness of breath at night", "pulmonology"),
+    "angina": ("Stable angina", "chest tightness on exertion relieved by rest", "cardiology"),
+}
+
+
+class HashEncoder:
+    """Encoder protocol, deterministically: each text maps to a unit vector seeded by its sha256."""
+
+    def __init__(self, space: str = SPACE, dim: int = DIM) -> None:
+        self.manifest = query_manifest(space, dim)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        rows = []
+        for text in texts:
+            seed = int.from_bytes(hashlib.sha256(self.manifest.render(text).encode()).digest()[:8], "big")
+            row = np.random.default_rng(seed).standard_normal(self.manifest.dim)
+            rows.append(row / np.linalg.norm(row))
+        return np.asarray(rows, dtype=np.float32).reshape(len(texts), self.manifest.dim)
+
+
+def query_manifest(space: str = SPACE, dim: int = DIM) -> ModelManifest:
+    return ModelManifest(
+        name="hash-query",
+        role="query",
+        format="onnx",
+        architecture="HashEncoder",
+        pooling="mean",
+        max_tokens=32,
+        dim=dim,
+        space=space,
+        fingerprint="0" * 64,
+        quantization="int8",
+    )
+
+
+class SwitchableStore:
+    """Wraps a real store; while ``down`` every call raises StoreUnavailable like a lost server."""
+
+    def __init__(self, inner: VectorStore, down: bool = False) -> None:
+        self.inner = inner
+        self.down = down
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailable("connection refused (simulated)")
+
+    def ping(self) -> None:
+        self._check()
+        self.inner.ping()
+
+    def get_collection(self, name: str) -> CollectionSpec | None:
+        self._check()
+        return self.inner.get_collection(name)
+
+    def create_collection(self, name: str, spec: CollectionSpec) -> None:
+        self._check()
+        self.inner.create_collection(name, spec)
+
+    def count(self, name: str) -> int:
+        self._check()
+        return self.inner.count(name)
+
+    def content_hashes(self, name: str, doc_ids: Sequence[str]) -> dict[str, str]:
+        self._check()
+        return self.inner.content_hashes(name, doc_ids)
+
+    def upsert(self, name: str, points: Sequence[DocumentPoint]) -> None:
+        self._check()
+        self.inner.upsert(name, points)
+
+    def search(
+        self, name: str, vector: np.ndarray, top_k: int, filters: Mapping[str, str] | None = None
+    ) -> list[Hit]:
+        self._check()
+        return self.inner.search(name, vector, top_k, filters)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def doc_spec(space: str = SPACE, dim: int = DIM) -> CollectionSpec:
+    return CollectionSpec(
+        dim=dim,
+        space=space,
+        encoder="hash-document",
+        encoder_fingerprint="f" * 64,
+        keyword_fields=("department",),
+    )
+
+
+def build_collection(store: VectorStore, encoder: HashEncoder, spec: CollectionSpec | None = None) -> None:
+    """Index DOCS with vectors of their text, so a query equal to a text finds that document first."""
+    store.create_collection(COLLECTION, spec or doc_spec())
+    vectors = encoder.encode([text for _, text, _ in DOCS.values()])
+    store.upsert(
+        COLLECTION,
+        [
+            DocumentPoint(
+                doc_id=doc_id,
+                vector=vector.tolist(),
+                title=title,
+                text=text,
+                metadata={"department": department},
+                content_hash=hashlib.sha256(text.encode()).hexdigest(),
+            )
+            for (doc_id, (title, text, department)), vector in zip(DOCS.items(), vectors, strict=True)
+        ],
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Settings read MEDSEARCH_* from the environment; tests pass everything explicitly.
+    for key in [k for k in os.environ if k.startswith("MEDSEARCH_")]:
+        monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path, collection=COLLECTION, query_model="hash-query")
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[SwitchableStore]:
+    edge = open_store(None, settings.store_path)
+    build_collection(edge, HashEncoder())
+    wrapped = SwitchableStore(edge)
+    yield wrapped
+    wrapped.close()
+
+
+@pytest.fixture
+def state(settings: Settings, store: SwitchableStore) -> ServingState:
+    return ServingState(settings=settings, encoder=HashEncoder(), store=store)
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client for ``app`` with its lifespan entered, as under uvicorn."""
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://medsearch") as client,
+    ):
+        yield client
+
+
+@pytest.fixture
+async def client(settings: Settings, state: ServingState) -> AsyncIterator[httpx.AsyncClient]:
+    async with running(create_app(settings, state)) as c:
+        yield c
+
+
+# --- search -------------------------------------------------------------------------------------
+
+
+async def test_search_returns_nearest_document_first(client: httpx.AsyncClient) -> None:
+    response = await client.post("/search", json={"query": QUERY, "top_k": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["hits"]) == 3
+    first = body["hits"][0]
+    assert first["id"] == "mi"
+    assert first["title"] == "Myocardial infarction"
+    assert first["metadata"] == {"department": "cardiology"}
+    assert first["score"] == pytest.approx(1.0, abs=1e-4)
+    assert body["hits"][1]["score"] < first["score"]
+    assert body["query_encoder"] == "hash-query"
+    assert body["document_encoder"] == "hash-document"
+    assert body["space"] == SPACE
+    assert body["collection"] == COLLECTION
+    assert body["took_ms"] >= 0
+
+
+async def test_filter_restricts_hits(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/search", json={"query": QUERY, "top_k": 10, "filter": {"department": "neurology"}}
+    )
+    assert response.status_code == 200, response.text
+    assert [h["id"] for h in response.json()["hits"]] == ["migraine"]
+
+    unfiltered = await client.post("/search", json={"query": QUERY, "top_k": 10})
+    assert len(unfiltered.json()["hits"]) == len(DOCS)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"query": ""}, "query"),
+        ({"query": "   \n\t"}, "query"),
+        ({"query": 42}, "query"),
+        ({}, "query"),
+        ({"query": "x", "top_k": 0}, "top_k"),
+        ({"query": "x", "top_k": 101}, "top_k"),
+        ({"query": "x", "top_k": "5"}, "top_k"),
+        ({"query": "x", "top_k": 2.5}, "top_k"),
+        ({"query": "x", "filter": {"department": 3}}, "filter.department"),
+        ({"query": "x", "filter": ["department"]}, "filter"),
+        ({"query": "x", "limit": 5}, "limit"),
+    ],
+)
+async def test_invalid_body_is_422_naming_the_field(
+    client: httpx.AsyncClient, body: dict[str, Any], field: str
+) -> None:
+    response = await client.post("/search", json=body)
+    assert response.status_code == 422
+    error = response.json()
+    assert error["error"] == "invalid_request"
+    assert error["message"].startswith(f"{field}: ")
+    assert [d["field"] for d in error["details"]] == [field]
+
+
+async def test_unknown_filter_key_is_422_listing_allowed_fields(client: httpx.AsyncClient) -> None:
+    response = await client.post("/search", json={"query": QUERY, "filter": {"department_x": "cardiology"}})
+    assert response.status_code == 422
+    error = response.json()
+    assert error["message"] == "filter.department_x: not a filterable field; allowed: ['department']"
+    assert error["details"] == [
+        {"field": "filter.department_x", "message": "not a filterable field; allowed: ['department']"}
+    ]
+
+
+async def test_body_over_limit_is_413(settings: Settings, state: ServingState) -> None:
+    small = settings.model_copy(update={"max_body_bytes": 200})
+    async with running(create_app(small, state)) as client:
+        oversized = {"query": "x" * 300}
+        declared = await client.post("/search", json=oversized)
+        assert declared.status_code == 413
+        assert declared.json()["error"] == "body_too_large"
+
+        async def chunks() -> AsyncIterator[bytes]:
+            # No Content-Length: only counting the received bytes catches this one.
+            payload = json.dumps(oversized).encode()
+            for start in range(0, len(payload), 64):
+                yield payload[start : start + 64]
+
+        streamed = await client.post(
+            "/search", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert streamed.status_code == 413
+
+        fits = await client.post("/search", json={"query": QUERY})
+        assert fits.status_code == 200
+
+        metrics = (await client.get("/metrics")).text
+    assert 'medsearch_http_requests_total{route="/search",status="413"} 2.0' in metrics
+    assert 'medsearch_errors_total{kind="body_too_large"} 2.0' in metrics
+
+
+# --- availability -------------------------------------------------------------------------------
+
+
+async def test_store_outage_is_503_and_recovers(client: httpx.AsyncClient, store: SwitchableStore) -> None:
+    assert (await client.get("/readyz")).status_code == 200
+    store.down = True
+
+    failed = await client.post("/search", json={"query": QUERY})
+    assert failed.status_code == 503
+    assert failed.json()["error"] == "store_unavailable"
+    assert "simulated" not in failed.text  # internal exception text stays server-side
+    not_ready = await client.get("/readyz")
+    assert not_ready.status_code == 503
+    assert not_ready.json() == {"ready": False, "reasons": ["vector store unreachable"]}
+    assert (await client.get("/healthz")).status_code == 200
+
+    store.down = False
+    assert (await client.get("/readyz")).json() == {"ready": True, "reasons": []}
+    recovered = await client.post("/search", json={"query": QUERY})
+    assert recovered.status_code == 200
+    assert recovered.json()["hits"][0]["id"] == "mi"
+
+
+async def test_search_store_failure_is_store_unavailable(
+    client: httpx.AsyncClient, store: SwitchableStore
+) -> None:
+    # Warm the spec cache first, so the failure happens in the search call itself.
+    assert (await client.post("/search", json={"query": QUERY})).status_code == 200
+    store.down = True
+    response = await client.post("/search", json={"query": QUERY})
+    assert response.status_code == 503
+    assert response.json() == {
+        "error": "store_unavailable",
+        "message": "the vector store is unreachable; retry later",
+    }
+
+
+async def test_store_down_at_start_then_back_checks_compatibility(settings: Settings, tmp_path: Path) -> None:
+    edge = open_store(None, tmp_path / "other-store")
+    store = SwitchableStore(edge, down=True)
+    try:
+        state = ServingState(settings=settings, encoder=HashEncoder(), store=store, store_reachable=False)
+        async with running(create_app(settings, state)) as client:
+            assert (await client.get("/readyz")).status_code == 503
+            search = await client.post("/search", json={"query": QUERY})
+            assert search.status_code == 503
+            assert search.json()["error"] == "store_unavailable"
+
+            # Back, but indexed in another space: still not ready, and the reason names both spaces.
+            store.down = False
+            build_collection(edge, HashEncoder(space="other-space"), doc_spec(space="other-space"))
+            response = await client.get("/readyz")
+            assert response.status_code == 503
+            (reason,) = response.json()["reasons"]
+            assert "'test-space'" in reason
+            assert "'other-space'" in reason
+            refused = await client.post("/search", json={"query": QUERY})
+            assert refused.status_code == 503
+            assert refused.json()["error"] == "not_ready"
+            assert "'other-space'" in refused.json()["message"]
+    finally:
+        store.close()
+
+
+async def test_load_state_starts_not_ready_when_store_unreachable(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_query_model(settings)
+    monkeypatch.setattr("service.state.load_encoder", lambda _dir, threads=0: HashEncoder())
+    # Nothing listens on port 9 on localhost: connection refused at once.
+    unreachable = settings.model_copy(update={"qdrant_url": "http://127.0.0.1:9", "qdrant_timeout_s": 1.0})
+    state = load_state(unreachable)
+    try:
+        assert state.spec is None
+        assert state.store_reachable is False
+        async with running(create_app(unreachable, state)) as client:
+            response = await client.get("/readyz")
+            assert response.status_code == 503
+            assert response.json()["reasons"] == ["vector store unreachable"]
+    finally:
+        state.close()
+
+
+class BrokenEncoder(HashEncoder):
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        if texts != ["warm-up"]:
+            raise RuntimeError("onnxruntime failed in /srv/models/secret-path")
+        return super().encode(texts, batch_size)
+
+
+class RefusingStore(SwitchableStore):
+    def search(
+        self, name: str, vector: np.ndarray, top_k: int, filters: Mapping[str, str] | None = None
+    ) -> list[Hit]:
+        raise StoreError("Qdrant answered 400: internal detail at 10.0.0.7")
+
+
+async def test_unexpected_errors_do_not_leak_internal_text(
+    settings: Settings, store: SwitchableStore
+) -> None:
+    state = ServingState(settings=settings, encoder=BrokenEncoder(), store=store)
+    app = create_app(settings, state)
+    # ServerErrorMiddleware re-raises after answering; the client still gets the 500 body.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://medsearch") as client,
+    ):
+        response = await client.post("/search", json={"query": QUERY})
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal_error", "message": "internal error"}
+
+    refusing = ServingState(settings=settings, encoder=HashEncoder(), store=RefusingStore(store.inner))
+    async with running(create_app(settings, refusing)) as client:
+        response = await client.post("/search", json={"query": QUERY})
+    assert response.status_code == 502
+    assert response.json() == {"error": "store_error", "message": "the vector store refused the request"}
+
+
+# --- start-up -----------------------------------------------------------------------------------
+
+
+def write_query_model(settings: Settings, space: str = SPACE) -> Path:
+    model_dir = settings.models_path / settings.query_model
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.onnx").write_bytes(b"placeholder: never loaded by these tests")
+    write_manifest(model_dir, query_manifest(space))
+    return model_dir
+
+
+def test_missing_models_dir_names_the_build_command(settings: Settings) -> None:
+    with pytest.raises(StartupError, match=r"models directory .* does not exist") as excinfo:
+        load_state(settings)
+    assert "`medsearch models build`" in str(excinfo.value)
+
+
+def test_missing_query_model_names_the_build_command(settings: Settings) -> None:
+    settings.models_path.mkdir(parents=True)
+    with pytest.raises(StartupError, match="query encoder 'hash-query' not found") as excinfo:
+        load_state(settings)
+    assert "`medsearch models build`" in str(excinfo.value)
+
+
+def test_missing_collection_names_the_index_command(settings: Settings) -> None:
+    write_query_model(settings)
+    with pytest.raises(StartupError, match="collection 'medsearch' not found") as excinfo:
+        load_state(settings)
+    assert "`medsearch index ...`" in str(excinfo.value)
+
+
+def test_space_mismatch_refuses_to_start(settings: Settings) -> None:
+    write_query_model(settings, space="query-space")
+    edge = open_store(None, settings.store_path)
+    build_collection(edge, HashEncoder(space="doc-space"), doc_spec(space="doc-space"))
+    edge.close()
+    with pytest.raises(StartupError, match="refusing to serve") as excinfo:
+        load_state(settings)
+    assert "'query-space'" in str(excinfo.value)
+    assert "'doc-space'" in str(excinfo.value)
+
+
+def test_serve_exits_2_with_the_message_on_stderr(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert serve(settings) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err
+    assert "`medsearch models build`" in err
+
+
+async def test_real_onnx_encoder_serves_through_lifespan(tiny_onnx: Path, tmp_path: Path) -> None:
+    """load_state -> lifespan (warm-up) -> search with the real ONNX runtime and the embedded store."""
+    settings = Settings(home=tmp_path, models_dir=tiny_onnx.parent, query_model=tiny_onnx.name)
+    encoder_manifest = json.loads((tiny_onnx / "manifest.json").read_text())
+    edge = open_store(None, settings.store_path)
+    edge.create_collection(
+        settings.collection,
+        CollectionSpec(
+            dim=encoder_manifest["dim"],
+            space=encoder_manifest["space"],
+            encoder="tiny-doc",
+            encoder_fingerprint="e" * 64,
+        ),
+    )
+    rng = np.random.default_rng(0)
+    edge.upsert(
+        settings.collection,
+        [
+            DocumentPoint(
+                doc_id=f"d{i}",
+                vector=rng.standard_normal(encoder_manifest["dim"]).tolist(),
+                text=f"doc {i}",
+                content_hash=str(i),
+            )
+            for i in range(3)
+        ],
+    )
+    edge.close()
+
+    async with running(create_app(settings)) as client:
+        assert (await client.get("/readyz")).json() == {"ready": True, "reasons": []}
+        # Far beyond the tiny encoder's token limit: truncated by the encoder, not refused.
+        response = await client.post("/search", json={"query": "chest pain " * 500, "top_k": 2})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["hits"]) == 2
+        assert response.json()["query_encoder"] == encoder_manifest["name"]
+
+
+# --- ops endpoints ------------------------------------------------------------------------------
+
+
+async def test_info_exposes_encoder_collection_and_pairing(client: httpx.AsyncClient) -> None:
+    response = await client.get("/info")
+    assert response.status_code == 200
+    info = response.json()
+    assert info["query_encoder"] == {
+        "name": "hash-query",
+        "space": SPACE,
+        "fingerprint": "0" * 64,
+        "quantization": "int8",
+        "dim": DIM,
+        "max_tokens": 32,
+    }
+    assert info["collection"]["name"] == COLLECTION
+    assert info["collection"]["points"] == len(DOCS)
+    assert info["collection"]["spec"]["encoder"] == "hash-document"
+    assert info["collection"]["spec"]["keyword_fields"] == ["department"]
+    assert "'hash-document'" in info["pairing_note"]
+    assert "'hash-query'" in info["pairing_note"]
+
+
+async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncClient) -> None:
+    await client.post("/search", json={"query": QUERY})
+    await client.post("/search", json={"query": ""})
+    await client.get("/no-such-page")
+    text = (await client.get("/metrics")).text
+    assert 'medsearch_http_requests_total{route="/search",status="200"} 1.0' in text
+    assert 'medsearch_http_requests_total{route="/search",status="422"} 1.0' in text
+    assert 'medsearch_http_requests_total{route="unmatched",status="404"} 1.0' in text
+    assert 'medsearch_errors_total{kind="invalid_request"} 1.0' in text
+    assert "medsearch_encode_duration_seconds_count 1.0" in text
+    assert "medsearch_search_duration_seconds_count 1.0" in text
+
+
+async def test_metrics_registries_are_per_app(settings: Settings, state: ServingState) -> None:
+    async with running(create_app(settings, state)) as first:
+        await first.post("/search", json={"query": QUERY})
+    async with running(create_app(settings, state)) as second:
+        text = (await second.get("/metrics")).text
+    assert 'route="/search"' not in text
+
+
+@pytest.mark.parametrize("log_queries", [False, True])
+async def test_query_text_is_logged_only_when_enabled(
+    settings: Settings, state: ServingState, caplog: pytest.LogCaptureFixture, log_queries: bool
+) -> None:
+    configured = settings.model_copy(update={"log_queries": log_queries})
+    state.settings = configured
+    secret = "patient Jane Roe 1970-01-01 HIV positive"
+    with caplog.at_level(logging.DEBUG):
+        async with running(create_app(configured, state)) as client:
+            assert (await client.post("/search", json={"query": secret})).status_code == 200
+            assert (await client.post("/search", json={"query": secret, "top_k": 0})).status_code == 422
+    assert caplog.records, "the search route logs something at DEBUG either way"
+    assert (secret in caplog.text) is log_queries
+
+
+# --- OpenAPI contract ---------------------------------------------------------------------------
+
+
+def live_openapi() -> dict[str, Any]:
+    return create_app(Settings(home=Path("unused"))).openapi()
+
+
+def write_openapi() -> None:
+    OPENAPI_SNAPSHOT.write_text(json.dumps(live_openapi(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def test_openapi_matches_snapshot() -> None:
+    assert OPENAPI_SNAPSHOT.is_file(), f"{OPENAPI_SNAPSHOT} missing; {REGENERATE}"
+    snapshot = json.loads(OPENAPI_SNAPSHOT.read_text(encoding="utf-8"))
+    assert live_openapi() == snapshot, f"the HTTP contract changed; review, then {REGENERATE}"
+
+
+def test_openapi_declares_the_limits() -> None:
+    schema = live_openapi()["components"]["schemas"]["SearchRequest"]
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["top_k"]["minimum"] == 1
+    assert schema["properties"]["top_k"]["maximum"] == 100
+    assert schema["properties"]["query"]["minLength"] == 1
+    assert "truncated" in schema["properties"]["query"]["description"]
