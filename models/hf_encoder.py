@@ -120,7 +120,7 @@ class HFEncoder:
         }
         if self.padding_side == "left":
             # Models derive positions from the column index; left padding would shift them.
-            pass
+            inputs["position_ids"] = batch.position_ids.to(self.device)
         hidden = self.model(**inputs).last_hidden_state.float()
         pooled = pool(hidden, inputs["attention_mask"], self.manifest.pooling)
         return finish(pooled, self.manifest.dim, self.manifest.normalize).cpu()

