@@ -52,9 +52,7 @@ RETRIEVAL_METRICS = {
 }
 
 
-def score_run(
-    run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]]
-) -> dict[str, float]:
+def score_run(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
     """Mean of each retrieval metric (in percent) over the queries that have relevant documents."""
     scored = [q for q in run if any(g > 0 for g in qrels.get(q, {}).values())]
     if not scored:

@@ -33,8 +33,12 @@ def evaluate_pair(
         store = open_store(None, Path(tmp))
         try:
             summary = index_files(
-                [split.corpus_path], document_encoder, store, "eval",
-                batch_size=batch_size, on_progress=on_progress,
+                [split.corpus_path],
+                document_encoder,
+                store,
+                "eval",
+                batch_size=batch_size,
+                on_progress=on_progress,
             )
             if not summary.ok:
                 raise ValueError(f"{split.corpus_path}: {summary.describe()}; first: {summary.rejected[:1]}")

@@ -146,14 +146,25 @@ def index_files(
                 for item in chunk:
                     if isinstance(item, Document) and item.doc_id in seen:
                         item = Rejected(
-                            item.path, item.line, f"duplicate id {item.doc_id!r} (first at {seen[item.doc_id]})", ""
+                            item.path,
+                            item.line,
+                            f"duplicate id {item.doc_id!r} (first at {seen[item.doc_id]})",
+                            "",
                         )
                     if isinstance(item, Rejected):
                         summary.rejected.append(item)
                         if rejects:
-                            rejects.write(json.dumps({"source": f"{item.path}:{item.line}",
-                                                      "reason": item.reason, "line": item.raw},
-                                                     ensure_ascii=False) + "\n")
+                            rejects.write(
+                                json.dumps(
+                                    {
+                                        "source": f"{item.path}:{item.line}",
+                                        "reason": item.reason,
+                                        "line": item.raw,
+                                    },
+                                    ensure_ascii=False,
+                                )
+                                + "\n"
+                            )
                         continue
                     seen[item.doc_id] = item.source
                     docs.append(item)
@@ -166,8 +177,12 @@ def index_files(
                     vectors = encoder.encode([document_text(d) for d in todo], batch_size=batch_size)
                     points = [
                         DocumentPoint(
-                            doc_id=d.doc_id, vector=v.tolist(), title=d.title, text=d.text,
-                            metadata=d.metadata, content_hash=hashes[d.doc_id],
+                            doc_id=d.doc_id,
+                            vector=v.tolist(),
+                            title=d.title,
+                            text=d.text,
+                            metadata=d.metadata,
+                            content_hash=hashes[d.doc_id],
                         )
                         for d, v in zip(todo, vectors, strict=True)
                     ]
@@ -178,8 +193,13 @@ def index_files(
                         summary.failed.extend(d.doc_id for d in todo)
                         if rejects:
                             for d in todo:
-                                rejects.write(json.dumps({"source": d.source, "reason": error,
-                                                          "id": d.doc_id}, ensure_ascii=False) + "\n")
+                                rejects.write(
+                                    json.dumps(
+                                        {"source": d.source, "reason": error, "id": d.doc_id},
+                                        ensure_ascii=False,
+                                    )
+                                    + "\n"
+                                )
                 if on_progress:
                     on_progress(done, summary.indexed)
     finally:

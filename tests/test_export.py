@@ -16,7 +16,9 @@ from models.onnx_encoder import OnnxEncoder
 TEXTS = ["高血压能吃党参吗", "孩子发烧咳嗽怎么办", "What is hypertension?", "x"]
 
 
-def test_export_writes_a_verified_query_manifest_in_the_source_space(tiny_bert: Path, tiny_onnx: Path) -> None:
+def test_export_writes_a_verified_query_manifest_in_the_source_space(
+    tiny_bert: Path, tiny_onnx: Path
+) -> None:
     source = read_manifest(tiny_bert)
     manifest = verify_manifest(tiny_onnx)
     assert manifest.role == "query"

@@ -21,8 +21,10 @@ GOOD = [
 
 
 def write_jsonl(path: Path, rows: Sequence[object]) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
-                            for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -39,10 +41,19 @@ def store(tmp_path: Path):
 
 
 def test_reader_reports_file_and_line_for_each_bad_line(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "c.jsonl", [
-        GOOD[0], "{not json", "[1, 2]", {"_id": "x"}, {"_id": "y", "text": "   "},
-        {"_id": "z", "text": "ok", "metadata": "nope"}, {"text": "no id"}, GOOD[2],
-    ])
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            GOOD[0],
+            "{not json",
+            "[1, 2]",
+            {"_id": "x"},
+            {"_id": "y", "text": "   "},
+            {"_id": "z", "text": "ok", "metadata": "nope"},
+            {"text": "no id"},
+            GOOD[2],
+        ],
+    )
     with path.open("ab") as fh:
         fh.write(b'{"_id": "bad-utf8", "text": "\xff"}\n')
     items = list(read_documents(path))
@@ -64,7 +75,9 @@ def test_index_search_and_rerun_skips_unchanged(tmp_path: Path, encoder, store: 
     assert (first.indexed, first.skipped, first.ok) == (3, 0, True)
     assert store.count("c") == 3
     spec = store.get_collection("c")
-    assert spec is not None and spec.space == encoder.manifest.space and spec.keyword_fields == ("department",)
+    assert (
+        spec is not None and spec.space == encoder.manifest.space and spec.keyword_fields == ("department",)
+    )
 
     vector = encoder.encode(["感冒\n感冒发烧多喝水，注意休息"])[0]
     assert store.search("c", vector, 1)[0].doc_id == "d2"
@@ -79,7 +92,9 @@ def test_index_search_and_rerun_skips_unchanged(tmp_path: Path, encoder, store: 
     assert store.count("c") == 3
 
 
-def test_rejects_are_written_and_good_lines_still_indexed(tmp_path: Path, encoder, store: VectorStore) -> None:
+def test_rejects_are_written_and_good_lines_still_indexed(
+    tmp_path: Path, encoder, store: VectorStore
+) -> None:
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [GOOD[0], "oops", GOOD[1], GOOD[0]])
     rejects = tmp_path / "rejects.jsonl"
     summary = index_files([corpus], encoder, store, "c", rejects_path=rejects)
@@ -113,20 +128,30 @@ def test_a_failed_batch_is_retried(tmp_path: Path, encoder, store: VectorStore) 
     assert summary.ok and summary.indexed == 3
 
 
-def test_a_batch_that_keeps_failing_is_reported_not_dropped(tmp_path: Path, encoder, store: VectorStore) -> None:
+def test_a_batch_that_keeps_failing_is_reported_not_dropped(
+    tmp_path: Path, encoder, store: VectorStore
+) -> None:
     corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
     rejects = tmp_path / "rejects.jsonl"
     flaky = FlakyStore(store, failures=100)
-    summary = index_files([corpus], encoder, flaky, "c", upsert_attempts=2, backoff_s=0,  # type: ignore[arg-type]
-                          rejects_path=rejects)
+    summary = index_files(
+        [corpus],
+        encoder,
+        flaky,
+        "c",
+        upsert_attempts=2,
+        backoff_s=0,  # type: ignore[arg-type]
+        rejects_path=rejects,
+    )
     assert not summary.ok and sorted(summary.failed) == ["d1", "d2", "d3"]
     assert "StoreUnavailable" in rejects.read_text(encoding="utf-8")
     # Nothing was marked done: the next run indexes them.
     assert index_files([corpus], encoder, store, "c").indexed == 3
 
 
-def test_collection_of_another_space_is_refused(tmp_path: Path, encoder, store: VectorStore,
-                                                tiny_gemma: Path) -> None:
+def test_collection_of_another_space_is_refused(
+    tmp_path: Path, encoder, store: VectorStore, tiny_gemma: Path
+) -> None:
     corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
     index_files([corpus], encoder, store, "c")
     other = load_encoder(tiny_gemma, threads=1)

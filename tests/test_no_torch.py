@@ -32,7 +32,8 @@ async def main():
     ) as client:
         answer = await client.post("/search", json={"query": "高血压能吃党参吗", "top_k": 2})
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "transformers"})
-    print(json.dumps({"status": answer.status_code, "hits": len(answer.json().get("hits", [])), "loaded": loaded}))
+    hits = len(answer.json().get("hits", []))
+    print(json.dumps({"status": answer.status_code, "hits": hits, "loaded": loaded}))
 
 asyncio.run(main())
 """
@@ -45,8 +46,10 @@ def test_service_answers_without_torch(tiny_bert: Path, tiny_onnx: Path, tmp_pat
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(
-        json.dumps({"id": "a", "text": "高血压病人可以口服党参"}, ensure_ascii=False) + "\n"
-        + json.dumps({"id": "b", "text": "感冒发烧多喝水"}, ensure_ascii=False) + "\n",
+        json.dumps({"id": "a", "text": "高血压病人可以口服党参"}, ensure_ascii=False)
+        + "\n"
+        + json.dumps({"id": "b", "text": "感冒发烧多喝水"}, ensure_ascii=False)
+        + "\n",
         encoding="utf-8",
     )
     store = open_store(None, tmp_path / "qdrant")

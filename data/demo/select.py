@@ -1,4 +1,6 @@
-"""How data/demo/corpus.jsonl was cut from cmedqa-im (rerun: python data/demo/select.py ../shared/data/cmedqa-im).
+"""How data/demo/corpus.jsonl was cut from cmedqa-im.
+
+Rerun: python data/demo/select.py ../shared/data/cmedqa-im
 
 800 doctor answers: every document relevant to the first 300 dev queries (so the demo has answers to real
 questions), the answer used in the README example, then a seeded random fill from the rest.
