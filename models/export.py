@@ -119,6 +119,7 @@ def export_query_encoder(
             "pooling": pooling or source.pooling,
             "quantization": None,
             "source": f"exported from {source.name} ({source.fingerprint[:12]})",
+            "derived_from": source.fingerprint,
         }
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,10 @@ class ModelManifest(BaseModel):
     fingerprint: str = Field(default="", description="sha256 over the weight files (see files).")
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
     source: str = Field(default="", description="Where the weights came from.")
+    derived_from: str = Field(
+        default="",
+        description="Fingerprint of the transformers model these weights were exported from (if any).",
+    )
     quantization: str | None = None
     license: str = ""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -91,4 +91,7 @@ class CollectionInfo(BaseModel):
 class InfoResponse(BaseModel):
     query_encoder: QueryEncoderInfo
     collection: CollectionInfo
+    pairing: Literal["symmetric", "asymmetric", "unknown"] = Field(
+        description="symmetric: the query encoder is an export of the collection's document encoder."
+    )
     pairing_note: str

@@ -42,6 +42,8 @@ async def test_build_index_serve_search(default_models: Path, tmp_path: Path, mo
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
     ):
         assert (await client.get("/readyz")).status_code == 200
+        info = (await client.get("/info")).json()
+        assert info["pairing"] == "symmetric" and "Symmetric pair" in info["pairing_note"]
         answer = await client.post("/search", json={"query": "高血压能吃党参吗", "top_k": 5})
         assert answer.status_code == 200, answer.text
         body = answer.json()

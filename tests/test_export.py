@@ -112,3 +112,19 @@ def test_tampered_weights_fail_verification(tiny_onnx: Path, tmp_path: Path) -> 
 def test_decoder_only_models_are_refused_for_query_export(tiny_gemma: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="decoder-only"):
         export_query_encoder(tiny_gemma, tmp_path / "x", progress=lambda _m: None)
+
+
+def test_pairing_is_symmetric_only_for_the_exported_document_encoder(
+    tiny_bert: Path, tiny_onnx: Path
+) -> None:
+    from service.routes.health import pairing
+    from store.base import CollectionSpec
+
+    document = read_manifest(tiny_bert)
+    spec = CollectionSpec(
+        dim=32, space=document.space, encoder=document.name, encoder_fingerprint=document.fingerprint
+    )
+    assert pairing(read_manifest(tiny_onnx), spec) == "symmetric"
+    other = spec.model_copy(update={"encoder_fingerprint": "0" * 64})
+    assert pairing(read_manifest(tiny_onnx), other) == "asymmetric"
+    assert pairing(read_manifest(tiny_onnx), None) == "unknown"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import anyio.to_thread
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
@@ -34,6 +36,14 @@ async def readyz(state: StateDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if readiness.ready else 503)
 
 
+def pairing(
+    query: ModelManifest, spec: CollectionSpec | None
+) -> Literal["symmetric", "asymmetric", "unknown"]:
+    if spec is None:
+        return "unknown"
+    return "symmetric" if query.derived_from == spec.encoder_fingerprint else "asymmetric"
+
+
 def pairing_note(query: ModelManifest, spec: CollectionSpec | None) -> str:
     """How queries and documents are paired, from what the manifests and the collection record."""
     quantization = query.quantization or "not quantized"
@@ -44,10 +54,16 @@ def pairing_note(query: ModelManifest, spec: CollectionSpec | None) -> str:
     if spec is None:
         return f"{query_side}; the document side is unknown until the store answers."
     fingerprint = spec.encoder_fingerprint[:12] or "unrecorded"
-    return (
+    note = (
         f"Documents were encoded by {spec.encoder!r} (fingerprint {fingerprint}) into space "
         f"{spec.space!r}; {query_side}."
     )
+    if pairing(query, spec) == "symmetric":
+        note += (
+            " Symmetric pair: the query encoder is an export of the document encoder itself, not a small "
+            "encoder aligned to an LLM document space (the demo default until a CARE-aligned pair is built)."
+        )
+    return note
 
 
 def _collection_info(state: ServingState) -> CollectionInfo:
@@ -77,6 +93,7 @@ async def info(state: StateDep) -> InfoResponse:
             max_tokens=manifest.max_tokens,
         ),
         collection=collection,
+        pairing=pairing(manifest, collection.spec),
         pairing_note=pairing_note(manifest, collection.spec),
     )
 
