@@ -7,23 +7,13 @@ Heavy imports (torch via the document encoders, the service stack) happen inside
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from evaluation.cli import add_eval_parser
+from medsearch.cli_support import fail, model_dir, open_configured_store
 from medsearch.settings import Settings
-
-
-def _err(message: str) -> int:
-    print(f"medsearch: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _model_dir(settings: Settings, name: str) -> Path:
-    path = Path(name)
-    return path if path.is_dir() and ("/" in name or name.startswith(".")) else settings.models_path / name
 
 
 def cmd_models_build(args: argparse.Namespace, settings: Settings) -> int:
@@ -34,13 +24,13 @@ def cmd_models_build(args: argparse.Namespace, settings: Settings) -> int:
         names = list(RECIPES)
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
-        return _err(f"no recipe for {', '.join(unknown)}; known: {', '.join(RECIPES)}")
+        return fail(f"no recipe for {', '.join(unknown)}; known: {', '.join(RECIPES)}")
     settings.models_path.mkdir(parents=True, exist_ok=True)
     for name in dict.fromkeys(names):
         try:
             manifest = build(name, settings.models_path, progress=lambda m: print(m, flush=True))
         except ModuleNotFoundError as exc:
-            return _err(f"{exc}. Install the model-building extra: pip install -e '.[index]'")
+            return fail(f"{exc}. Install the model-building extra: pip install -e '.[index]'")
         print(f"{name}: ready (space {manifest.space}, fingerprint {manifest.fingerprint[:12]})", flush=True)
     return 0
 
@@ -50,12 +40,12 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
 
     root = settings.models_path
     if not root.is_dir():
-        return _err(f"models directory {root} not found; build it with: medsearch models build")
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        return fail(f"models directory {root} not found; build it with: medsearch models build")
+    for built in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
-            m = read_manifest(model_dir)
+            m = read_manifest(built)
         except ManifestError as exc:
-            print(f"{model_dir.name:36s} INVALID: {exc}")
+            print(f"{built.name:36s} INVALID: {exc}")
             continue
         quant = m.quantization or "fp32"
         print(f"{m.name:36s} {m.role:8s} {m.format:4s} {quant:32s} dim {m.dim:<5d} space {m.space}")
@@ -75,7 +65,7 @@ def cmd_models_export(args: argparse.Namespace, settings: Settings) -> int:
             q, cosine = quantize_int8(out, out.with_name(out.name + "-int8"))
             print(f"quantized {q.name} (min cosine vs fp32 {cosine:.4f})")
     except (ExportParityError, OSError, ValueError) as exc:
-        return _err(str(exc))
+        return fail(str(exc))
     return 0
 
 
@@ -86,24 +76,21 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     from models.encoder import load_encoder
     from models.manifest import ManifestError
     from store.base import StoreError
-    from store.factory import open_store
 
     paths = [Path(p) for p in args.paths]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        return _err(f"input file not found: {', '.join(missing)}")
-    model_dir = _model_dir(settings, args.model or settings.document_model)
+        return fail(f"input file not found: {', '.join(missing)}")
     try:
-        encoder = load_encoder(model_dir, threads=settings.threads, device=args.device)
+        encoder = load_encoder(
+            model_dir(settings, args.model or settings.document_model),
+            threads=settings.threads,
+            device=args.device,
+        )
     except ManifestError as exc:
-        return _err(f"{exc}; build the default models with: medsearch models build")
+        return fail(f"{exc}; build the default models with: medsearch models build")
     print(f"document encoder {encoder.manifest.name} (space {encoder.manifest.space})", flush=True)
-    store = open_store(
-        settings.qdrant_url,
-        settings.store_path,
-        settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None,
-        settings.qdrant_timeout_s,
-    )
+    store = open_configured_store(settings)
     collection = args.collection or settings.collection
     rejects = Path(args.rejects) if args.rejects else None
     try:
@@ -119,7 +106,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
                 on_progress=lambda done, _indexed: bar.update(done - bar.n),
             )
     except (IndexingError, StoreError) as exc:
-        return _err(str(exc))
+        return fail(str(exc))
     finally:
         store.close()
     print(summary.describe())
@@ -141,60 +128,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     return serve(settings.model_copy(update=updates))
-
-
-def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from tqdm import tqdm
-
-    from evaluation.beir import file_fingerprint, load_split
-    from evaluation.retrieval import evaluate_pair
-    from models.encoder import load_encoder
-    from models.manifest import ManifestError
-
-    root = Path(args.dataset)
-    try:
-        split = load_split(root, args.split)
-        query = load_encoder(_model_dir(settings, args.query_model or settings.query_model), settings.threads)
-        document = load_encoder(
-            _model_dir(settings, args.document_model or settings.document_model), settings.threads
-        )
-    except (OSError, ValueError, ManifestError) as exc:
-        return _err(str(exc))
-    from indexer.reader import count_lines
-
-    with tqdm(total=count_lines(split.corpus_path), unit="doc", desc="encoding corpus") as bar:
-        metrics = evaluate_pair(split, query, document, on_progress=lambda done, _i: bar.update(done - bar.n))
-    result = {
-        "default": {
-            **metrics,
-            "query_encoder": query.manifest.name,
-            "query_fingerprint": query.manifest.fingerprint,
-            "document_encoder": document.manifest.name,
-            "document_fingerprint": document.manifest.fingerprint,
-        },
-        "dataset": {
-            "path": str(root),
-            "split": args.split,
-            "corpus_sha256": file_fingerprint(split.corpus_path),
-        },
-        "machine": {"platform": platform.platform(), "processor": platform.machine()},
-    }
-    print(
-        "| configuration | nDCG@10 | R@10 | R@100 | MRR@10 | MAP@10 | queries |\n"
-        "|---|---|---|---|---|---|---|"
-    )
-    m = metrics
-    print(
-        f"| default ({query.manifest.name} -> {document.manifest.name}) | {m['ndcg@10']:.1f} | "
-        f"{m['recall@10']:.1f} | {m['recall@100']:.1f} | {m['mrr@10']:.1f} | {m['map@10']:.1f} | "
-        f"{int(m['queries'])} |"
-    )
-    if args.output:
-        Path(args.output).write_text(
-            json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        print(f"wrote {args.output}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,13 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--int8", action="store_true", help="also write an int8 copy")
     export.set_defaults(func=cmd_models_export)
 
-    ev = sub.add_parser("eval", help="retrieval quality on a BEIR dataset directory")
-    ev.add_argument("dataset", metavar="DATASET_DIR")
-    ev.add_argument("--split", default="dev")
-    ev.add_argument("--output", metavar="FILE")
-    ev.add_argument("--query-model")
-    ev.add_argument("--document-model")
-    ev.set_defaults(func=cmd_eval)
+    add_eval_parser(sub)
     return parser
 
 
