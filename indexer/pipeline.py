@@ -113,6 +113,40 @@ def _upsert_with_retry(
     return None
 
 
+class _RejectLog:
+    """Where rejected lines and failed documents go, so nothing is lost: one JSON object per line."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._fh = path.open("w", encoding="utf-8") if path else None
+
+    def write(self, source: str, reason: str, **extra: str) -> None:
+        if self._fh:
+            record = {"source": source, "reason": reason, **extra}
+            self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+
+
+def _accept(
+    chunk: list[Document | Rejected], seen: dict[str, str], summary: IndexSummary, log: _RejectLog
+) -> list[Document]:
+    """The chunk's valid documents; rejected lines and repeated ids are recorded, not indexed."""
+    docs: list[Document] = []
+    for item in chunk:
+        if isinstance(item, Document) and item.doc_id in seen:
+            reason = f"duplicate id {item.doc_id!r} (first at {seen[item.doc_id]})"
+            item = Rejected(item.path, item.line, reason, "")
+        if isinstance(item, Rejected):
+            summary.rejected.append(item)
+            log.write(f"{item.path}:{item.line}", item.reason, line=item.raw)
+            continue
+        seen[item.doc_id] = item.source
+        docs.append(item)
+    return docs
+
+
 def index_files(
     paths: Sequence[Path],
     encoder: Encoder,
@@ -137,40 +171,15 @@ def index_files(
     summary = IndexSummary()
     seen: dict[str, str] = {}
     started = time.perf_counter()
-    rejects = rejects_path.open("w", encoding="utf-8") if rejects_path else None
+    log = _RejectLog(rejects_path)
     done = 0
     try:
         for path in paths:
             for chunk in _batches(read_documents(path), chunk_size):
-                docs: list[Document] = []
-                for item in chunk:
-                    if isinstance(item, Document) and item.doc_id in seen:
-                        item = Rejected(
-                            item.path,
-                            item.line,
-                            f"duplicate id {item.doc_id!r} (first at {seen[item.doc_id]})",
-                            "",
-                        )
-                    if isinstance(item, Rejected):
-                        summary.rejected.append(item)
-                        if rejects:
-                            rejects.write(
-                                json.dumps(
-                                    {
-                                        "source": f"{item.path}:{item.line}",
-                                        "reason": item.reason,
-                                        "line": item.raw,
-                                    },
-                                    ensure_ascii=False,
-                                )
-                                + "\n"
-                            )
-                        continue
-                    seen[item.doc_id] = item.source
-                    docs.append(item)
                 done += len(chunk)
+                docs = _accept(chunk, seen, summary, log)
                 hashes = {d.doc_id: content_hash(d, fingerprint) for d in docs}
-                stored = store.content_hashes(collection, [d.doc_id for d in docs]) if docs else {}
+                stored = store.content_hashes(collection, list(hashes)) if docs else {}
                 todo = [d for d in docs if stored.get(d.doc_id) != hashes[d.doc_id]]
                 summary.skipped += len(docs) - len(todo)
                 if todo:
@@ -191,20 +200,12 @@ def index_files(
                         summary.indexed += len(points)
                     else:
                         summary.failed.extend(d.doc_id for d in todo)
-                        if rejects:
-                            for d in todo:
-                                rejects.write(
-                                    json.dumps(
-                                        {"source": d.source, "reason": error, "id": d.doc_id},
-                                        ensure_ascii=False,
-                                    )
-                                    + "\n"
-                                )
+                        for d in todo:
+                            log.write(d.source, error, id=d.doc_id)
                 if on_progress:
                     on_progress(done, summary.indexed)
     finally:
-        if rejects:
-            rejects.close()
+        log.close()
         summary.seconds = time.perf_counter() - started
     return summary
 
