@@ -1,0 +1,83 @@
+"""What a result was measured on: date, git commit and the machine (CPU, cores, RAM, runtimes)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from pydantic import BaseModel
+
+RUNTIME_PACKAGES = ("onnxruntime", "torch", "transformers", "numpy", "tokenizers", "uvicorn", "httpx")
+
+
+class MachineInfo(BaseModel):
+    cpu_model: str
+    cores_logical: int
+    cores_usable: int
+    ram_gib: float | None
+    python: str
+    platform: str
+    packages: dict[str, str | None]
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib() -> float | None:
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return None
+    for line in meminfo.read_text(encoding="utf-8").splitlines():
+        if line.startswith("MemTotal:"):
+            return round(int(line.split()[1]) / (1024 * 1024), 1)
+    return None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> MachineInfo:
+    """Read without importing the runtimes (their versions come from the installed metadata)."""
+    logical = os.cpu_count() or 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+    return MachineInfo(
+        cpu_model=_cpu_model(),
+        cores_logical=logical,
+        cores_usable=usable,
+        ram_gib=_ram_gib(),
+        python=platform.python_version(),
+        platform=platform.platform(),
+        packages={name: _version(name) for name in RUNTIME_PACKAGES},
+    )
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """Short commit of the working tree, ``-dirty`` when it has uncommitted changes; ``unknown``
+    outside a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}-dirty" if status.strip() else head

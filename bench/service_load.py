@@ -1,0 +1,260 @@
+"""Load generator for a running service: fixed-duration closed loops of concurrent /search requests.
+
+Each concurrency level runs ``concurrency`` workers, each sending one request after the other until
+the level's deadline; a worker stops by itself at the deadline (plus at most one request's timeout).
+Latency is measured per successful (200) response; anything else counts as an error by kind. The
+service process's memory is sampled from /proc while the levels run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import BaseModel
+
+from bench.stats import LatencySummary, summarize
+
+Clock = Callable[[], float]
+
+
+class NotLoopback(ValueError):
+    """The load generator only targets services on this machine."""
+
+
+class LoadLevel(BaseModel):
+    concurrency: int
+    seconds: float
+    requests: int
+    errors: int
+    error_kinds: dict[str, int]
+    requests_per_s: float
+    latency: LatencySummary | None
+    max_rss_kib: int | None = None
+    samples_ms: list[float]
+
+
+class MemoryPeak(BaseModel):
+    pid: int
+    hwm_kib: int  # VmHWM at the end: the process's peak resident set since it started
+    max_sampled_rss_kib: int  # highest VmRSS seen while the levels ran
+    samples: int
+
+
+class ServiceBench(BaseModel):
+    url: str
+    spawned: bool
+    duration_s: float
+    top_k: int
+    levels: list[LoadLevel]
+    memory: MemoryPeak | None
+    memory_note: str = ""
+    info: dict[str, Any] | None = None
+
+
+def require_loopback(url: str) -> str:
+    """``url`` without a trailing slash, if its host is this machine; NotLoopback otherwise."""
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise NotLoopback(f"{url}: the load generator targets loopback addresses only (127.0.0.1, ::1)")
+    return url.rstrip("/")
+
+
+def read_memory_kib(pid: int) -> tuple[int, int] | None:
+    """(VmRSS, VmHWM) of ``pid`` in KiB from /proc, or None when the process or /proc is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    fields = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    if len(fields) != 2:
+        return None
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def find_pid_by_port(port: int) -> int | None:
+    """The process listening on TCP ``port``, via psutil when it is installed."""
+    try:
+        import psutil
+    except ModuleNotFoundError:
+        return None
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.AccessDenied:
+        return None
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            return int(conn.pid)
+    return None
+
+
+class MemorySampler:
+    """Samples a process's VmRSS every ``interval_s`` until ``stop`` is set."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.max_rss_kib = 0
+        self.level_max_rss_kib = 0
+        self.samples = 0
+        self.stop = asyncio.Event()
+
+    def sample(self) -> None:
+        memory = read_memory_kib(self.pid)
+        if memory is None:
+            return
+        self.samples += 1
+        self.max_rss_kib = max(self.max_rss_kib, memory[0])
+        self.level_max_rss_kib = max(self.level_max_rss_kib, memory[0])
+
+    async def run(self) -> None:
+        while not self.stop.is_set():
+            self.sample()
+            try:
+                await asyncio.wait_for(self.stop.wait(), self.interval_s)
+            except TimeoutError:
+                continue
+
+    def peak(self) -> MemoryPeak | None:
+        memory = read_memory_kib(self.pid)
+        if memory is None or not self.samples:
+            return None
+        return MemoryPeak(
+            pid=self.pid,
+            hwm_kib=memory[1],
+            max_sampled_rss_kib=max(self.max_rss_kib, memory[0]),
+            samples=self.samples,
+        )
+
+
+async def run_level(
+    client: httpx.AsyncClient,
+    queries: Sequence[str],
+    concurrency: int,
+    duration_s: float,
+    top_k: int = 10,
+    clock: Clock = time.perf_counter,
+) -> LoadLevel:
+    """``concurrency`` workers POST /search in closed loops until ``duration_s`` has passed."""
+    if concurrency < 1 or duration_s <= 0 or not queries:
+        raise ValueError("need concurrency >= 1, a positive duration and at least one query")
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    turn = itertools.count()
+    deadline = clock() + duration_s
+
+    async def worker() -> None:
+        while clock() < deadline:
+            query = queries[next(turn) % len(queries)]
+            start = clock()
+            try:
+                response = await client.post("/search", json={"query": query, "top_k": top_k})
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] += 1
+                continue
+            elapsed_ms = (clock() - start) * 1000
+            if response.status_code == 200:
+                latencies.append(elapsed_ms)
+            else:
+                errors[str(response.status_code)] += 1
+
+    started = clock()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = clock() - started
+    requests = len(latencies) + sum(errors.values())
+    return LoadLevel(
+        concurrency=concurrency,
+        seconds=seconds,
+        requests=requests,
+        errors=sum(errors.values()),
+        error_kinds=dict(errors),
+        requests_per_s=requests / seconds if seconds > 0 else 0.0,
+        latency=summarize(latencies) if latencies else None,
+        samples_ms=[round(x, 3) for x in latencies],
+    )
+
+
+async def _service_info(client: httpx.AsyncClient) -> dict[str, Any] | None:
+    try:
+        response = await client.get("/info")
+    except httpx.HTTPError:
+        return None
+    body = response.json() if response.status_code == 200 else None
+    return body if isinstance(body, dict) else None
+
+
+async def measure_service(
+    url: str,
+    queries: Sequence[str],
+    levels: Sequence[int],
+    duration_s: float,
+    *,
+    top_k: int = 10,
+    timeout_s: float = 30.0,
+    warmup: int = 5,
+    pid: int | None = None,
+    spawned: bool = False,
+    on_level: Callable[[int], None] | None = None,
+) -> ServiceBench:
+    """Run every concurrency level against ``url`` (loopback only), sampling ``pid``'s memory, or
+    the memory of whichever process listens on the URL's port when ``pid`` is None."""
+    base = require_loopback(url)
+    if pid is None:
+        port = urlsplit(base).port or 80
+        pid = find_pid_by_port(port)
+        note = "" if pid is not None else f"no process found listening on port {port}; pass --pid"
+    else:
+        note = ""
+    sampler = MemorySampler(pid) if pid is not None else None
+    if sampler is not None and read_memory_kib(sampler.pid) is None:
+        note = f"cannot read /proc/{sampler.pid}/status"
+        sampler = None
+    # trust_env=False: a proxy from the environment must never carry loopback traffic elsewhere.
+    limits = httpx.Limits(max_connections=max(levels), max_keepalive_connections=max(levels))
+    async with httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits, trust_env=False) as client:
+        info = await _service_info(client)
+        for _ in range(warmup):
+            await client.post("/search", json={"query": queries[0], "top_k": top_k})
+        sampling = asyncio.create_task(sampler.run()) if sampler is not None else None
+        results = []
+        try:
+            for concurrency in levels:
+                if on_level is not None:
+                    on_level(concurrency)
+                if sampler is not None:
+                    sampler.level_max_rss_kib = 0
+                level = await run_level(client, queries, concurrency, duration_s, top_k)
+                if sampler is not None:
+                    sampler.sample()
+                    level.max_rss_kib = sampler.level_max_rss_kib
+                results.append(level)
+        finally:
+            if sampler is not None and sampling is not None:
+                sampler.stop.set()
+                await sampling
+    return ServiceBench(
+        url=base,
+        spawned=spawned,
+        duration_s=duration_s,
+        top_k=top_k,
+        levels=results,
+        memory=sampler.peak() if sampler is not None else None,
+        memory_note=note,
+        info=info,
+    )
