@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoTokenizer
 
+from models.hf_loading import load_hf_model
 from models.manifest import ModelManifest, Pooling, fingerprint_of, hash_files, read_manifest, write_manifest
 from models.onnx_encoder import ONNX_FILE, OUTPUT_NAME, TOKENIZER_FILE, OnnxEncoder
 from models.pooling import finish, pool
@@ -128,7 +129,7 @@ def export_query_encoder(
         progress(f"export: loading {src_dir}")
         hf_tokenizer = AutoTokenizer.from_pretrained(src_dir)
         hf_tokenizer.backend_tokenizer.save(str(work / TOKENIZER_FILE))
-        model = AutoModel.from_pretrained(src_dir, attn_implementation="eager").eval()
+        model = load_hf_model(src_dir, attn_implementation="eager")
         wrapper = _PooledEncoder(model, manifest.pooling, manifest.dim, manifest.normalize).eval()
 
         # Rows of different lengths, so the traced graph sees padding and keeps dynamic axes honest.

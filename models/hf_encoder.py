@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoTokenizer
 
 from models.encoder import Device
+from models.hf_loading import load_hf_model
 from models.manifest import ManifestError, ModelManifest
 from models.pooling import finish, pool
 
@@ -71,14 +72,7 @@ class HFEncoder:
         self.manifest = manifest
         self.device = _pick_device(device)
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model: Any = AutoModel.from_pretrained(
-            model_dir,
-            local_files_only=True,
-            trust_remote_code=False,
-            attn_implementation=ATTN_IMPLEMENTATION,
-            dtype=torch.float32,
-        )
-        self.model.to(self.device).eval()
+        self.model: Any = load_hf_model(model_dir, ATTN_IMPLEMENTATION).to(self.device)
         hidden_size = int(self.model.config.get_text_config().hidden_size)
         if manifest.dim > hidden_size:
             raise ManifestError(f"{model_dir}: manifest dim {manifest.dim} > hidden size {hidden_size}")
