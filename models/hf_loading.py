@@ -17,9 +17,9 @@ def load_hf_model(model_dir: Path, attn_implementation: str) -> Any:
     also stops transformers from reporting the (never used) pooler weights as missing.
     """
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-    model_class = AutoModel._model_mapping[type(config)]
+    model_class: Any = AutoModel._model_mapping[type(config)]
     extra: dict[str, Any] = {}
-    if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+    if "add_pooling_layer" in inspect.signature(model_class).parameters:
         extra["add_pooling_layer"] = False
     model = AutoModel.from_pretrained(
         model_dir,
