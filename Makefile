@@ -45,5 +45,11 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every benchmark on the demo: builds the int8 query encoder and the Gemma LLM baseline first, starts
+# the service itself; results under bench/results. Run it on a quiet machine.
+bench: index
+	$(BIN)/medsearch models build multilingual-e5-small-onnx-int8 gemma-3-270m
+	$(BIN)/medsearch bench all --spawn
+
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,7 @@ included, exactly as the encoder's ``count_tokens`` reports it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -23,6 +23,7 @@ class InputLengthError(ValueError):
     """No prefix of the source text has the requested token count."""
 
 
+@runtime_checkable
 class CountingEncoder(Protocol):
     """An ``Encoder`` that also reports token counts (OnnxEncoder and HFEncoder both do)."""
 
@@ -34,17 +35,22 @@ class CountingEncoder(Protocol):
 
 
 def cut_to_tokens(text: str, tokens: int, count_tokens: TokenCounter) -> str:
-    """The shortest prefix of ``text`` that counts as exactly ``tokens`` tokens."""
-    if count_tokens([text])[0] < tokens:
+    """The shortest non-empty prefix of ``text`` that counts as exactly ``tokens`` tokens."""
+    overhead, whole = count_tokens(["", text])
+    if overhead >= tokens:
+        raise InputLengthError(
+            f"{tokens} tokens leave no room for text: the prompt and special tokens alone are {overhead}"
+        )
+    if whole < tokens:
         raise InputLengthError(f"source text is shorter than {tokens} tokens")
-    lo, hi = 0, len(text)  # invariant: text[:hi] has at least `tokens` tokens
+    lo, hi = 1, len(text)  # invariant: text[:hi] has at least `tokens` tokens
     while lo < hi:
         mid = (lo + hi) // 2
         if count_tokens([text[:mid]])[0] >= tokens:
             hi = mid
         else:
             lo = mid + 1
-    ends = range(max(0, hi - SCAN_WINDOW), min(len(text), hi + SCAN_WINDOW) + 1)
+    ends = range(max(1, hi - SCAN_WINDOW), min(len(text), hi + SCAN_WINDOW) + 1)
     candidates = [text[:end] for end in ends]
     for candidate, count in zip(candidates, count_tokens(candidates), strict=True):
         if count == tokens:

@@ -81,7 +81,9 @@ def time_encoder(
             encoder.encode([text], batch_size=1)
             samples.append((clock() - start) * 1000)
         results.append(
-            LengthLatency(tokens=tokens, latency=summarize(samples), samples_ms=[round(s, 4) for s in samples])
+            LengthLatency(
+                tokens=tokens, latency=summarize(samples), samples_ms=[round(s, 4) for s in samples]
+            )
         )
     m = encoder.manifest
     return EncoderLatency(

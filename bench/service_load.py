@@ -193,9 +193,9 @@ async def run_level(
 async def _service_info(client: httpx.AsyncClient) -> dict[str, Any] | None:
     try:
         response = await client.get("/info")
-    except httpx.HTTPError:
-        return None
-    body = response.json() if response.status_code == 200 else None
+        body = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None  # recorded as unknown: the load figures do not depend on it
     return body if isinstance(body, dict) else None
 
 

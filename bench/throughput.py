@@ -76,7 +76,10 @@ def matmul_params(model: Any) -> int:
     import torch
 
     embedding = {
-        id(p) for module in model.modules() if isinstance(module, torch.nn.Embedding) for p in module.parameters()
+        id(p)
+        for module in model.modules()
+        if isinstance(module, torch.nn.Embedding)
+        for p in module.parameters()
     }
     return sum(p.numel() for p in model.parameters() if id(p) not in embedding)
 

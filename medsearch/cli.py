@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.cli import add_bench_parser
 from evaluation.cli import add_eval_parser
 from medsearch.cli_support import fail, model_dir, open_configured_store
 from medsearch.settings import Settings
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_models_export)
 
     add_eval_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

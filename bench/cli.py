@@ -1,0 +1,335 @@
+"""`medsearch bench`: service load, query-encoder latency, indexer throughput, or all three.
+
+Each run prints its figures as markdown tables and writes JSON + markdown + PNG under bench/results.
+Heavy imports (httpx, onnxruntime, torch, matplotlib) happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medsearch.cli_support import fail, model_dir
+from medsearch.settings import Settings
+
+if TYPE_CHECKING:
+    from bench.query_latency import QueryEncoderBench
+    from bench.service_load import ServiceBench
+    from bench.throughput import IndexerBench
+    from models.manifest import ModelManifest
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_CORPUS = "data/demo/corpus.jsonl"
+DEFAULT_RESULTS = "bench/results"
+
+
+class BenchSetupError(RuntimeError):
+    """A prerequisite of a benchmark is missing; the message says how to provide it."""
+
+
+def _note(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from exc
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return numbers
+
+
+def _built(settings: Settings, keep: Callable[[ModelManifest], bool]) -> list[Path]:
+    """Directories in the models directory whose valid manifest ``keep`` accepts, by name."""
+    from models.manifest import ManifestError, read_manifest
+
+    root = settings.models_path
+    if not root.is_dir():
+        raise BenchSetupError(f"models directory {root} not found; build it with: medsearch models build")
+    found = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            manifest = read_manifest(path)
+        except ManifestError as exc:
+            _note(f"skipping {path.name}: {exc}")
+            continue
+        if keep(manifest):
+            found.append(path)
+    return found
+
+
+def _chosen(settings: Settings, names: list[str] | None, keep: Callable[[ModelManifest], bool]) -> list[Path]:
+    return [model_dir(settings, n) for n in names] if names else _built(settings, keep)
+
+
+# --- service ------------------------------------------------------------------------------------
+
+
+def run_service(args: argparse.Namespace) -> ServiceBench:
+    import asyncio
+
+    import httpx
+
+    from bench.queries import QUESTIONS
+    from bench.service_load import measure_service, require_loopback
+    from bench.spawn import spawned_service
+
+    def measure(url: str, pid: int | None, spawned: bool) -> ServiceBench:
+        return asyncio.run(
+            measure_service(
+                url,
+                QUESTIONS,
+                args.concurrency,
+                args.duration,
+                top_k=args.top_k,
+                timeout_s=args.timeout,
+                warmup=args.warmup,
+                pid=pid,
+                spawned=spawned,
+                on_level=lambda c: _note(f"service: concurrency {c} for {args.duration:g} s"),
+            )
+        )
+
+    if args.spawn:
+        if args.pid is not None:
+            raise BenchSetupError("--pid names a running service; with --spawn the spawned one is measured")
+        _note("service: starting `medsearch serve` on a free loopback port")
+        with spawned_service(args.ready_timeout) as service:
+            return measure(service.url, service.pid, spawned=True)
+    url = require_loopback(args.url)
+    try:
+        ready = httpx.get(f"{url}/readyz", timeout=5.0, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        ready = False
+    if not ready:
+        raise BenchSetupError(
+            f"no ready service at {url} (GET /readyz); start one with `medsearch serve` or pass --spawn"
+        )
+    return measure(url, args.pid, spawned=False)
+
+
+# --- query encoders -----------------------------------------------------------------------------
+
+
+def run_query_encoders(args: argparse.Namespace, settings: Settings) -> QueryEncoderBench:
+    from bench.inputs import CountingEncoder
+    from bench.queries import question_sources
+    from bench.query_latency import EncoderLatency, QueryEncoderBench, Side, latency_ratios, time_encoder
+    from models.encoder import load_encoder
+
+    queries = _chosen(settings, args.query_model, lambda m: m.role == "query")
+    llms = _chosen(settings, args.llm, lambda m: m.role == "document" and m.decoder_only)
+    if not queries:
+        raise BenchSetupError("no query encoder built; build one with: medsearch models build")
+    if not llms:
+        _note("no decoder-only document encoder built: no LLM ratio (medsearch models build gemma-3-270m)")
+    sources = question_sources(args.inputs)
+    runs: list[tuple[Path, Side]] = [(p, "query") for p in queries] + [(p, "llm-as-query") for p in llms]
+    results: list[EncoderLatency] = []
+    for path, side in runs:
+        encoder = load_encoder(path, threads=settings.threads, device="cpu")
+        if not isinstance(encoder, CountingEncoder):
+            raise BenchSetupError(f"{path}: the encoder's runtime cannot count tokens")
+        lengths = [n for n in args.query_lengths if n <= encoder.manifest.max_tokens]
+        if len(lengths) < len(args.query_lengths):
+            _note(f"{encoder.manifest.name}: lengths over max_tokens {encoder.manifest.max_tokens} skipped")
+        _note(f"query: {encoder.manifest.name} ({side}) at {lengths} tokens")
+        results.append(time_encoder(encoder, side, lengths, sources, args.repeats, args.warmup_encodes))
+        del encoder  # freed before the next model loads: two LLMs need not fit at once
+    return QueryEncoderBench(
+        repeats=args.repeats,
+        warmup=args.warmup_encodes,
+        inputs_per_length=args.inputs,
+        threads=settings.threads,
+        encoders=results,
+        ratios=latency_ratios(results),
+    )
+
+
+# --- indexer ------------------------------------------------------------------------------------
+
+
+def corpus_sources(corpus: Path, count: int, min_chars: int) -> list[str]:
+    """``count`` texts built as the indexer builds document text, consecutive documents joined
+    until each has at least ``min_chars`` characters."""
+    from indexer.pipeline import document_text
+    from indexer.reader import Document, read_documents
+
+    texts = [document_text(d) for d in read_documents(corpus) if isinstance(d, Document)]
+    if not texts:
+        raise BenchSetupError(f"{corpus}: no documents")
+    sources = []
+    for i in range(count):
+        parts: list[str] = []
+        j = i
+        while sum(len(p) for p in parts) < min_chars and j < i + len(texts):
+            parts.append(texts[j % len(texts)])
+            j += 1
+        sources.append("\n".join(parts))
+    return sources
+
+
+def run_indexer(args: argparse.Namespace, settings: Settings) -> IndexerBench:
+    from bench.throughput import FORMULA, IndexerBench, matmul_peak, time_indexing
+    from models.encoder import load_encoder
+    from models.hf_encoder import HFEncoder
+
+    corpus = Path(args.corpus)
+    if not corpus.is_file():
+        raise BenchSetupError(f"corpus {corpus} not found (pass --corpus FILE)")
+    paths = _chosen(settings, args.document_model, lambda m: m.role == "document" and m.format == "hf")
+    if not paths:
+        raise BenchSetupError("no document encoder built; build one with: medsearch models build")
+    _note(f"indexer: float32 matmul peak probe on {args.device} ({args.probe_seconds:g} s)")
+    peak = matmul_peak(args.probe_seconds, args.probe_size, args.device)
+    # Chinese runs at most a few characters per token in these tokenizers; cut_to_tokens checks.
+    sources = corpus_sources(corpus, args.docs, min_chars=4 * max(args.doc_lengths))
+    rows = []
+    for path in paths:
+        encoder = load_encoder(path, threads=settings.threads, device=args.device)
+        if not isinstance(encoder, HFEncoder):
+            raise BenchSetupError(f"{path}: the indexer benchmark runs transformers document encoders")
+        lengths = [n for n in args.doc_lengths if n <= encoder.manifest.max_tokens]
+        if len(lengths) < len(args.doc_lengths):
+            _note(f"{encoder.manifest.name}: lengths over max_tokens {encoder.manifest.max_tokens} skipped")
+        _note(f"indexer: {encoder.manifest.name}, {args.docs} documents at {lengths} tokens")
+        rows += time_indexing(encoder, lengths, sources, args.batch_size, peak.peak_gflops)
+        del encoder  # freed before the next model loads
+    return IndexerBench(formula=FORMULA, peak=peak, rows=rows)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _report(args: argparse.Namespace, sections: dict[str, Any]) -> int:
+    from bench.machine import git_commit, machine_info
+    from bench.report import BenchReport, markdown, now, write_report
+
+    report = BenchReport(created=now(), commit=git_commit(), machine=machine_info(), **sections)
+    print(markdown(report))
+    try:
+        files = write_report(report, Path(args.results_dir))
+    except ModuleNotFoundError as exc:
+        return fail(f"{exc}: JSON and markdown written, no PNG; install the extra: pip install -e '.[bench]'")
+    written = [files.json, files.markdown, *([files.png] if files.png else [])]
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def run_parts(args: argparse.Namespace, settings: Settings, parts: tuple[str, ...]) -> int:
+    from httpx import HTTPError
+
+    from bench.inputs import InputLengthError
+    from bench.service_load import NotLoopback
+    from bench.spawn import SpawnError
+    from models.manifest import ManifestError
+
+    sections: dict[str, Any] = {}
+    error = None
+    try:
+        # The service first: the encoders measured afterwards would otherwise share the CPU with it.
+        if "service" in parts:
+            sections["service"] = run_service(args)
+        if "query" in parts:
+            sections["query_encoders"] = run_query_encoders(args, settings)
+        if "indexer" in parts:
+            sections["indexer"] = run_indexer(args, settings)
+    except (BenchSetupError, NotLoopback, SpawnError, InputLengthError, ManifestError, HTTPError) as exc:
+        error = str(exc)
+    except ModuleNotFoundError as exc:
+        error = f"{exc}. Install the indexing and benchmark extras: pip install -e '.[index,bench]'"
+    # What was measured before a failure is still reported and written.
+    status = _report(args, sections) if sections else 0
+    return fail(error) if error is not None else status
+
+
+def _service_options(p: argparse.ArgumentParser) -> None:
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--url", default=DEFAULT_URL, help=f"running service (loopback only; default {DEFAULT_URL})"
+    )
+    target.add_argument(
+        "--spawn", action="store_true", help="start `medsearch serve` for the run, stop it after"
+    )
+    p.add_argument("--pid", type=int, help="service pid for RSS (default: found by the URL's port)")
+    p.add_argument(
+        "--duration", type=_positive_float, default=10.0, help="seconds per concurrency level (default 10)"
+    )
+    p.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="levels (default 1,8,32)")
+    p.add_argument("--top-k", type=_positive_int, default=10)
+    p.add_argument("--timeout", type=_positive_float, default=30.0, help="per-request timeout in seconds")
+    p.add_argument("--warmup", type=int, default=5, help="untimed requests before the first level")
+    p.add_argument(
+        "--ready-timeout", type=_positive_float, default=120.0, help="seconds to wait for a spawned service"
+    )
+
+
+def _query_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--query-lengths", type=_int_list, default=[8, 16, 32, 64], help="tokens (default 8,16,32,64)"
+    )
+    p.add_argument("--repeats", type=_positive_int, default=50, help="timed encodes per length (default 50)")
+    p.add_argument(
+        "--query-warmup",
+        dest="warmup_encodes",
+        type=int,
+        default=5,
+        metavar="N",
+        help="untimed encodes per length",
+    )
+    p.add_argument("--inputs", type=_positive_int, default=4, help="distinct inputs per length (default 4)")
+    p.add_argument("--query-model", action="append", help="query encoder (repeatable; default: all built)")
+    p.add_argument(
+        "--llm", action="append", help="decoder-only encoder run as query encoder (default: all built)"
+    )
+
+
+def _indexer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--doc-lengths", type=_int_list, default=[128, 256], help="tokens (default 128,256)")
+    p.add_argument("--docs", type=_positive_int, default=32, help="documents per length (default 32)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--document-model", action="append", help="document encoder (repeatable; default: all)")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"JSONL corpus (default {DEFAULT_CORPUS})")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--probe-seconds", type=_positive_float, default=3.0, help="matmul peak probe length")
+    p.add_argument("--probe-size", type=_positive_int, default=2048, help="matmul probe matrix size")
+
+
+def add_bench_parser(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: service load, query encoders, indexer")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    commands = {
+        "service": ("load test a running (or --spawn'ed) service", (_service_options,)),
+        "query": ("query-encoder latency by length, with the LLM-as-query ratio", (_query_options,)),
+        "indexer": ("document-encoder throughput and FLOP rate against a matmul peak", (_indexer_options,)),
+        "all": (
+            "service, query and indexer benchmarks in one report",
+            (_service_options, _query_options, _indexer_options),
+        ),
+    }
+    for name, (help_text, option_sets) in commands.items():
+        p = bsub.add_parser(name, help=help_text)
+        for add_options in option_sets:
+            add_options(p)
+        p.add_argument("--results-dir", default=DEFAULT_RESULTS, help=f"default {DEFAULT_RESULTS}")
+        parts = ("service", "query", "indexer") if name == "all" else (name,)
+        p.set_defaults(func=lambda args, settings, parts=parts: run_parts(args, settings, parts))

@@ -1,0 +1,70 @@
+"""The PNG: service latency CDF per concurrency level, and encoder latency by input length."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.query_latency import QueryEncoderBench
+    from bench.report import BenchReport
+    from bench.service_load import ServiceBench
+
+
+def _service_panel(ax: Any, service: ServiceBench) -> None:
+    for level in service.levels:
+        samples = sorted(level.samples_ms)
+        if samples:
+            fractions = [(i + 1) / len(samples) for i in range(len(samples))]
+            ax.step(samples, fractions, where="post", label=f"concurrency {level.concurrency}")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms, log)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("POST /search latency CDF")
+    ax.legend()
+
+
+def _encoder_panel(ax: Any, bench: QueryEncoderBench) -> None:
+    from matplotlib.ticker import ScalarFormatter
+
+    for encoder in bench.encoders:
+        tokens = [x.tokens for x in encoder.lengths]
+        (line,) = ax.plot(
+            tokens, [x.latency.p50_ms for x in encoder.lengths], marker="o", label=f"{encoder.name} p50"
+        )
+        ax.plot(tokens, [x.latency.p95_ms for x in encoder.lengths], linestyle="--", color=line.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({x.tokens for e in bench.encoders for x in e.lengths}))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_yscale("log")
+    ax.set_xlabel("input tokens")
+    ax.set_ylabel("latency (ms, log); dashed: p95")
+    ax.set_title("Encoder latency, batch 1")
+    ax.legend(fontsize="small")
+
+
+def plot_report(report: BenchReport, path: Path) -> bool:
+    """Write the figure to ``path``; False (nothing written) when the run measured no latency."""
+    panels: list[Callable[[Any], None]] = []
+    service, encoders = report.service, report.query_encoders
+    if service is not None and any(level.samples_ms for level in service.levels):
+        panels.append(lambda ax: _service_panel(ax, service))
+    if encoders is not None and encoders.encoders:
+        panels.append(lambda ax: _encoder_panel(ax, encoders))
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, whatever the environment says
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, draw in zip(axes[0], panels, strict=True):
+        draw(ax)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"medsearch bench {report.created:%Y-%m-%d %H:%M} UTC, commit {report.commit}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

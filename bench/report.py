@@ -1,0 +1,164 @@
+"""One benchmark run as a document: JSON (every figure and raw sample), a markdown summary, a PNG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from bench.machine import MachineInfo
+from bench.query_latency import QueryEncoderBench
+from bench.service_load import ServiceBench
+from bench.throughput import IndexerBench
+
+
+class BenchReport(BaseModel):
+    created: datetime
+    commit: str
+    machine: MachineInfo
+    service: ServiceBench | None = None
+    query_encoders: QueryEncoderBench | None = None
+    indexer: IndexerBench | None = None
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    json: Path
+    markdown: Path
+    png: Path | None
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def file_stem(report: BenchReport) -> str:
+    return f"bench-{report.created:%Y%m%d-%H%M%S}-{report.commit}"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def _mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.0f}"
+
+
+def service_table(service: ServiceBench) -> str:
+    info = service.info or {}
+    encoder = (info.get("query_encoder") or {}).get("name", "unknown")
+    lines = [
+        f"### Service load ({service.url}{', spawned' if service.spawned else ''})",
+        "",
+        f"POST /search top_k={service.top_k}, closed loop, {service.duration_s:g} s per level; "
+        f"query encoder `{encoder}`.",
+        "",
+        "| concurrency | requests | errors | req/s | p50 ms | p95 ms | p99 ms | max RSS MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for level in service.levels:
+        lat = level.latency
+        cells = [_ms(lat.p50_ms), _ms(lat.p95_ms), _ms(lat.p99_ms)] if lat else ["-", "-", "-"]
+        lines.append(
+            f"| {level.concurrency} | {level.requests} | {level.errors} | {level.requests_per_s:.1f} | "
+            f"{' | '.join(cells)} | {_mib(level.max_rss_kib)} |"
+        )
+    lines.append("")
+    if service.memory is not None:
+        lines.append(
+            f"Service pid {service.memory.pid}: peak RSS (VmHWM) {_mib(service.memory.hwm_kib)} MiB, "
+            f"highest sampled VmRSS {_mib(service.memory.max_sampled_rss_kib)} MiB."
+        )
+    else:
+        lines.append(f"Service memory not measured: {service.memory_note or 'no pid'}.")
+    return "\n".join(lines)
+
+
+def query_table(bench: QueryEncoderBench) -> str:
+    encoders = bench.encoders
+    lengths = sorted({length.tokens for e in encoders for length in e.lengths})
+    header = ["tokens", *(f"{e.name} p50 / p95 ms" for e in encoders)]
+    pairs = sorted({(r.llm, r.query_encoder) for r in bench.ratios})
+    header += [f"{llm} ÷ {query}" for llm, query in pairs]
+    lines = [
+        "### Query encoders (batch 1)",
+        "",
+        f"Median and p95 of {bench.repeats} encodes after {bench.warmup} warm-up, cycling through "
+        f"{bench.inputs_per_length} inputs of exactly that many tokens per encoder (its own tokenizer, "
+        "specials included). Ratio columns: LLM median ÷ query-encoder median.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---:|" * len(header),
+    ]
+    for tokens in lengths:
+        cells = [str(tokens)]
+        for encoder in encoders:
+            found = next((x for x in encoder.lengths if x.tokens == tokens), None)
+            cells.append(f"{_ms(found.latency.p50_ms)} / {_ms(found.latency.p95_ms)}" if found else "-")
+        for llm, query in pairs:
+            ratio = next(
+                (r for r in bench.ratios if (r.llm, r.query_encoder, r.tokens) == (llm, query, tokens)), None
+            )
+            cells.append(f"{ratio.median_ratio:.1f}×" if ratio else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def indexer_table(bench: IndexerBench) -> str:
+    peak = bench.peak
+    lines = [
+        "### Indexer (document encoders)",
+        "",
+        f"{bench.formula}. Peak: best float32 {peak.size}×{peak.size} matmul on {peak.device} "
+        f"({peak.backend}, {peak.threads} threads) = {peak.peak_gflops:.1f} GFLOP/s.",
+        "",
+        "| encoder | device | tokens | docs | batch | docs/s | tokens/s | P (M) | est. GFLOP/s | % of peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in bench.rows:
+        share = f"{100 * row.fraction_of_peak:.0f}%" if row.fraction_of_peak is not None else "-"
+        lines.append(
+            f"| {row.encoder} | {row.device} | {row.tokens} | {row.documents} | {row.batch_size} | "
+            f"{row.documents_per_s:.1f} | {row.tokens_per_s:.0f} | {row.matmul_params / 1e6:.1f} | "
+            f"{row.estimated_gflops:.1f} | {share} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(report: BenchReport) -> str:
+    m = report.machine
+    versions = ", ".join(f"{k} {v}" for k, v in m.packages.items() if v)
+    parts = [
+        f"## medsearch bench {report.created:%Y-%m-%d %H:%M} UTC, commit {report.commit}",
+        "",
+        f"{m.cpu_model}, {m.cores_usable}/{m.cores_logical} cores usable, {m.ram_gib} GiB RAM, "
+        f"Python {m.python}, {versions}.",
+    ]
+    if report.service is not None:
+        parts += ["", service_table(report.service)]
+    if report.query_encoders is not None:
+        parts += ["", query_table(report.query_encoders)]
+    if report.indexer is not None:
+        parts += ["", indexer_table(report.indexer)]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(report: BenchReport, results_dir: Path) -> ReportFiles:
+    """``bench-<date>-<time>-<commit>.{json,md,png}`` in ``results_dir``; no PNG when the run has no
+    latency to plot."""
+    from bench.plot import plot_report
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / file_stem(report)
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(report.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    md_path = stem.with_suffix(".md")
+    text = markdown(report)
+    md_path.write_text(text, encoding="utf-8")
+    png_path = stem.with_suffix(".png")
+    if not plot_report(report, png_path):
+        return ReportFiles(json=json_path, markdown=md_path, png=None)
+    md_path.write_text(text + f"\n![latency]({png_path.name})\n", encoding="utf-8")
+    return ReportFiles(json=json_path, markdown=md_path, png=png_path)

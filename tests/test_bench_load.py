@@ -1,0 +1,158 @@
+"""The load generator: request and error counts against a loopback server that fails every third
+search, the real app in process, loopback-only targets and the service memory readings."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from bench.queries import QUESTIONS
+from bench.service_load import (
+    NotLoopback,
+    find_pid_by_port,
+    measure_service,
+    read_memory_kib,
+    require_loopback,
+    run_level,
+)
+from bench.spawn import free_port
+from medsearch.settings import Settings
+from service.app import create_app
+from service.state import ServingState
+from store.factory import open_store
+from tests.test_service import COLLECTION, HashEncoder, build_collection
+
+
+class EveryThirdSearchFails:
+    """ASGI app: /search answers 500 on every third call, 200 otherwise; it counts what it saw."""
+
+    def __init__(self) -> None:
+        self.searches = 0
+        self.queries: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        status, payload = 200, b"{}"
+        if scope["path"] == "/search":
+            self.searches += 1
+            self.queries.append(json.loads(body)["query"])
+            status = 500 if self.searches % 3 == 0 else 200
+        elif scope["path"] == "/info":
+            payload = b'{"query_encoder": {"name": "fake"}}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+@contextmanager
+def loopback_server(app: Any) -> Iterator[str]:
+    """``app`` under uvicorn on a free 127.0.0.1 port, in a thread of this process."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+async def test_counts_requests_and_errors_over_loopback() -> None:
+    app = EveryThirdSearchFails()
+    with loopback_server(app) as url:
+        result = await measure_service(url, QUESTIONS, levels=[1, 4], duration_s=0.3, warmup=0)
+    total = sum(level.requests for level in result.levels)
+    assert total == app.searches > 0
+    assert sum(level.errors for level in result.levels) == app.searches // 3
+    first, second = result.levels
+    # Each level counts its own requests; its 500s are exactly the server's every-third failures.
+    assert first.errors == first.requests // 3
+    assert second.errors == (first.requests + second.requests) // 3 - first.requests // 3
+    for level in result.levels:
+        assert level.error_kinds == ({"500": level.errors} if level.errors else {})
+        assert len(level.samples_ms) == level.requests - level.errors
+        assert level.latency is not None and level.latency.count == len(level.samples_ms)
+        assert level.requests_per_s == pytest.approx(level.requests / level.seconds)
+    assert [level.concurrency for level in result.levels] == [1, 4]
+    assert result.info == {"query_encoder": {"name": "fake"}}
+    # The queries rotate through the built-in list (in order while only one worker sends).
+    assert app.queries[: first.requests] == [QUESTIONS[i % len(QUESTIONS)] for i in range(first.requests)]
+    # No --pid: the listener on the port is found (this process), and its memory sampled.
+    assert result.memory is not None
+    assert result.memory.pid == os.getpid()
+    assert result.memory.hwm_kib >= result.memory.max_sampled_rss_kib > 0
+    assert all(level.max_rss_kib for level in result.levels)
+
+
+async def test_unreachable_service_counts_connection_errors() -> None:
+    port = free_port()  # nothing listens there
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+        level = await run_level(client, QUESTIONS, concurrency=2, duration_s=0.1)
+    assert level.requests == level.errors > 0
+    assert set(level.error_kinds) == {"ConnectError"}
+    assert level.latency is None
+
+
+async def test_real_app_in_process_answers_every_request(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, collection=COLLECTION, query_model="hash-query")
+    store = open_store(None, settings.store_path)
+    build_collection(store, HashEncoder())
+    state = ServingState(settings=settings, encoder=HashEncoder(), store=store)
+    app = create_app(settings, state)
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://medsearch") as client,
+        ):
+            level = await run_level(client, QUESTIONS, concurrency=4, duration_s=0.3, top_k=3)
+            metrics = (await client.get("/metrics")).text
+    finally:
+        store.close()
+    assert level.errors == 0
+    assert level.requests == len(level.samples_ms) > 0
+    assert f'medsearch_http_requests_total{{route="/search",status="200"}} {float(level.requests)}' in metrics
+
+
+def test_targets_are_loopback_only() -> None:
+    assert require_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    assert require_loopback("http://localhost:8000") == "http://localhost:8000"
+    assert require_loopback("http://[::1]:8000") == "http://[::1]:8000"
+    for url in ("http://10.0.0.7:8000", "http://example.org", "http://0.0.0.0:8000"):
+        with pytest.raises(NotLoopback):
+            require_loopback(url)
+
+
+def test_memory_readings_come_from_proc() -> None:
+    reading = read_memory_kib(os.getpid())
+    assert reading is not None
+    rss, hwm = reading
+    assert 0 < rss <= hwm
+    assert read_memory_kib(2**22 + 12345) is None  # above pid_max: no such process
+    assert find_pid_by_port(free_port()) is None
