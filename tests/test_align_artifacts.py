@@ -1,0 +1,141 @@
+"""What a run leaves behind: small fp16 deltas, a document encoder rebuilt from base + delta, and a query
+encoder directory, both manifests naming the same new space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from models.align.artifacts import (
+    DeltaMismatchError,
+    build_document_encoder,
+    read_document_delta,
+    save_document_delta,
+    save_query_encoder,
+)
+from models.align.document_side import DocumentSideConfig, DocumentTower
+from models.align.query_side import PROJECTION_FILE, QuerySideConfig, QueryTower
+from models.encoder import load_encoder
+from models.export import export_query_encoder
+from models.manifest import verify_manifest
+from tests.tiny_models import make_tiny_decoder
+
+TEXTS = ["高血压能吃党参吗", "头痛发烧怎么办", "糖尿病人饮食注意什么，水果能吃吗？" * 3, "x"]
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def _trained(model_dir: Path, config: DocumentSideConfig) -> DocumentTower:
+    """A tower whose trainable tensors moved away from the base, as training would move them."""
+    tower = DocumentTower(model_dir, config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in tower.trainable_parameters().values():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return tower
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-qwen"
+    make_tiny_decoder(path, "qwen3")  # hidden 32, like tiny_bert: no projection needed
+    return path
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        DocumentSideConfig(mode="top_layers", trainable_layers=1),
+        DocumentSideConfig(mode="lora", lora_rank=4, lora_alpha=8),
+    ],
+    ids=["top_layers", "lora"],
+)
+def test_base_plus_delta_rebuilds_the_trained_document_encoder(
+    tiny_gemma: Path, tmp_path: Path, config: DocumentSideConfig
+) -> None:
+    tower = _trained(tiny_gemma, config)
+    delta = save_document_delta(tower, tmp_path / "delta.safetensors", name="tiny-gemma-care")
+    assert delta.space.startswith("tiny-gemma-care@")
+
+    meta, tensors = read_document_delta(tmp_path / "delta.safetensors")
+    assert meta == delta
+    assert set(tensors) == set(tower.trainable_parameters())  # trainable tensors only
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+
+    out = tmp_path / "tiny-gemma-care"
+    manifest = build_document_encoder(tiny_gemma, tmp_path / "delta.safetensors", out, progress=_quiet)
+    assert verify_manifest(out) == manifest
+    base = verify_manifest(tiny_gemma)
+    assert (manifest.name, manifest.space, manifest.role) == ("tiny-gemma-care", delta.space, "document")
+    assert manifest.derived_from == base.fingerprint
+    assert (manifest.pooling, manifest.prompt, manifest.dim) == (base.pooling, base.prompt, base.dim)
+    assert "tokenizer.json" in manifest.files
+
+    rebuilt = load_encoder(out, device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(rebuilt, tower.encode(TEXTS).numpy(), atol=2e-3)  # fp16 delta
+    untrained = load_encoder(tiny_gemma, device="cpu").encode(TEXTS)
+    assert np.abs(rebuilt - untrained).max() > 1e-2  # the delta really changed the encoder
+
+
+def test_delta_is_refused_on_other_base_weights(tiny_gemma: Path, tmp_path: Path) -> None:
+    tower = _trained(tiny_gemma, DocumentSideConfig(mode="lora", lora_rank=2))
+    save_document_delta(tower, tmp_path / "delta.safetensors", name="care", space="care-space")
+    other = tmp_path / "other-gemma"
+    make_tiny_decoder(other, "gemma3", seed=7)
+    with pytest.raises(DeltaMismatchError, match="not the tiny-gemma"):
+        build_document_encoder(other, tmp_path / "delta.safetensors", tmp_path / "out", progress=_quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_frozen_document_side_has_no_delta(tiny_gemma: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tiny-llm-space"):
+        save_document_delta(
+            DocumentTower(tiny_gemma, DocumentSideConfig()), tmp_path / "d.safetensors", name="x"
+        )
+
+
+def test_a_plain_safetensors_file_is_not_a_delta(tiny_gemma: Path) -> None:
+    with pytest.raises(ValueError, match="not an alignment delta"):
+        read_document_delta(tiny_gemma / "model.safetensors")
+
+
+def test_query_encoder_directory_with_projection(tiny_bert: Path, tmp_path: Path) -> None:
+    tower = QueryTower(tiny_bert, QuerySideConfig(output_dim=48, task="找答案", max_tokens=40), seed=2)
+    manifest = save_query_encoder(tower, tmp_path / "q", name="tiny-bert-care", space="care-space")
+    assert verify_manifest(tmp_path / "q") == manifest
+    assert (manifest.role, manifest.format, manifest.space) == ("query", "hf", "care-space")
+    assert (manifest.pooling, manifest.dim, manifest.max_tokens) == ("cls", 48, 40)
+    assert manifest.prompt == "<instruct>找答案\n<query>{text}"
+    assert manifest.derived_from == verify_manifest(tiny_bert).fingerprint
+    assert PROJECTION_FILE in manifest.files
+    with safe_open(str(tmp_path / "q" / PROJECTION_FILE), framework="pt") as fh:
+        assert fh.get_tensor("weight").shape == (48, 32)
+
+    reloaded = QueryTower(tmp_path / "q", QuerySideConfig(task="找答案", max_tokens=40))
+    torch.testing.assert_close(reloaded.encode(TEXTS), tower.encode(TEXTS), atol=1e-6, rtol=1e-6)
+
+
+def test_aligned_pair_exports_and_shares_one_space(tiny_bert: Path, tiny_qwen: Path, tmp_path: Path) -> None:
+    document = _trained(tiny_qwen, DocumentSideConfig(mode="top_layers", trainable_layers=1))
+    query = QueryTower(tiny_bert, QuerySideConfig(output_dim=document.dim))
+    delta = save_document_delta(document, tmp_path / "delta.safetensors", name="tiny-qwen-care")
+    doc_manifest = build_document_encoder(
+        tiny_qwen, tmp_path / "delta.safetensors", tmp_path / "docs", progress=_quiet
+    )
+    save_query_encoder(query, tmp_path / "q", name="tiny-bert-care", space=delta.space)
+
+    onnx_manifest = export_query_encoder(tmp_path / "q", tmp_path / "q-onnx", progress=_quiet)
+    assert onnx_manifest.space == doc_manifest.space == delta.space
+    assert (onnx_manifest.role, onnx_manifest.pooling, onnx_manifest.prompt) == (
+        "query",
+        "cls",
+        query.config.prompt(),
+    )
+    onnx_vectors = load_encoder(tmp_path / "q-onnx").encode(TEXTS)
+    np.testing.assert_allclose(onnx_vectors, query.encode(TEXTS).numpy(), atol=1e-5)

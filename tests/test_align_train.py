@@ -1,0 +1,191 @@
+"""The training loop on tiny models: it learns, it is deterministic, and an interrupted run resumes to
+exactly the weights of an uninterrupted one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.align.data import TrainingGroup
+from models.align.document_side import DocumentSideConfig, DocumentTower
+from models.align.losses import info_nce
+from models.align.query_side import QuerySideConfig, QueryTower
+from models.align.train import (
+    CHECKPOINT_FILE,
+    CheckpointMismatchError,
+    TrainConfig,
+    batch_items,
+    stage_one_config,
+    stage_two_config,
+    train_joint,
+    train_query_alignment,
+)
+
+SYMPTOMS = ["头痛", "发烧", "咳嗽", "腹泻", "失眠", "恶心", "便秘", "贫血"]
+GROUPS = [
+    TrainingGroup(
+        query=f"{s}怎么办",
+        positives=(f"{s}的治疗：多休息，按医生说的服药。",),
+        negatives=tuple(f"{o}的症状和检查" for o in SYMPTOMS if o != s)[:4],
+        prompt="找答案" if i % 2 else None,
+    )
+    for i, s in enumerate(SYMPTOMS)
+]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _towers(bert: Path, gemma: Path, seed: int = 0) -> tuple[QueryTower, DocumentTower]:
+    document = DocumentTower(
+        gemma, DocumentSideConfig(mode="top_layers", trainable_layers=1, cache_lower_states=True)
+    )
+    query = QueryTower(bert, QuerySideConfig(output_dim=document.dim), seed=seed)
+    return query, document
+
+
+def _stage_two(steps: int, **overrides: object) -> TrainConfig:
+    settings: dict[str, object] = {
+        "batch_size": 3,
+        "negatives_per_group": 2,
+        "checkpoint_every": 2,
+        "query_lr": 1e-3,
+        "projection_lr": 1e-3,
+        "document_lr": 1e-3,
+    }
+    return stage_two_config(steps, **{**settings, **overrides})
+
+
+def _weights(query: QueryTower, document: DocumentTower) -> dict[str, torch.Tensor]:
+    return {
+        **{f"q.{k}": v for k, v in query.trainable_state().items()},
+        **{f"d.{k}": v for k, v in document.trainable_state().items()},
+    }
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+def test_batches_cover_every_item_once_per_epoch() -> None:
+    epoch = [i for step in range(3) for i in batch_items(7, step, 10, 3)]
+    assert len(set(epoch)) == 9  # 3 full batches; the incomplete one is dropped
+    assert batch_items(7, 0, 10, 3) == batch_items(7, 0, 10, 3)
+    assert batch_items(7, 3, 10, 3) != batch_items(7, 0, 10, 3)  # a new permutation next epoch
+    with pytest.raises(ValueError, match="cannot fill"):
+        batch_items(0, 0, 2, 3)
+
+
+def test_stage_one_pulls_queries_onto_their_document_vectors(tiny_bert: Path, tiny_gemma: Path) -> None:
+    document = DocumentTower(tiny_gemma, DocumentSideConfig())
+    texts = [g.positives[0] for g in GROUPS]
+    targets = document.encode(texts)
+    query = QueryTower(tiny_bert, QuerySideConfig(output_dim=document.dim))
+
+    def mean_cosine() -> float:
+        return float((query.encode(texts) * targets).sum(dim=-1).mean())
+
+    before = mean_cosine()
+    config = stage_one_config(30, batch_size=4, query_lr=1e-3, projection_lr=1e-2)
+    result = train_query_alignment(query, texts, targets, config, progress=False)
+    assert result.steps == 30 and len(result.losses) == 30
+    assert mean_cosine() > before + 0.2
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+
+
+def test_stage_one_checks_its_inputs(tiny_bert: Path) -> None:
+    query = QueryTower(tiny_bert, QuerySideConfig())
+    with pytest.raises(ValueError, match="set output_dim"):
+        train_query_alignment(query, ["a", "b"], torch.zeros(2, 48), stage_one_config(1, batch_size=2))
+    with pytest.raises(ValueError, match="query_alignment config"):
+        train_query_alignment(query, ["a", "b"], torch.zeros(2, 32), _stage_two(1))
+
+
+def test_stage_two_trains_both_sides(tiny_bert: Path, tiny_gemma: Path) -> None:
+    query, document = _towers(tiny_bert, tiny_gemma)
+    before = _weights(query, document)
+    result = train_joint(query, document, GROUPS, _stage_two(4), progress=False)
+    after = _weights(query, document)
+    assert result.steps == 4
+    assert all(v > 0 for v in result.losses)
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"q", "d"}
+    assert not query.training  # left in eval mode
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny_bert: Path, tiny_gemma: Path) -> None:
+    runs = []
+    for seed in (0, 0, 1):
+        query, document = _towers(tiny_bert, tiny_gemma)
+        train_joint(query, document, GROUPS, _stage_two(3, seed=seed), progress=False)
+        runs.append(_weights(query, document))
+    _assert_same(runs[0], runs[1])
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_interrupted_run_resumes_to_identical_weights(
+    tiny_bert: Path, tiny_gemma: Path, tmp_path: Path
+) -> None:
+    config = _stage_two(6)  # checkpoints after steps 2, 4 and 6; query-side dropout is on
+    query, document = _towers(tiny_bert, tiny_gemma)
+    straight = train_joint(query, document, GROUPS, config, progress=False)
+    expected = _weights(query, document)
+
+    def stop_after_five(steps: int, _loss: float) -> None:
+        if steps == 5:
+            raise Interrupted
+
+    query, document = _towers(tiny_bert, tiny_gemma)
+    with pytest.raises(Interrupted):
+        train_joint(
+            query, document, GROUPS, config, checkpoint_dir=tmp_path, progress=False, on_step=stop_after_five
+        )
+
+    query, document = _towers(tiny_bert, tiny_gemma)  # a fresh process: base weights again
+    resumed = train_joint(query, document, GROUPS, config, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.resumed_from == 4  # step 5 was lost with the interruption and is redone
+    assert resumed.losses == straight.losses[4:]
+    _assert_same(_weights(query, document), expected)
+
+    query, document = _towers(tiny_bert, tiny_gemma)
+    done = train_joint(query, document, GROUPS, config, checkpoint_dir=tmp_path, progress=False)
+    assert (done.resumed_from, done.losses) == (6, [])  # finished: nothing to run, weights restored
+    _assert_same(_weights(query, document), expected)
+
+
+def test_a_checkpoint_of_another_run_is_refused(tiny_bert: Path, tiny_gemma: Path, tmp_path: Path) -> None:
+    query, document = _towers(tiny_bert, tiny_gemma)
+    train_joint(query, document, GROUPS, _stage_two(2), checkpoint_dir=tmp_path, progress=False)
+    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    with pytest.raises(CheckpointMismatchError, match="other config"):
+        train_joint(query, document, GROUPS, _stage_two(2, seed=5), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(CheckpointMismatchError, match="other data"):
+        train_joint(query, document, GROUPS[:-1], _stage_two(2), checkpoint_dir=tmp_path, progress=False)
+
+
+def test_a_copy_of_the_positive_is_not_a_negative(tiny_bert: Path, tiny_gemma: Path) -> None:
+    # Each group's only negative is its own positive again: it must not be counted against the query.
+    same = [TrainingGroup(query=f"{s}?", positives=(f"{s}!",), negatives=(f"{s}!",)) for s in SYMPTOMS[:2]]
+    query, document = _towers(tiny_bert, tiny_gemma)
+    config = _stage_two(1, batch_size=2, negatives_per_group=1)
+    items = batch_items(config.seed, 0, len(same), 2)
+    docs = [d for i in items for d in (same[i].positives[0], same[i].negatives[0])]
+
+    torch.manual_seed(config.seed)  # the loop seeds the query side's dropout the same way
+    query.train()
+    with torch.no_grad():
+        vectors = query.embed([same[i].query for i in items])
+        doc_vectors = document.embed(docs)
+    positives = torch.tensor([0, 2])
+    copies = torch.tensor([[False, True, False, False], [False, False, False, True]])
+    expected = info_nce(vectors, doc_vectors, positives, config.temperature, copies)
+    counted = info_nce(vectors, doc_vectors, positives, config.temperature)
+
+    result = train_joint(query, document, same, config, progress=False)
+    assert result.losses[0] == pytest.approx(expected.item(), rel=1e-5)
+    assert result.losses[0] < counted.item()
