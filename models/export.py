@@ -22,6 +22,7 @@ from models.hf_loading import load_hf_model
 from models.manifest import ModelManifest, Pooling, fingerprint_of, hash_files, read_manifest, write_manifest
 from models.onnx_encoder import ONNX_FILE, OUTPUT_NAME, TOKENIZER_FILE, OnnxEncoder
 from models.pooling import finish, pool
+from models.projection import load_projection
 
 PARITY_TEXTS: tuple[str, ...] = (
     "高血压能吃党参吗",
@@ -43,9 +44,17 @@ class ExportParityError(RuntimeError):
 class _PooledEncoder(torch.nn.Module):
     """The source model plus pooling and normalization, traced into one graph."""
 
-    def __init__(self, model: torch.nn.Module, pooling: Pooling, dim: int, normalize: bool) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pooling: Pooling,
+        dim: int,
+        normalize: bool,
+        projection: torch.nn.Linear | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
+        self.projection = projection
         self.pooling: Pooling = pooling
         self.dim = dim
         self.normalize = normalize
@@ -57,7 +66,10 @@ class _PooledEncoder(torch.nn.Module):
         if self._takes_token_types:
             kwargs["token_type_ids"] = torch.zeros_like(input_ids)
         hidden = self.model(**kwargs).last_hidden_state
-        return finish(pool(hidden, attention_mask, self.pooling), self.dim, self.normalize)
+        pooled = pool(hidden, attention_mask, self.pooling)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        return finish(pooled, self.dim, self.normalize)
 
 
 def min_row_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,7 +142,9 @@ def export_query_encoder(
         hf_tokenizer = AutoTokenizer.from_pretrained(src_dir)
         hf_tokenizer.backend_tokenizer.save(str(work / TOKENIZER_FILE))
         model = load_hf_model(src_dir, attn_implementation="eager")
-        wrapper = _PooledEncoder(model, manifest.pooling, manifest.dim, manifest.normalize).eval()
+        # An aligned encoder may carry a projection into a wider document space (models.projection).
+        projection = load_projection(src_dir)
+        wrapper = _PooledEncoder(model, manifest.pooling, manifest.dim, manifest.normalize, projection).eval()
 
         # Rows of different lengths, so the traced graph sees padding and keeps dynamic axes honest.
         example = hf_tokenizer(["一个例子 example", "x"], padding=True, return_tensors="pt")

@@ -18,10 +18,11 @@ from models.align.artifacts import (
     save_query_encoder,
 )
 from models.align.document_side import DocumentSideConfig, DocumentTower
-from models.align.query_side import PROJECTION_FILE, QuerySideConfig, QueryTower
+from models.align.query_side import QuerySideConfig, QueryTower
 from models.encoder import load_encoder
 from models.export import export_query_encoder
 from models.manifest import verify_manifest
+from models.projection import PROJECTION_FILE
 from tests.tiny_models import make_tiny_decoder
 
 TEXTS = ["高血压能吃党参吗", "头痛发烧怎么办", "糖尿病人饮食注意什么，水果能吃吗？" * 3, "x"]
@@ -83,6 +84,28 @@ def test_base_plus_delta_rebuilds_the_trained_document_encoder(
     assert np.abs(rebuilt - untrained).max() > 1e-2  # the delta really changed the encoder
 
 
+def test_truncated_document_side_keeps_its_dim_through_the_delta(tiny_gemma: Path, tmp_path: Path) -> None:
+    # Keeping the first N dims lets a decoder share the space of a narrower query encoder.
+    full_dim = verify_manifest(tiny_gemma).dim
+    tower = _trained(tiny_gemma, DocumentSideConfig(mode="top_layers", trainable_layers=1, output_dim=16))
+    vectors = tower.encode(TEXTS)
+    assert vectors.shape == (len(TEXTS), 16)
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(len(TEXTS)))
+
+    delta = save_document_delta(tower, tmp_path / "delta.safetensors", name="tiny-gemma-16")
+    assert delta.dim == 16
+    manifest = build_document_encoder(
+        tiny_gemma, tmp_path / "delta.safetensors", tmp_path / "d", progress=_quiet
+    )
+    assert manifest.dim == 16
+    np.testing.assert_allclose(
+        load_encoder(tmp_path / "d", device="cpu").encode(TEXTS), vectors.numpy(), atol=2e-3
+    )
+
+    with pytest.raises(ValueError, match="exceeds"):
+        DocumentTower(tiny_gemma, DocumentSideConfig(output_dim=full_dim + 1))
+
+
 def test_delta_is_refused_on_other_base_weights(tiny_gemma: Path, tmp_path: Path) -> None:
     tower = _trained(tiny_gemma, DocumentSideConfig(mode="lora", lora_rank=2))
     save_document_delta(tower, tmp_path / "delta.safetensors", name="care", space="care-space")
@@ -119,6 +142,12 @@ def test_query_encoder_directory_with_projection(tiny_bert: Path, tmp_path: Path
 
     reloaded = QueryTower(tmp_path / "q", QuerySideConfig(task="找答案", max_tokens=40))
     torch.testing.assert_close(reloaded.encode(TEXTS), tower.encode(TEXTS), atol=1e-6, rtol=1e-6)
+
+    # The export bakes the projection into the graph: 48-d vectors equal to the tower's.
+    exported = export_query_encoder(tmp_path / "q", tmp_path / "q-onnx", progress=_quiet)
+    assert (exported.dim, exported.space) == (48, "care-space")
+    onnx_vectors = load_encoder(tmp_path / "q-onnx").encode(TEXTS)
+    np.testing.assert_allclose(onnx_vectors, tower.encode(TEXTS).numpy(), atol=1e-5)
 
 
 def test_aligned_pair_exports_and_shares_one_space(tiny_bert: Path, tiny_qwen: Path, tmp_path: Path) -> None:

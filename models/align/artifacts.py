@@ -27,9 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from models.align.document_side import DocumentTower
 from models.align.lora import merge_lora
-from models.align.query_side import QueryTower, save_projection
+from models.align.query_side import QueryTower
 from models.hf_loading import load_hf_model
 from models.manifest import MANIFEST_FILE, ModelManifest, verify_manifest, write_manifest
+from models.projection import save_projection
 
 DELTA_METADATA_KEY = "medsearch.align_delta"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json")
@@ -53,6 +54,7 @@ class DocumentDelta(BaseModel):
     base_fingerprint: str
     base_tensors_sha256: str  # over the base tensors the delta changes, so unrelated files may differ
     trained_max_tokens: int
+    dim: int  # output dimension the document side was trained at (the first N of the hidden state)
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -81,6 +83,7 @@ def save_document_delta(
         base_fingerprint=tower.base_manifest.fingerprint,
         base_tensors_sha256=tensors_digest(tower.base_values()),
         trained_max_tokens=tower.manifest.max_tokens,
+        dim=tower.dim,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
@@ -176,6 +179,7 @@ def build_document_encoder(
             update={
                 "name": delta.name,
                 "space": delta.space,
+                "dim": delta.dim,
                 "source": f"{base.name} ({base.fingerprint[:12]}) + alignment delta {delta_path.name} "
                 f"({digest[:12]})",
                 "derived_from": base.fingerprint,

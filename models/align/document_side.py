@@ -47,6 +47,12 @@ class DocumentSideConfig(BaseModel):
     max_tokens: int | None = Field(
         default=None, gt=0, description="Training truncation (manifest's if None)."
     )
+    output_dim: int | None = Field(
+        default=None,
+        gt=0,
+        description="Keep the first N dimensions (Matryoshka-style truncation; manifest's if None), "
+        "e.g. to share a space with a smaller query encoder without a projection.",
+    )
 
 
 class _Passthrough(nn.Module):
@@ -88,7 +94,10 @@ class DocumentTower:
         self.model_dir = model_dir
         self.config = config
         self.base_manifest = base
-        manifest = base.model_copy(update={"max_tokens": config.max_tokens}) if config.max_tokens else base
+        if config.output_dim is not None and config.output_dim > base.dim:
+            raise ValueError(f"output_dim {config.output_dim} exceeds {base.name}'s dim {base.dim}")
+        overrides = {"max_tokens": config.max_tokens, "dim": config.output_dim}
+        manifest = base.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         self.encoder = HFEncoder(model_dir, manifest, threads=threads, device="cpu")
         self.model: Any = self.encoder.model
         self.model.requires_grad_(False)

@@ -15,18 +15,17 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer
 
 from models.hf_loading import load_hf_model
 from models.manifest import MANIFEST_FILE, ModelManifest, read_manifest
 from models.pooling import finish, pool
+from models.projection import load_projection
 
 CARE_TEMPLATE = "<instruct>{task}\n<query>{text}"
 # CARE's retrieval instruction (its stage-II MedTEB retrieval data uses this prompt).
 DEFAULT_TASK = "Given a Chinese medical question, retrieve medical documents that answer the question."
-PROJECTION_FILE = "projection.safetensors"
 
 
 class QuerySideConfig(BaseModel):
@@ -46,22 +45,6 @@ class QuerySideConfig(BaseModel):
         if "{text}" not in self.template:
             raise ValueError("the query template must hold {text}")
         return self.template.replace("{task}", task or self.task)
-
-
-def load_projection(model_dir: Path) -> nn.Linear | None:
-    """The projection saved beside the HF weights of an aligned query encoder, if there is one."""
-    path = model_dir / PROJECTION_FILE
-    if not path.is_file():
-        return None
-    weight = load_file(str(path))["weight"].float()
-    projection = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    with torch.no_grad():
-        projection.weight.copy_(weight)
-    return projection
-
-
-def save_projection(projection: nn.Linear, model_dir: Path) -> None:
-    save_file({"weight": projection.weight.detach().float().contiguous()}, str(model_dir / PROJECTION_FILE))
 
 
 class QueryTower(nn.Module):
