@@ -17,8 +17,10 @@ from models.align.train import (
     CheckpointMismatchError,
     TrainConfig,
     batch_items,
+    distillation_config,
     stage_one_config,
     stage_two_config,
+    train_document_distillation,
     train_joint,
     train_query_alignment,
 )
@@ -104,6 +106,53 @@ def test_stage_one_checks_its_inputs(tiny_bert: Path) -> None:
         train_query_alignment(query, ["a", "b"], torch.zeros(2, 48), stage_one_config(1, batch_size=2))
     with pytest.raises(ValueError, match="query_alignment config"):
         train_query_alignment(query, ["a", "b"], torch.zeros(2, 32), _stage_two(1))
+
+
+def test_distillation_pulls_document_vectors_onto_a_teachers(
+    tiny_bert: Path, tiny_gemma: Path, tmp_path: Path
+) -> None:
+    # The warm start for a base LLM: its (truncated) document vectors learn a small embedder's.
+    texts = [g.positives[0] for g in GROUPS] + [g.query for g in GROUPS]
+    teacher = QueryTower(tiny_bert, QuerySideConfig(template="{text}", pooling="mean")).encode(texts)
+    config = DocumentSideConfig(
+        mode="top_layers", trainable_layers=1, cache_lower_states=True, output_dim=teacher.shape[1]
+    )
+    document = DocumentTower(tiny_gemma, config)
+
+    def mean_cosine() -> float:
+        return float((document.encode(texts) * teacher).sum(dim=-1).mean())
+
+    before = mean_cosine()
+    settings = distillation_config(40, batch_size=8, document_lr=3e-3, checkpoint_every=10)
+    result = train_document_distillation(document, texts, teacher, settings, progress=False)
+    assert result.steps == 40
+    assert mean_cosine() > before + 0.2
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+
+    # Resumable like the other stages: interrupted after step 25, resumed from the step-20 checkpoint,
+    # it ends on exactly the weights of the uninterrupted run above.
+    def stop_after_25(steps: int, _loss: float) -> None:
+        if steps == 25:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_document_distillation(
+            DocumentTower(tiny_gemma, config),
+            texts,
+            teacher,
+            settings,
+            progress=False,
+            checkpoint_dir=tmp_path,
+            on_step=stop_after_25,
+        )
+    resumed = DocumentTower(tiny_gemma, config)
+    again = train_document_distillation(
+        resumed, texts, teacher, settings, progress=False, checkpoint_dir=tmp_path
+    )
+    assert again.resumed_from == 20 and again.losses == result.losses[20:]
+    _assert_same(resumed.trainable_state(), document.trainable_state())
+    with pytest.raises(ValueError, match="document_distillation config"):
+        train_document_distillation(document, texts, teacher, _stage_two(1), progress=False)
 
 
 def test_stage_two_trains_both_sides(tiny_bert: Path, tiny_gemma: Path) -> None:

@@ -28,7 +28,7 @@ from models.align.losses import embedding_mse, group_positive_index, info_nce
 from models.align.query_side import QueryTower
 
 CHECKPOINT_FILE = "checkpoint.pt"
-Stage = Literal["query_alignment", "joint"]
+Stage = Literal["document_distillation", "query_alignment", "joint"]
 StepCallback = Callable[[int, float], None]  # (steps done, loss of the last step)
 
 
@@ -54,6 +54,13 @@ class TrainConfig(BaseModel):
 def stage_one_config(steps: int, **overrides: Any) -> TrainConfig:
     """CARE stage I: InfoNCE at temperature 0.1 plus MSE, document side frozen."""
     return TrainConfig(stage="query_alignment", steps=steps, temperature=0.1, mse_weight=1.0, **overrides)
+
+
+def distillation_config(steps: int, **overrides: Any) -> TrainConfig:
+    """Warm start of the document side: its vectors pulled onto a teacher's (InfoNCE at 0.05 + MSE)."""
+    return TrainConfig(
+        stage="document_distillation", steps=steps, temperature=0.05, mse_weight=1.0, **overrides
+    )
 
 
 def stage_two_config(steps: int, **overrides: Any) -> TrainConfig:
@@ -87,11 +94,11 @@ def _fingerprint(payload: object) -> str:
 
 
 def _optimizer(
-    config: TrainConfig, query: QueryTower, document: DocumentTower | None
+    config: TrainConfig, query: QueryTower | None, document: DocumentTower | None
 ) -> torch.optim.Optimizer:
     """AdamW with one learning rate per part; no weight decay on biases and norm scales."""
     named: dict[str, list[tuple[str, torch.nn.Parameter]]] = {"query": [], "projection": [], "document": []}
-    for name, param in query.trainable_parameters().items():
+    for name, param in (query.trainable_parameters() if query is not None else {}).items():
         named["projection" if name.startswith("projection.") else "query"].append((name, param))
     if document is not None:
         named["document"] = list(document.trainable_parameters().items())
@@ -125,7 +132,7 @@ def _schedule(config: TrainConfig) -> Callable[[int], float]:
 
 def _run(
     config: TrainConfig,
-    query: QueryTower,
+    query: QueryTower | None,
     document: DocumentTower | None,
     n_items: int,
     step_loss: Callable[[int, list[int]], torch.Tensor],
@@ -147,7 +154,8 @@ def _run(
         torch.manual_seed(config.seed)
     result = TrainResult(steps=start, resumed_from=start)
 
-    query.train()  # dropout on, as in any fine-tuning; the document side has none and stays in eval
+    if query is not None:
+        query.train()  # dropout on, as in any fine-tuning; the document side has none and stays in eval
     bar = tqdm(total=config.steps, initial=start, desc=config.stage, unit="step", disable=not progress)
     try:
         for step in range(start, config.steps):
@@ -171,7 +179,8 @@ def _run(
                 on_step(result.steps, value)
     finally:
         bar.close()
-        query.eval()
+        if query is not None:
+            query.eval()
     return result
 
 
@@ -179,7 +188,7 @@ def _save(
     path: Path,
     identity: dict[str, str],
     step: int,
-    query: QueryTower,
+    query: QueryTower | None,
     document: DocumentTower | None,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -187,7 +196,7 @@ def _save(
     state = {
         **identity,
         "step": step,
-        "query": query.trainable_state(),
+        "query": query.trainable_state() if query is not None else {},
         "document": document.trainable_state() if document is not None else {},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -202,7 +211,7 @@ def _save(
 def _restore(
     path: Path,
     identity: dict[str, str],
-    query: QueryTower,
+    query: QueryTower | None,
     document: DocumentTower | None,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -214,13 +223,49 @@ def _restore(
                 f"{path} was written by a run with other {key}; resume with the same settings or "
                 "use another checkpoint directory"
             )
-    query.load_trainable_state(state["query"])
+    if query is not None:
+        query.load_trainable_state(state["query"])
     if document is not None:
         document.load_trainable_state(state["document"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
+
+
+def _unit_targets(texts: Sequence[str], targets: torch.Tensor, dim: int) -> torch.Tensor:
+    if len(texts) != len(targets) or targets.ndim != 2:
+        raise ValueError("targets must be one (dim,) row per text")
+    if targets.shape[1] != dim:
+        raise ValueError(f"targets have dim {targets.shape[1]}, the trained side {dim}: set output_dim")
+    return F.normalize(targets.float(), dim=-1)
+
+
+def train_document_distillation(
+    document: DocumentTower,
+    texts: Sequence[str],
+    targets: torch.Tensor,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Warm start for a document side that is not an embedder yet (a base LLM): each text's vector
+    is pulled onto a teacher's vector of the same text (``targets``, e.g. a small embedder's document
+    vectors), the batch's other texts pushed away. The query side is untouched."""
+    if config.stage != "document_distillation":
+        raise ValueError("train_document_distillation needs a document_distillation config")
+    unit = _unit_targets(texts, targets, document.dim)
+    fingerprint = _fingerprint([list(texts), hashlib.sha256(unit.numpy().tobytes()).hexdigest()])
+
+    def step_loss(_step: int, items: list[int]) -> torch.Tensor:
+        vectors = document.embed([texts[i] for i in items])
+        wanted = unit[items]
+        loss = info_nce(vectors, wanted, torch.arange(len(items)), config.temperature)
+        return loss + config.mse_weight * embedding_mse(vectors, wanted)
+
+    return _run(config, None, document, len(texts), step_loss, fingerprint, checkpoint_dir, progress, on_step)
 
 
 def train_query_alignment(
@@ -237,11 +282,7 @@ def train_query_alignment(
     document side); the other texts of the batch are its negatives."""
     if config.stage != "query_alignment":
         raise ValueError("train_query_alignment needs a query_alignment config")
-    if len(texts) != len(targets) or targets.ndim != 2:
-        raise ValueError("targets must be one (dim,) row per text")
-    if targets.shape[1] != query.dim:
-        raise ValueError(f"targets have dim {targets.shape[1]}, the query side {query.dim}: set output_dim")
-    unit = F.normalize(targets.float(), dim=-1)
+    unit = _unit_targets(texts, targets, query.dim)
     fingerprint = _fingerprint([list(texts), hashlib.sha256(unit.numpy().tobytes()).hexdigest()])
 
     def step_loss(_step: int, items: list[int]) -> torch.Tensor:
