@@ -3,6 +3,7 @@ encoder directory, both manifests naming the same new space."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +14,18 @@ from safetensors import safe_open
 from models.align.artifacts import (
     DeltaMismatchError,
     build_document_encoder,
+    build_query_encoder,
     read_document_delta,
+    read_query_delta,
     save_document_delta,
+    save_query_delta,
     save_query_encoder,
 )
 from models.align.document_side import DocumentSideConfig, DocumentTower
 from models.align.query_side import QuerySideConfig, QueryTower
 from models.encoder import load_encoder
 from models.export import export_query_encoder
-from models.manifest import verify_manifest
+from models.manifest import read_manifest, verify_manifest, write_manifest
 from models.projection import PROJECTION_FILE
 from tests.tiny_models import make_tiny_decoder
 
@@ -168,3 +172,41 @@ def test_aligned_pair_exports_and_shares_one_space(tiny_bert: Path, tiny_qwen: P
     )
     onnx_vectors = load_encoder(tmp_path / "q-onnx").encode(TEXTS)
     np.testing.assert_allclose(onnx_vectors, query.encode(TEXTS).numpy(), atol=1e-5)
+
+
+def test_query_delta_rebuilds_the_trained_query_encoder(tiny_bert: Path, tmp_path: Path) -> None:
+    config = QuerySideConfig(output_dim=48, trainable_layers=1, task="找答案", max_tokens=40)
+    tower = QueryTower(tiny_bert, config, seed=3)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in tower.trainable_parameters().values():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    delta = save_query_delta(tower, tmp_path / "q.safetensors", name="tiny-bert-care", space="care-space")
+    meta, tensors = read_query_delta(tmp_path / "q.safetensors")
+    assert meta == delta
+    # Only the top layer and the projection travel: lower layers and embeddings stay the base's.
+    layers = {key.split(".")[3] for key in tensors if key.startswith("model.encoder.layer.")}
+    assert layers == {str(tower.model.config.num_hidden_layers - 1)}
+    assert "projection.weight" in tensors and not any("embeddings" in key for key in tensors)
+
+    manifest = build_query_encoder(tiny_bert, tmp_path / "q.safetensors", tmp_path / "q", progress=_quiet)
+    assert (manifest.name, manifest.space, manifest.dim, manifest.role) == (
+        "tiny-bert-care",
+        "care-space",
+        48,
+        "query",
+    )
+    rebuilt = QueryTower(tmp_path / "q", QuerySideConfig(task="找答案", max_tokens=40))
+    torch.testing.assert_close(rebuilt.encode(TEXTS), tower.encode(TEXTS), atol=2e-3, rtol=0)  # fp16
+    untrained = QueryTower(tiny_bert, config, seed=3)
+    assert (rebuilt.encode(TEXTS) - untrained.encode(TEXTS)).abs().max() > 1e-2
+
+    other = tmp_path / "other-bert"
+    shutil.copytree(tiny_bert, other)
+    changed = QueryTower(other, QuerySideConfig())
+    with torch.no_grad():
+        next(iter(changed.model.encoder.layer[-1].parameters())).add_(1.0)
+    changed.model.save_pretrained(other, safe_serialization=True)
+    write_manifest(other, read_manifest(other))
+    with pytest.raises(DeltaMismatchError, match="not the"):
+        build_query_encoder(other, tmp_path / "q.safetensors", tmp_path / "q2", progress=_quiet)

@@ -27,12 +27,13 @@ from safetensors.torch import load_file, save_file
 
 from models.align.document_side import DocumentTower
 from models.align.lora import merge_lora
-from models.align.query_side import QueryTower
+from models.align.query_side import QuerySideConfig, QueryTower
 from models.hf_loading import load_hf_model
 from models.manifest import MANIFEST_FILE, ModelManifest, verify_manifest, write_manifest
 from models.projection import save_projection
 
 DELTA_METADATA_KEY = "medsearch.align_delta"
+QUERY_DELTA_METADATA_KEY = "medsearch.align_query_delta"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json")
 
 
@@ -224,3 +225,94 @@ def save_query_encoder(
         return write_manifest(work, manifest)
 
     return _build(out_dir, write)
+
+
+class QueryDelta(BaseModel):
+    """Everything needed to rebuild the trained query encoder from its base, except the tensors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: Literal[1] = 1
+    name: str
+    space: str
+    config: QuerySideConfig
+    task: str | None = None
+    base_name: str
+    base_fingerprint: str
+    base_tensors_sha256: str
+
+
+_PROJECTION_KEY = "projection.weight"
+
+
+def save_query_delta(
+    tower: QueryTower, path: Path, *, name: str, space: str, task: str | None = None
+) -> QueryDelta:
+    """Write the trained query side as fp16 trained-minus-base tensors plus the projection, small
+    enough to commit; ``build_query_encoder`` applies it to the same base weights."""
+    if tower.source is None:
+        raise ValueError(f"{tower.model_dir}: the query base needs a manifest (build it with medsearch)")
+    base = tower.base_values()
+    trained = {
+        key.removeprefix("model."): value
+        for key, value in tower.trainable_state().items()
+        if key.startswith("model.")
+    }
+    tensors = {f"model.{k}": (v - base[k]).half().contiguous() for k, v in trained.items()}
+    if tower.projection is not None:
+        tensors[_PROJECTION_KEY] = tower.projection.weight.detach().half().contiguous()
+    delta = QueryDelta(
+        name=name,
+        space=space,
+        config=tower.config,
+        task=task,
+        base_name=tower.source.name,
+        base_fingerprint=tower.source.fingerprint,
+        base_tensors_sha256=tensors_digest(base),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata={QUERY_DELTA_METADATA_KEY: delta.model_dump_json()})
+    os.replace(partial, path)
+    return delta
+
+
+def read_query_delta(path: Path) -> tuple[QueryDelta, dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = (fh.metadata() or {}).get(QUERY_DELTA_METADATA_KEY)
+    if metadata is None:
+        raise ValueError(f"{path} is not a query alignment delta (no {QUERY_DELTA_METADATA_KEY!r} metadata)")
+    return QueryDelta.model_validate_json(metadata), load_file(str(path))
+
+
+def build_query_encoder(
+    base_dir: Path, delta_path: Path, out_dir: Path, *, progress: Callable[[str], None] = print
+) -> ModelManifest:
+    """Base weights + query delta -> the trained query encoder as an HF directory (+ projection) in
+    the delta's space, ready for ``models.export.export_query_encoder``."""
+    verify_manifest(base_dir)
+    delta, tensors = read_query_delta(delta_path)
+    progress(f"align: applying {delta_path.name} ({len(tensors)} tensors) to {delta.base_name}")
+    tower = QueryTower(base_dir, delta.config)
+    if tensors_digest(tower.base_values()) != delta.base_tensors_sha256:
+        raise DeltaMismatchError(
+            f"these base weights are not the {delta.base_name} ({delta.base_fingerprint[:12]}) "
+            "the query delta was trained on"
+        )
+    params = dict(tower.model.named_parameters())
+    unknown = [k for k in tensors if k != _PROJECTION_KEY and k.removeprefix("model.") not in params]
+    if unknown:
+        raise DeltaMismatchError(f"the base model has no {unknown[0]!r}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key == _PROJECTION_KEY:
+                if tower.projection is None or tower.projection.weight.shape != value.shape:
+                    raise DeltaMismatchError(
+                        f"{delta_path}: projection of shape {tuple(value.shape)} unexpected"
+                    )
+                tower.projection.weight.copy_(value.float())
+            else:
+                params[key.removeprefix("model.")].add_(value.float())
+    manifest = save_query_encoder(tower, out_dir, name=delta.name, space=delta.space, task=delta.task)
+    progress(f"align: {out_dir} ready, space {manifest.space!r}")
+    return manifest

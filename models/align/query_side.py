@@ -39,6 +39,12 @@ class QuerySideConfig(BaseModel):
     freeze_embeddings: bool = Field(
         default=True, description="Keep the word-embedding table fixed (most of a multilingual BERT's size)."
     )
+    trainable_layers: int | None = Field(
+        default=None,
+        gt=0,
+        description="Train only the top N encoder layers (and the projection); None: every layer. "
+        "Keeps the shipped delta small.",
+    )
 
     def prompt(self, task: str | None = None) -> str:
         """The manifest prompt for ``task``: the template with the instruction filled in."""
@@ -75,6 +81,15 @@ class QueryTower(nn.Module):
             )
         if config.freeze_embeddings:
             self.model.get_input_embeddings().requires_grad_(False)
+        if config.trainable_layers is not None:
+            layers = self.model.encoder.layer  # BERT-family layout (BERT, XLM-R)
+            self.model.requires_grad_(False)
+            for layer in layers[max(0, len(layers) - config.trainable_layers) :]:
+                layer.requires_grad_(True)
+        # What a delta is measured against: the weights as loaded, before any training.
+        self._base_values = {
+            name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad
+        }
         self.max_tokens = config.max_tokens or (self.source.max_tokens if self.source else 512)
 
     @property
@@ -96,6 +111,10 @@ class QueryTower(nn.Module):
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value)
+
+    def base_values(self) -> dict[str, torch.Tensor]:
+        """The loaded model's tensors that training changes (projection excluded), by model name."""
+        return dict(self._base_values)
 
     def render(self, texts: Sequence[str], tasks: Sequence[str | None] | None = None) -> list[str]:
         tasks = tasks if tasks is not None else [None] * len(texts)
