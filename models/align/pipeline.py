@@ -1,0 +1,370 @@
+"""One alignment run, from a recipe to servable encoders: `medsearch models align` drives this.
+
+Phases, each resumable from its own checkpoint directory under the run's work directory:
+
+1. corpus pass: the document side over every corpus document (fills the lower-state cache, saved so
+   a rerun skips it);
+2. distillation (optional warm start): the document side learns a teacher embedder's document vectors;
+3. stage I: the query side learns the document side's vectors of self-pairs (training queries and
+   documents);
+4. mining: hard negatives per training query, from the current dense pair or a lexical ranker;
+5. stage II: both sides on (query, positive, negatives) groups;
+6. artifacts: the document delta and the query delta (small, committable), the rebuilt encoders in
+   the models directory, the ONNX export of the query side and its int8 quantization.
+
+After each phase the pair is scored on selection queries held out of the *training* split (never the
+dev split): the figures let a recipe be tuned without touching the split it is reported on. Scoring
+and lexical ranking live above this package (``evaluation``), so they are passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.align.artifacts import (
+    build_document_encoder,
+    build_query_encoder,
+    save_document_delta,
+    save_query_delta,
+)
+from models.align.data import BeirTrainData, beir_groups, load_beir_train, self_pair_texts
+from models.align.document_side import DocumentSideConfig, DocumentTower
+from models.align.negatives import Ranker, hard_negatives, rank_dense, rank_with
+from models.align.query_side import QuerySideConfig, QueryTower, fit_projection
+from models.align.train import (
+    TrainConfig,
+    train_document_distillation,
+    train_joint,
+    train_query_alignment,
+)
+from models.encoder import load_encoder
+from models.manifest import ModelManifest, verify_manifest
+
+# (rankings: query id -> doc ids best first, relevant: query id -> doc ids) -> nDCG@10 in percent.
+Scorer = Callable[[Mapping[str, Sequence[str]], Mapping[str, Sequence[str]]], float]
+Log = Callable[[str], None]
+CACHE_FILE = "lower-states.safetensors"
+REPORT_FILE = "report.json"
+SELECTION_DEPTH = 100
+
+
+class NegativeMining(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: Literal["dense", "bm25"] = "dense"
+    depth: int = Field(default=50, gt=0)
+    count: int = Field(default=7, ge=0)
+    skip: int = Field(
+        default=3, ge=0, description="Top non-positive hits skipped (likely unlabelled positives)."
+    )
+
+
+class AlignRecipe(BaseModel):
+    """Everything a run depends on; the committed default recipe is a JSON file of this model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="Document encoder name; the query encoder is NAME-query.")
+    query_model: str = Field(description="Built BERT-family query base (a directory in the models dir).")
+    document_model: str = Field(description="Built decoder-only document base.")
+    teacher_model: str | None = Field(default=None, description="Built embedder for distillation.")
+    dataset: Path = Field(description="BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
+    split: str = "train"
+    query_field: str = "text"
+    selection_queries: int = Field(default=300, ge=0, description="Held out of the training split.")
+    seed: int = 0
+    query_side: QuerySideConfig = QuerySideConfig()
+    document_side: DocumentSideConfig = DocumentSideConfig()
+    fit_projection_texts: int = Field(default=2000, ge=0, description="Ridge-fit start of a projection.")
+    distillation: TrainConfig | None = None
+    stage_one: TrainConfig | None = None
+    negatives: NegativeMining = NegativeMining()
+    stage_two: TrainConfig | None = None
+    encode_batch_size: int = Field(default=16, gt=0)
+
+
+@dataclass
+class PhaseReport:
+    phase: str
+    seconds: float
+    steps: int = 0
+    last_loss: float | None = None
+    selection_ndcg10: float | None = None
+
+
+@dataclass
+class AlignResult:
+    document: ModelManifest
+    query: ModelManifest
+    query_onnx: ModelManifest
+    query_int8: ModelManifest
+    phases: list[PhaseReport] = field(default_factory=list)
+
+
+def split_selection(data: BeirTrainData, count: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training query ids, selection query ids): a seeded random ``count`` held out for selection."""
+    ids = list(data.queries)
+    random.Random(seed).shuffle(ids)
+    held = set(ids[:count])
+    return [q for q in data.queries if q not in held], [q for q in data.queries if q in held]
+
+
+@dataclass
+class _Run:
+    recipe: AlignRecipe
+    models_dir: Path
+    work_dir: Path
+    scorer: Scorer
+    lexical: Callable[[Mapping[str, str]], Ranker] | None
+    log: Log
+    progress: bool
+    threads: int
+    data: BeirTrainData = field(init=False)
+    train_ids: list[str] = field(init=False)
+    selection_ids: list[str] = field(init=False)
+    doc_ids: list[str] = field(init=False)
+    doc_texts: list[str] = field(init=False)
+    reports: list[PhaseReport] = field(default_factory=list)
+
+    def load_data(self) -> None:
+        r = self.recipe
+        self.data = load_beir_train(r.dataset, r.split, query_field=r.query_field)
+        self.train_ids, self.selection_ids = split_selection(self.data, r.selection_queries, r.seed)
+        self.doc_ids = list(self.data.corpus)
+        self.doc_texts = [self.data.corpus[d] for d in self.doc_ids]
+        self.log(
+            f"align: {len(self.train_ids)} training queries, {len(self.selection_ids)} held out for "
+            f"selection, {len(self.doc_ids)} documents"
+        )
+
+    def score(self, query: QueryTower, doc_vectors: torch.Tensor) -> float | None:
+        if not self.selection_ids:
+            return None
+        texts = [self.data.queries[q] for q in self.selection_ids]
+        rankings = rank_dense(
+            self.selection_ids,
+            query.encode(texts).numpy(),
+            self.doc_ids,
+            doc_vectors.numpy(),
+            SELECTION_DEPTH,
+        )
+        return self.scorer(rankings, {q: self.data.positives[q] for q in self.selection_ids})
+
+    def corpus_vectors(self, document: DocumentTower) -> torch.Tensor:
+        return document.encode(self.doc_texts, self.recipe.encode_batch_size, progress=self.progress)
+
+    def record(self, report: PhaseReport) -> None:
+        self.reports.append(report)
+        figure = (
+            f", selection nDCG@10 {report.selection_ndcg10:.1f}"
+            if report.selection_ndcg10 is not None
+            else ""
+        )
+        self.log(f"align: {report.phase} done in {report.seconds:.0f} s{figure}")
+        payload = {
+            "recipe": json.loads(self.recipe.model_dump_json()),
+            "phases": [vars(p) for p in self.reports],
+        }
+        (self.work_dir / REPORT_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def _load_or_fill_cache(run: _Run, document: DocumentTower) -> torch.Tensor:
+    """Base corpus vectors; the pass also fills the lower-state cache, saved for the next run."""
+    cache_path = run.work_dir / CACHE_FILE
+    if document.cache is not None and cache_path.is_file():
+        document.cache.load(cache_path)
+        run.log(f"align: {len(document.cache)} cached lower states from {cache_path}")
+    vectors = run.corpus_vectors(document)
+    if document.cache is not None and not cache_path.is_file():
+        document.cache.save(cache_path)
+    return vectors
+
+
+def _teacher_vectors(run: _Run, teacher_name: str) -> torch.Tensor:
+    """The teacher's corpus vectors, kept in the work dir by the teacher's fingerprint."""
+    teacher_dir = run.models_dir / teacher_name
+    manifest = verify_manifest(teacher_dir)
+    path = run.work_dir / f"teacher-{teacher_name}-{manifest.fingerprint[:12]}.npy"
+    if path.is_file():
+        return torch.from_numpy(np.load(path))
+    run.log(f"align: teacher {teacher_name} over {len(run.doc_texts)} documents")
+    vectors = load_encoder(teacher_dir, threads=run.threads, device="cpu").encode(
+        run.doc_texts, batch_size=run.recipe.encode_batch_size
+    )
+    np.save(path, vectors)
+    return torch.from_numpy(vectors)
+
+
+def _mine(run: _Run, query: QueryTower, doc_vectors: torch.Tensor) -> dict[str, list[str]]:
+    mining = run.recipe.negatives
+    queries = {q: run.data.queries[q] for q in run.train_ids}
+    if mining.source == "bm25":
+        if run.lexical is None:
+            raise ValueError("the recipe mines negatives with bm25 but no lexical ranker was given")
+        rankings = rank_with(
+            run.lexical(dict(zip(run.doc_ids, run.doc_texts, strict=True))), queries, mining.depth
+        )
+    else:
+        vectors = query.encode(list(queries.values())).numpy()
+        rankings = rank_dense(list(queries), vectors, run.doc_ids, doc_vectors.numpy(), mining.depth)
+    return hard_negatives(rankings, run.data.positives, count=mining.count, skip=mining.skip)
+
+
+def run_alignment(
+    recipe: AlignRecipe,
+    *,
+    models_dir: Path,
+    work_dir: Path,
+    deltas_dir: Path,
+    scorer: Scorer,
+    lexical: Callable[[Mapping[str, str]], Ranker] | None = None,
+    log: Log = print,
+    progress: bool = True,
+    threads: int = 0,
+) -> AlignResult:
+    """Run every phase the recipe names and build the aligned pair into ``models_dir``."""
+    from models.export import export_query_encoder, quantize_int8
+
+    if threads:
+        torch.set_num_threads(threads)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(recipe, models_dir, work_dir, scorer, lexical, log, progress, threads)
+    run.load_data()
+
+    started = time.perf_counter()
+    document = DocumentTower(models_dir / recipe.document_model, recipe.document_side, seed=recipe.seed)
+    query = QueryTower(models_dir / recipe.query_model, recipe.query_side, seed=recipe.seed)
+    if query.dim != document.dim:
+        raise ValueError(
+            f"query side dim {query.dim} != document side dim {document.dim}: set query_side.output_dim "
+            "(a projection) or document_side.output_dim (truncation)"
+        )
+    doc_vectors = _load_or_fill_cache(run, document)
+    run.record(
+        PhaseReport(
+            "corpus pass (base)",
+            time.perf_counter() - started,
+            selection_ndcg10=run.score(query, doc_vectors),
+        )
+    )
+
+    def phase(name: str, config: TrainConfig, train: Callable[[Path], tuple[int, list[float]]]) -> None:
+        nonlocal doc_vectors
+        began = time.perf_counter()
+        steps, losses = train(work_dir / name)
+        if name != "stage-one":  # the document side changed
+            doc_vectors = run.corpus_vectors(document)
+        run.record(
+            PhaseReport(
+                name,
+                time.perf_counter() - began,
+                steps=steps,
+                last_loss=losses[-1] if losses else None,
+                selection_ndcg10=run.score(query, doc_vectors),
+            )
+        )
+
+    if recipe.distillation is not None:
+        teacher_name = recipe.teacher_model
+        if teacher_name is None:
+            raise ValueError("the recipe distills the document side but names no teacher_model")
+        targets = _teacher_vectors(run, teacher_name)
+        distill = recipe.distillation
+
+        def do_distill(ckpt: Path) -> tuple[int, list[float]]:
+            result = train_document_distillation(
+                document, run.doc_texts, targets, distill, checkpoint_dir=ckpt, progress=progress
+            )
+            return result.steps, result.losses
+
+        phase("distillation", distill, do_distill)
+
+    if recipe.stage_one is not None:
+        stage_one = recipe.stage_one
+        texts = self_pair_texts((run.data.queries[q] for q in run.train_ids), run.doc_texts)
+        targets = document.encode(texts, recipe.encode_batch_size, progress=progress)
+        if (
+            query.projection is not None
+            and recipe.fit_projection_texts
+            and not (work_dir / "stage-one").exists()
+        ):
+            cosine = fit_projection(
+                query, texts[: recipe.fit_projection_texts], targets[: recipe.fit_projection_texts]
+            )
+            log(f"align: projection fitted, mean cosine {cosine:.3f}")
+
+        def do_stage_one(ckpt: Path) -> tuple[int, list[float]]:
+            result = train_query_alignment(
+                query, texts, targets, stage_one, checkpoint_dir=ckpt, progress=progress
+            )
+            return result.steps, result.losses
+
+        phase("stage-one", stage_one, do_stage_one)
+
+    if recipe.stage_two is not None:
+        stage_two = recipe.stage_two
+        negatives = _mine(run, query, doc_vectors)
+        train_only = BeirTrainData(
+            corpus=run.data.corpus,
+            queries={q: run.data.queries[q] for q in run.train_ids},
+            positives=run.data.positives,
+        )
+        groups = beir_groups(train_only, negatives, prompt=None)
+
+        def do_stage_two(ckpt: Path) -> tuple[int, list[float]]:
+            result = train_joint(query, document, groups, stage_two, checkpoint_dir=ckpt, progress=progress)
+            return result.steps, result.losses
+
+        phase("stage-two", stage_two, do_stage_two)
+
+    return _write_artifacts(run, query, document, deltas_dir, export_query_encoder, quantize_int8)
+
+
+def _write_artifacts(
+    run: _Run,
+    query: QueryTower,
+    document: DocumentTower,
+    deltas_dir: Path,
+    export: Callable[..., ModelManifest],
+    quantize: Callable[..., tuple[ModelManifest, float]],
+) -> AlignResult:
+    recipe, models_dir = run.recipe, run.models_dir
+    if recipe.document_side.mode == "frozen":
+        document_manifest = document.base_manifest
+        space = document.base_manifest.space
+    else:
+        delta = save_document_delta(document, deltas_dir / f"{recipe.name}.safetensors", name=recipe.name)
+        space = delta.space
+        document_manifest = build_document_encoder(
+            models_dir / recipe.document_model,
+            deltas_dir / f"{recipe.name}.safetensors",
+            models_dir / recipe.name,
+            progress=run.log,
+        )
+    query_name = f"{recipe.name}-query"
+    query_delta = deltas_dir / f"{query_name}.safetensors"
+    save_query_delta(query, query_delta, name=query_name, space=space)
+    query_manifest = build_query_encoder(
+        models_dir / recipe.query_model, query_delta, models_dir / query_name, progress=run.log
+    )
+    onnx = export(
+        models_dir / query_name,
+        models_dir / f"{query_name}-onnx",
+        name=f"{query_name}-onnx",
+        progress=run.log,
+    )
+    int8, cosine = quantize(
+        models_dir / f"{query_name}-onnx", models_dir / f"{query_name}-onnx-int8", progress=run.log
+    )
+    run.log(f"align: int8 query encoder, min cosine to fp32 {cosine:.4f}")
+    return AlignResult(document_manifest, query_manifest, onnx, int8, run.reports)

@@ -1,0 +1,179 @@
+"""A whole alignment run on tiny models: every phase, the committable deltas, the rebuilt pair in one
+space, the exported query encoder, and a rerun that resumes instead of training again."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evaluation.metrics import ndcg_at_k
+from models.align.data import AlignDataError
+from models.align.document_side import DocumentSideConfig
+from models.align.pipeline import REPORT_FILE, AlignRecipe, run_alignment, split_selection
+from models.align.query_side import QuerySideConfig
+from models.align.train import distillation_config, stage_one_config, stage_two_config
+from models.encoder import load_encoder
+from models.manifest import verify_manifest
+
+SYMPTOMS = ["头痛", "发烧", "咳嗽", "腹泻", "失眠", "恶心", "便秘", "贫血", "胃痛", "耳鸣", "牙痛", "过敏"]
+
+
+def _dataset(root: Path) -> Path:
+    root.mkdir()
+    (root / "qrels").mkdir()
+    with (root / "corpus.jsonl").open("w", encoding="utf-8") as fh:
+        for i, s in enumerate(SYMPTOMS):
+            fh.write(
+                json.dumps({"_id": f"d{i}", "title": "", "text": f"{s}的治疗：多休息，按医生说的服药。"})
+                + "\n"
+            )
+    with (root / "queries.jsonl").open("w", encoding="utf-8") as fh:
+        for i, s in enumerate(SYMPTOMS):
+            fh.write(json.dumps({"_id": f"q{i}", "text": f"{s}怎么办"}) + "\n")
+    rows = "".join(f"q{i}\td{i}\t1\n" for i in range(len(SYMPTOMS)))
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + rows, encoding="utf-8")
+    (root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + rows, encoding="utf-8")
+    return root
+
+
+def _ndcg(rankings: Mapping[str, Sequence[str]], relevant: Mapping[str, Sequence[str]]) -> float:
+    scores = [ndcg_at_k(list(ranked), {d: 1 for d in relevant[q]}, 10) for q, ranked in rankings.items()]
+    return 100 * float(np.mean(scores))
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, tiny_bert: Path, tiny_gemma: Path) -> Path:
+    root = tmp_path / "models"
+    shutil.copytree(tiny_bert, root / "tiny-bert")
+    shutil.copytree(tiny_gemma, root / "tiny-gemma")
+    return root
+
+
+def _recipe(dataset: Path) -> AlignRecipe:
+    fast = {"checkpoint_every": 2, "document_lr": 1e-3, "query_lr": 1e-3, "projection_lr": 1e-3}
+    return AlignRecipe(
+        name="tiny-care",
+        query_model="tiny-bert",
+        document_model="tiny-gemma",
+        teacher_model="tiny-bert",
+        dataset=dataset,
+        selection_queries=4,
+        query_side=QuerySideConfig(pooling="mean", template="{text}", trainable_layers=1, output_dim=16),
+        document_side=DocumentSideConfig(
+            mode="top_layers", trainable_layers=1, cache_lower_states=True, output_dim=16
+        ),
+        fit_projection_texts=8,
+        distillation=distillation_config(3, batch_size=4, **fast),
+        stage_one=stage_one_config(3, batch_size=4, **fast),
+        stage_two=stage_two_config(3, batch_size=4, negatives_per_group=2, **fast),
+        encode_batch_size=4,
+    )
+
+
+def test_alignment_run_builds_a_servable_pair_in_one_space(tmp_path: Path, models_dir: Path) -> None:
+    recipe = _recipe(_dataset(tmp_path / "data"))
+    recipe = recipe.model_copy(update={"teacher_model": None, "distillation": None})
+    logs: list[str] = []
+    result = run_alignment(
+        recipe,
+        models_dir=models_dir,
+        work_dir=tmp_path / "work",
+        deltas_dir=tmp_path / "deltas",
+        scorer=_ndcg,
+        log=logs.append,
+        progress=False,
+    )
+    phases = [p.phase for p in result.phases]
+    assert phases == ["corpus pass (base)", "stage-one", "stage-two"]
+    assert all(p.selection_ndcg10 is not None for p in result.phases)
+    assert [p.steps for p in result.phases[1:]] == [3, 3]
+
+    space = result.document.space
+    assert space.startswith("tiny-care@")
+    for manifest in (result.query, result.query_onnx, result.query_int8):
+        assert (manifest.space, manifest.dim, manifest.role) == (space, 16, "query")
+    assert verify_manifest(models_dir / "tiny-care").space == space
+    assert (tmp_path / "deltas" / "tiny-care.safetensors").is_file()
+    assert (tmp_path / "deltas" / "tiny-care-query.safetensors").is_file()
+    report = json.loads((tmp_path / "work" / REPORT_FILE).read_text(encoding="utf-8"))
+    assert [p["phase"] for p in report["phases"]] == phases
+
+    texts = ["头痛怎么办", "失眠的治疗"]
+    query = load_encoder(models_dir / "tiny-care-query-onnx").encode(texts)
+    documents = load_encoder(models_dir / "tiny-care", device="cpu").encode(texts)
+    assert query.shape == documents.shape == (2, 16)
+
+    # A rerun resumes every stage from its finished checkpoint: no step is trained again.
+    again = run_alignment(
+        recipe,
+        models_dir=models_dir,
+        work_dir=tmp_path / "work",
+        deltas_dir=tmp_path / "deltas2",
+        scorer=_ndcg,
+        log=logs.append,
+        progress=False,
+    )
+    assert again.document.space == space
+    assert [p.selection_ndcg10 for p in again.phases] == [p.selection_ndcg10 for p in result.phases]
+    assert any("cached lower states" in line for line in logs)
+
+
+def test_distillation_phase_and_its_teacher(tmp_path: Path, models_dir: Path) -> None:
+    # The document side (48-d) keeps the teacher's and the query side's 32 dims: no projection.
+    recipe = _recipe(_dataset(tmp_path / "data")).model_copy(
+        update={
+            "stage_one": None,
+            "stage_two": None,
+            "query_side": QuerySideConfig(pooling="mean", template="{text}", trainable_layers=1),
+            "document_side": DocumentSideConfig(
+                mode="top_layers", trainable_layers=1, cache_lower_states=True, output_dim=32
+            ),
+        }
+    )
+    result = run_alignment(
+        recipe,
+        models_dir=models_dir,
+        work_dir=tmp_path / "w1",
+        deltas_dir=tmp_path / "d1",
+        scorer=_ndcg,
+        log=lambda _m: None,
+        progress=False,
+    )
+    assert [(p.phase, p.steps) for p in result.phases] == [("corpus pass (base)", 0), ("distillation", 3)]
+    assert list((tmp_path / "w1").glob("teacher-tiny-bert-*.npy"))
+    assert result.query.space == result.document.space
+    with pytest.raises(ValueError, match="teacher"):
+        run_alignment(
+            recipe.model_copy(update={"teacher_model": None}),
+            models_dir=models_dir,
+            work_dir=tmp_path / "w0",
+            deltas_dir=tmp_path / "d0",
+            scorer=_ndcg,
+            log=lambda _m: None,
+            progress=False,
+        )
+
+
+def test_selection_queries_come_from_the_training_split(tmp_path: Path) -> None:
+    from models.align.data import load_beir_train
+
+    data = load_beir_train(_dataset(tmp_path / "data"))
+    train, held = split_selection(data, 4, seed=0)
+    assert len(held) == 4 and not set(train) & set(held)
+    assert set(train) | set(held) == set(data.queries)
+    assert split_selection(data, 4, seed=0) == (train, held)
+    recipe = _recipe(tmp_path / "data").model_copy(update={"split": "dev"})
+    with pytest.raises(AlignDataError, match="held out"):
+        run_alignment(
+            recipe,
+            models_dir=tmp_path,
+            work_dir=tmp_path / "w",
+            deltas_dir=tmp_path / "d",
+            scorer=_ndcg,
+            progress=False,
+        )
