@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench.cli import add_bench_parser
 from evaluation.cli import add_eval_parser
+from medsearch.align_cli import add_align_parser
 from medsearch.cli_support import fail, model_dir, open_configured_store
 from medsearch.settings import Settings
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--space", help="vector space id (default: the source manifest's)")
     export.add_argument("--int8", action="store_true", help="also write an int8 copy")
     export.set_defaults(func=cmd_models_export)
+    add_align_parser(msub)
 
     add_eval_parser(sub)
     add_bench_parser(sub)

@@ -181,6 +181,8 @@ def build_document_encoder(
                 "name": delta.name,
                 "space": delta.space,
                 "dim": delta.dim,
+                # Index at the length it was trained at: longer inputs are a shift it never saw.
+                "max_tokens": delta.trained_max_tokens,
                 "source": f"{base.name} ({base.fingerprint[:12]}) + alignment delta {delta_path.name} "
                 f"({digest[:12]})",
                 "derived_from": base.fingerprint,
