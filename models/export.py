@@ -131,6 +131,7 @@ def export_query_encoder(
             "prompt": query_prompt,
             "pooling": pooling or source.pooling,
             "quantization": None,
+            "figures": {},  # a card gives the export its own measured figures
             "source": f"exported from {source.name} ({source.fingerprint[:12]})",
             "derived_from": source.fingerprint,
         }
@@ -228,6 +229,7 @@ def quantize_int8(
                 update={
                     "name": f"{source.name}-int8",
                     "quantization": "int8-dynamic-matmul-per-channel",
+                    "figures": {},  # measured for the fp32 graph; int8 gets its own from a card
                     "source": f"{source.source}; int8 of {source.name} ({source.fingerprint[:12]})",
                 }
             ),

@@ -48,6 +48,12 @@ class ModelManifest(BaseModel):
     )
     quantization: str | None = None
     license: str = ""
+    card: str = Field(default="", description="Model card: data, recipe, figures (a repository path).")
+    figures: dict[str, float] = Field(
+        default_factory=dict,
+        description="Measured quality of this encoder in its pair, from its card, e.g. "
+        "{'cmedqa-im dev nDCG@10': 27.0}; empty when unmeasured.",
+    )
 
     def render(self, text: str) -> str:
         return self.prompt.replace("{text}", text)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.cards import apply_card, load_card
 from models.manifest import ManifestError, ModelManifest, verify_manifest
 
 Progress = Callable[[str], None]
@@ -23,6 +24,7 @@ class Recipe:
     make: Callable[[Path, Path | None, Progress], ModelManifest]  # (out_dir, parent_dir, progress)
     # Checked before anything is built, so a missing input fails in seconds, not after the parents.
     precondition: Callable[[str], object] | None = None
+    card: str | None = None  # models/cards/<card>.json: figures recorded in the manifest
 
 
 def _e5_small(out: Path, _parent: Path | None, progress: Progress) -> ModelManifest:
@@ -102,6 +104,7 @@ RECIPES: dict[str, Recipe] = {
             "gemma-3-270m",
             _aligned_documents,
             _delta,
+            card=ALIGNED,
         ),
         Recipe(
             f"{ALIGNED}-query",
@@ -109,13 +112,21 @@ RECIPES: dict[str, Recipe] = {
             "multilingual-e5-small",
             _aligned_queries,
             _delta,
+            card=ALIGNED,
         ),
-        Recipe(f"{ALIGNED}-query-onnx", "aligned query encoder, ONNX fp32", f"{ALIGNED}-query", _onnx),
+        Recipe(
+            f"{ALIGNED}-query-onnx",
+            "aligned query encoder, ONNX fp32",
+            f"{ALIGNED}-query",
+            _onnx,
+            card=ALIGNED,
+        ),
         Recipe(
             f"{ALIGNED}-query-onnx-int8",
             "aligned query encoder, ONNX int8 (MatMul per-channel)",
             f"{ALIGNED}-query-onnx",
             _int8,
+            card=ALIGNED,
         ),
     )
 }
@@ -137,12 +148,15 @@ def build(name: str, models_dir: Path, progress: Progress = print) -> ModelManif
     out = models_dir / name
     if is_built(out):
         progress(f"{name}: already built ({out})")
-        return verify_manifest(out)
-    if recipe.precondition is not None:
-        recipe.precondition(name)
-    parent = None
-    if recipe.requires:
-        build(recipe.requires, models_dir, progress)
-        parent = models_dir / recipe.requires
-    progress(f"{name}: building ({recipe.description})")
-    return recipe.make(out, parent, progress)
+    else:
+        if recipe.precondition is not None:
+            recipe.precondition(name)
+        parent = None
+        if recipe.requires:
+            build(recipe.requires, models_dir, progress)
+            parent = models_dir / recipe.requires
+        progress(f"{name}: building ({recipe.description})")
+        recipe.make(out, parent, progress)
+    if recipe.card is not None:  # also refreshes an earlier build when the committed card changed
+        apply_card(out, load_card(recipe.card))
+    return verify_manifest(out)

@@ -80,6 +80,10 @@ class QueryEncoderInfo(BaseModel):
     quantization: str | None
     dim: int
     max_tokens: int
+    card: str = Field(description="Model card of the served pair (a repository path); empty if none.")
+    figures: dict[str, float] = Field(
+        description="Measured quality of this encoder in its pair, from its card; empty if unmeasured."
+    )
 
 
 class CollectionInfo(BaseModel):

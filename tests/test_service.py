@@ -507,6 +507,8 @@ async def test_info_exposes_encoder_collection_and_pairing(client: httpx.AsyncCl
         "quantization": "int8",
         "dim": DIM,
         "max_tokens": 32,
+        "card": "",
+        "figures": {},
     }
     assert info["collection"]["name"] == COLLECTION
     assert info["collection"]["points"] == len(DOCS)
@@ -514,6 +516,21 @@ async def test_info_exposes_encoder_collection_and_pairing(client: httpx.AsyncCl
     assert info["collection"]["spec"]["keyword_fields"] == ["department"]
     assert "'hash-document'" in info["pairing_note"]
     assert "'hash-query'" in info["pairing_note"]
+
+
+def test_pairing_note_says_asymmetric_and_reports_the_card_figures() -> None:
+    from service.routes.health import pairing, pairing_note
+
+    manifest = query_manifest().model_copy(
+        update={"card": "models/cards/x.md", "figures": {"cmedqa-im dev nDCG@10": 27.5}}
+    )
+    assert pairing(manifest, doc_spec()) == "asymmetric"
+    note = pairing_note(manifest, doc_spec())
+    assert "Asymmetric pair" in note
+    assert "cmedqa-im dev nDCG@10 27.5" in note and "models/cards/x.md" in note
+    symmetric = manifest.model_copy(update={"derived_from": "f" * 64, "figures": {}})
+    assert "Symmetric pair" in pairing_note(symmetric, doc_spec())
+    assert "Measured" not in pairing_note(symmetric, doc_spec())
 
 
 async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncClient) -> None:

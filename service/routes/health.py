@@ -61,8 +61,13 @@ def pairing_note(query: ModelManifest, spec: CollectionSpec | None) -> str:
     if pairing(query, spec) == "symmetric":
         note += (
             " Symmetric pair: the query encoder is an export of the document encoder itself, not a small "
-            "encoder aligned to an LLM document space (the demo default until a CARE-aligned pair is built)."
+            "encoder aligned to an LLM document space."
         )
+    else:
+        note += " Asymmetric pair: the query encoder was trained into the document encoder's space."
+    if query.figures:
+        measured = ", ".join(f"{label} {value:g}" for label, value in query.figures.items())
+        note += f" Measured: {measured} (card: {query.card or 'none'})."
     return note
 
 
@@ -91,6 +96,8 @@ async def info(state: StateDep) -> InfoResponse:
             quantization=manifest.quantization,
             dim=manifest.dim,
             max_tokens=manifest.max_tokens,
+            card=manifest.card,
+            figures=manifest.figures,
         ),
         collection=collection,
         pairing=pairing(manifest, collection.spec),
