@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from evaluation.metrics import ndcg_at_k
+from models.align.artifacts import read_query_delta
 from models.align.data import AlignDataError
 from models.align.document_side import DocumentSideConfig
 from models.align.pipeline import REPORT_FILE, AlignRecipe, run_alignment, split_selection
@@ -177,3 +178,32 @@ def test_selection_queries_come_from_the_training_split(tmp_path: Path) -> None:
             scorer=_ndcg,
             progress=False,
         )
+
+
+def test_a_phase_that_scores_lower_is_not_shipped(tmp_path: Path, models_dir: Path) -> None:
+    recipe = _recipe(_dataset(tmp_path / "data")).model_copy(
+        update={"teacher_model": None, "distillation": None, "stage_two": None}
+    )
+    scores = iter([10.0, 5.0])  # base pass, then a worse stage I
+
+    def falling(_rankings: Mapping[str, Sequence[str]], _relevant: Mapping[str, Sequence[str]]) -> float:
+        return next(scores)
+
+    logs: list[str] = []
+    result = run_alignment(
+        recipe,
+        models_dir=models_dir,
+        work_dir=tmp_path / "work",
+        deltas_dir=tmp_path / "deltas",
+        scorer=falling,
+        log=logs.append,
+        progress=False,
+    )
+    assert result.kept_phase == "corpus pass (base)"
+    assert any("shipping corpus pass (base)" in line for line in logs)
+    report = json.loads((tmp_path / "work" / REPORT_FILE).read_text(encoding="utf-8"))
+    assert report["best_phase"] == "corpus pass (base)"
+    # Stage I trained only the query side: shipping the base pass means a zero query-layer delta.
+    _meta, tensors = read_query_delta(tmp_path / "deltas" / "tiny-care-query.safetensors")
+    layers = {k: v for k, v in tensors.items() if not k.startswith("projection")}
+    assert layers and all(float(v.abs().max()) == 0.0 for v in layers.values())

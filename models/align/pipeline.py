@@ -91,6 +91,11 @@ class AlignRecipe(BaseModel):
     negatives: NegativeMining = NegativeMining()
     stage_two: TrainConfig | None = None
     encode_batch_size: int = Field(default=16, gt=0)
+    keep_best_phase: bool = Field(
+        default=True,
+        description="Ship the weights of the phase with the best selection nDCG@10, not the last "
+        "(early stopping across phases; needs selection_queries).",
+    )
 
 
 @dataclass
@@ -109,6 +114,7 @@ class AlignResult:
     query_onnx: ModelManifest
     query_int8: ModelManifest
     phases: list[PhaseReport] = field(default_factory=list)
+    kept_phase: str | None = None
 
 
 def split_selection(data: BeirTrainData, count: int, seed: int) -> tuple[list[str], list[str]]:
@@ -117,6 +123,16 @@ def split_selection(data: BeirTrainData, count: int, seed: int) -> tuple[list[st
     random.Random(seed).shuffle(ids)
     held = set(ids[:count])
     return [q for q in data.queries if q not in held], [q for q in data.queries if q in held]
+
+
+@dataclass
+class _Snapshot:
+    """Trainable weights of both sides after the best-scoring phase so far."""
+
+    phase: str
+    score: float
+    query: dict[str, torch.Tensor]
+    document: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -135,6 +151,7 @@ class _Run:
     doc_ids: list[str] = field(init=False)
     doc_texts: list[str] = field(init=False)
     reports: list[PhaseReport] = field(default_factory=list)
+    best: _Snapshot | None = None
 
     def load_data(self) -> None:
         r = self.recipe
@@ -163,8 +180,15 @@ class _Run:
     def corpus_vectors(self, document: DocumentTower) -> torch.Tensor:
         return document.encode(self.doc_texts, self.recipe.encode_batch_size, progress=self.progress)
 
-    def record(self, report: PhaseReport) -> None:
+    def record(self, report: PhaseReport, query: QueryTower, document: DocumentTower) -> None:
         self.reports.append(report)
+        score = report.selection_ndcg10
+        if (
+            self.recipe.keep_best_phase
+            and score is not None
+            and (self.best is None or score > self.best.score)
+        ):
+            self.best = _Snapshot(report.phase, score, query.trainable_state(), document.trainable_state())
         figure = (
             f", selection nDCG@10 {report.selection_ndcg10:.1f}"
             if report.selection_ndcg10 is not None
@@ -174,6 +198,7 @@ class _Run:
         payload = {
             "recipe": json.loads(self.recipe.model_dump_json()),
             "phases": [vars(p) for p in self.reports],
+            "best_phase": self.best.phase if self.best is not None else None,
         }
         (self.work_dir / REPORT_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
@@ -255,7 +280,9 @@ def run_alignment(
             "corpus pass (base)",
             time.perf_counter() - started,
             selection_ndcg10=run.score(query, doc_vectors),
-        )
+        ),
+        query,
+        document,
     )
 
     def phase(name: str, config: TrainConfig, train: Callable[[Path], tuple[int, list[float]]]) -> None:
@@ -271,7 +298,9 @@ def run_alignment(
                 steps=steps,
                 last_loss=losses[-1] if losses else None,
                 selection_ndcg10=run.score(query, doc_vectors),
-            )
+            ),
+            query,
+            document,
         )
 
     if recipe.distillation is not None:
@@ -327,7 +356,24 @@ def run_alignment(
 
         phase("stage-two", stage_two, do_stage_two)
 
-    return _write_artifacts(run, query, document, deltas_dir, export_query_encoder, quantize_int8)
+    kept = _restore_best(run, query, document)
+    return _write_artifacts(run, query, document, deltas_dir, export_query_encoder, quantize_int8, kept)
+
+
+def _restore_best(run: _Run, query: QueryTower, document: DocumentTower) -> str | None:
+    """Load the best phase's weights when a later phase scored lower; returns the phase shipped."""
+    best = run.best
+    if best is None:
+        return None
+    last = run.reports[-1]
+    if best.phase != last.phase:
+        query.load_trainable_state(best.query)
+        document.load_trainable_state(best.document)
+        run.log(
+            f"align: shipping {best.phase} (selection nDCG@10 {best.score:.1f}); {last.phase} scored "
+            f"{last.selection_ndcg10:.1f}"
+        )
+    return best.phase
 
 
 def _write_artifacts(
@@ -337,6 +383,7 @@ def _write_artifacts(
     deltas_dir: Path,
     export: Callable[..., ModelManifest],
     quantize: Callable[..., tuple[ModelManifest, float]],
+    kept_phase: str | None,
 ) -> AlignResult:
     recipe, models_dir = run.recipe, run.models_dir
     if recipe.document_side.mode == "frozen":
@@ -367,4 +414,4 @@ def _write_artifacts(
         models_dir / f"{query_name}-onnx", models_dir / f"{query_name}-onnx-int8", progress=run.log
     )
     run.log(f"align: int8 query encoder, min cosine to fp32 {cosine:.4f}")
-    return AlignResult(document_manifest, query_manifest, onnx, int8, run.reports)
+    return AlignResult(document_manifest, query_manifest, onnx, int8, run.reports, kept_phase)
