@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.align.losses import embedding_mse, group_positive_index, info_nce
+from models.align.losses import embedding_mse, group_positive_index, info_nce, score_distillation
 
 
 def _unit(rows: list[list[float]]) -> torch.Tensor:
@@ -72,3 +72,19 @@ def test_group_positive_index() -> None:
     assert group_positive_index([3, 1, 2]).tolist() == [0, 3, 4]
     with pytest.raises(ValueError):
         group_positive_index([2, 0])
+
+
+def test_score_distillation_is_the_kl_between_the_two_rankings_softmaxes() -> None:
+    teacher = _unit([[1.0, 0.1], [0.1, 1.0], [0.7, 0.7], [-1.0, 0.2]])
+    assert score_distillation(QUERIES, teacher, teacher, 0.05).item() == pytest.approx(0.0, abs=1e-6)
+    # Any rotation of the documents keeps their pairwise geometry but not these queries' rankings.
+    rotated = teacher @ torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    t = 0.1
+    hand = 0.0
+    for q in QUERIES:
+        p = torch.softmax(teacher @ q / t, dim=0)
+        r = torch.softmax(rotated @ q / t, dim=0)
+        hand += float((p * (p.log() - r.log())).sum())
+    assert score_distillation(QUERIES, rotated, teacher, t).item() == pytest.approx(hand / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        score_distillation(QUERIES, teacher, teacher, 0.0)

@@ -124,10 +124,13 @@ def test_alignment_run_builds_a_servable_pair_in_one_space(tmp_path: Path, model
     assert any("cached lower states" in line for line in logs)
 
 
-def test_distillation_phase_and_its_teacher(tmp_path: Path, models_dir: Path) -> None:
+@pytest.mark.parametrize("probe_depth", [0, 5])
+def test_distillation_phase_and_its_teacher(tmp_path: Path, models_dir: Path, probe_depth: int) -> None:
     # The document side (48-d) keeps the teacher's and the query side's 32 dims: no projection.
+    # probe_depth > 0: the training queries, through the untrained query side, are the probes.
     recipe = _recipe(_dataset(tmp_path / "data")).model_copy(
         update={
+            "distillation_probe_depth": probe_depth,
             "stage_one": None,
             "stage_two": None,
             "query_side": QuerySideConfig(pooling="mean", template="{text}", trainable_layers=1),

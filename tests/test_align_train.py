@@ -10,11 +10,12 @@ import torch
 
 from models.align.data import TrainingGroup
 from models.align.document_side import DocumentSideConfig, DocumentTower
-from models.align.losses import info_nce
+from models.align.losses import info_nce, score_distillation
 from models.align.query_side import QuerySideConfig, QueryTower
 from models.align.train import (
     CHECKPOINT_FILE,
     CheckpointMismatchError,
+    DistillationProbes,
     TrainConfig,
     batch_items,
     distillation_config,
@@ -153,6 +154,43 @@ def test_distillation_pulls_document_vectors_onto_a_teachers(
     _assert_same(resumed.trainable_state(), document.trainable_state())
     with pytest.raises(ValueError, match="document_distillation config"):
         train_document_distillation(document, texts, teacher, _stage_two(1), progress=False)
+
+
+def test_distillation_with_probes_teaches_the_queries_rankings(tiny_bert: Path, tiny_gemma: Path) -> None:
+    # Probes: fixed query vectors whose rankings of the teacher's documents the student must copy;
+    # batches are drawn from each probe's teacher candidates.
+    texts = [g.positives[0] for g in GROUPS] + [n for g in GROUPS for n in g.negatives[:1]]
+    teacher_side = QueryTower(tiny_bert, QuerySideConfig(template="{text}", pooling="mean"))
+    teacher = teacher_side.encode(texts)
+    queries = teacher_side.encode([g.query for g in GROUPS])
+    probes = DistillationProbes(queries, torch.topk(queries @ teacher.T, 6, dim=1).indices)
+    config = DocumentSideConfig(
+        mode="top_layers", trainable_layers=1, cache_lower_states=True, output_dim=teacher.shape[1]
+    )
+    document = DocumentTower(tiny_gemma, config)
+
+    def disagreement() -> float:
+        return float(score_distillation(queries, document.encode(texts), teacher, 0.05))
+
+    before = disagreement()
+    settings = distillation_config(30, batch_size=4, documents_per_probe=3, document_lr=3e-3)
+    result = train_document_distillation(document, texts, teacher, settings, probes=probes, progress=False)
+    assert result.steps == 30
+    assert disagreement() < 0.5 * before
+    again = DocumentTower(tiny_gemma, config)
+    train_document_distillation(again, texts, teacher, settings, probes=probes, progress=False)
+    _assert_same(again.trainable_state(), document.trainable_state())
+
+    with pytest.raises(ValueError, match="candidate depth"):
+        train_document_distillation(
+            document,
+            texts,
+            teacher,
+            distillation_config(1, batch_size=2, documents_per_probe=7),
+            probes=probes,
+        )
+    with pytest.raises(ValueError, match="one vector and one candidate row"):
+        DistillationProbes(queries, probes.candidates[:3])
 
 
 def test_stage_two_trains_both_sides(tiny_bert: Path, tiny_gemma: Path) -> None:

@@ -42,6 +42,22 @@ def embedding_mse(queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (queries - targets).pow(2).sum(dim=-1).mean()
 
 
+def score_distillation(
+    queries: torch.Tensor, documents: torch.Tensor, teacher_documents: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL divergence from the teacher's to the student's softmax over the batch's documents, per query.
+
+    ``queries`` (B, D) score both ``documents`` (N, D, the student's) and ``teacher_documents``
+    (N, D): the student learns to rank the documents for these queries as the teacher does, which is
+    what retrieval with a fixed query encoder needs, whatever the geometry of the rest of the space.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    student = F.log_softmax(queries @ documents.T / temperature, dim=-1)
+    teacher = F.log_softmax(queries @ teacher_documents.T / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
 def group_positive_index(group_sizes: Sequence[int]) -> torch.Tensor:
     """Row of each group's positive when groups ``[positive, *negatives]`` are stacked in order."""
     if any(size < 1 for size in group_sizes):

@@ -42,6 +42,7 @@ from models.align.document_side import DocumentSideConfig, DocumentTower
 from models.align.negatives import Ranker, hard_negatives, rank_dense, rank_with
 from models.align.query_side import QuerySideConfig, QueryTower, fit_projection
 from models.align.train import (
+    DistillationProbes,
     TrainConfig,
     train_document_distillation,
     train_joint,
@@ -87,6 +88,13 @@ class AlignRecipe(BaseModel):
     document_side: DocumentSideConfig = DocumentSideConfig()
     fit_projection_texts: int = Field(default=2000, ge=0, description="Ridge-fit start of a projection.")
     distillation: TrainConfig | None = None
+    distillation_probe_depth: int = Field(
+        default=0,
+        ge=0,
+        description="Distil with the training queries as probes: each query's top N documents under "
+        "the teacher fill the batches, and the student must rank them as the teacher does for the "
+        "query side as it starts (0: random documents, vectors only).",
+    )
     stage_one: TrainConfig | None = None
     negatives: NegativeMining = NegativeMining()
     stage_two: TrainConfig | None = None
@@ -230,6 +238,18 @@ def _teacher_vectors(run: _Run, teacher_name: str) -> torch.Tensor:
     return torch.from_numpy(vectors)
 
 
+def _probes(run: _Run, query: QueryTower, targets: torch.Tensor) -> DistillationProbes:
+    """The untrained query side's vectors of the training queries and their teacher top documents."""
+    vectors = query.encode([run.data.queries[q] for q in run.train_ids])
+    unit = torch.nn.functional.normalize(targets.float(), dim=-1)
+    if vectors.shape[1] != unit.shape[1]:
+        raise ValueError(
+            f"distillation probes: the query side has dim {vectors.shape[1]}, the teacher {unit.shape[1]}"
+        )
+    depth = min(run.recipe.distillation_probe_depth, len(unit))
+    return DistillationProbes(vectors, torch.topk(vectors @ unit.T, depth, dim=1).indices)
+
+
 def _mine(run: _Run, query: QueryTower, doc_vectors: torch.Tensor) -> dict[str, list[str]]:
     mining = run.recipe.negatives
     queries = {q: run.data.queries[q] for q in run.train_ids}
@@ -309,10 +329,17 @@ def run_alignment(
             raise ValueError("the recipe distills the document side but names no teacher_model")
         targets = _teacher_vectors(run, teacher_name)
         distill = recipe.distillation
+        probes = _probes(run, query, targets) if recipe.distillation_probe_depth else None
 
         def do_distill(ckpt: Path) -> tuple[int, list[float]]:
             result = train_document_distillation(
-                document, run.doc_texts, targets, distill, checkpoint_dir=ckpt, progress=progress
+                document,
+                run.doc_texts,
+                targets,
+                distill,
+                probes=probes,
+                checkpoint_dir=ckpt,
+                progress=progress,
             )
             return result.steps, result.losses
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from models.align.data import TrainingGroup
 from models.align.document_side import DocumentTower
-from models.align.losses import embedding_mse, group_positive_index, info_nce
+from models.align.losses import embedding_mse, group_positive_index, info_nce, score_distillation
 from models.align.query_side import QueryTower
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -46,6 +46,10 @@ class TrainConfig(BaseModel):
     projection_lr: float = Field(default=1e-4, gt=0)
     document_lr: float = Field(default=1e-4, gt=0, description="LoRA; full top layers want ~1e-5.")
     weight_decay: float = Field(default=0.01, ge=0)
+    documents_per_probe: int = Field(
+        default=4, gt=0, description="Distillation with probes: documents drawn per probe query."
+    )
+    probe_temperature: float = Field(default=0.02, gt=0, description="Distillation with probes.")
     warmup_steps: int = Field(default=0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     checkpoint_every: int = Field(default=50, gt=0)
@@ -233,6 +237,23 @@ def _restore(
     return int(state["step"])
 
 
+@dataclass(frozen=True)
+class DistillationProbes:
+    """Queries whose rankings the document side must reproduce during distillation.
+
+    ``vectors`` (P, dim): the query side's unit vectors of training queries, as it stands before
+    training; ``candidates`` (P, depth): each query's best documents under the teacher, best first.
+    Batches are then built from these hard candidates rather than from random documents.
+    """
+
+    vectors: torch.Tensor
+    candidates: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2 or self.candidates.ndim != 2 or len(self.vectors) != len(self.candidates):
+            raise ValueError("probes need one vector and one candidate row per query")
+
+
 def _unit_targets(texts: Sequence[str], targets: torch.Tensor, dim: int) -> torch.Tensor:
     if len(texts) != len(targets) or targets.ndim != 2:
         raise ValueError("targets must be one (dim,) row per text")
@@ -247,25 +268,60 @@ def train_document_distillation(
     targets: torch.Tensor,
     config: TrainConfig,
     *,
+    probes: DistillationProbes | None = None,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
     on_step: StepCallback | None = None,
 ) -> TrainResult:
     """Warm start for a document side that is not an embedder yet (a base LLM): each text's vector
     is pulled onto a teacher's vector of the same text (``targets``, e.g. a small embedder's document
-    vectors), the batch's other texts pushed away. The query side is untouched."""
+    vectors), the batch's other texts pushed away. The query side is untouched.
+
+    Without ``probes`` a step takes ``batch_size`` random texts. With them it takes ``batch_size``
+    probe queries and ``documents_per_probe`` of each one's teacher candidates, and adds
+    ``score_distillation``: those queries must rank the student's vectors as they rank the teacher's.
+    """
     if config.stage != "document_distillation":
         raise ValueError("train_document_distillation needs a document_distillation config")
     unit = _unit_targets(texts, targets, document.dim)
-    fingerprint = _fingerprint([list(texts), hashlib.sha256(unit.numpy().tobytes()).hexdigest()])
+    payload: list[object] = [list(texts), hashlib.sha256(unit.numpy().tobytes()).hexdigest()]
+    if probes is not None:
+        if probes.vectors.shape[1] != document.dim:
+            raise ValueError(
+                f"probe vectors have dim {probes.vectors.shape[1]}, the document side {document.dim}"
+            )
+        if config.documents_per_probe > probes.candidates.shape[1]:
+            raise ValueError("documents_per_probe exceeds the probes' candidate depth")
+        probe_vectors = F.normalize(probes.vectors.float(), dim=-1)
+        payload.append(
+            hashlib.sha256(probe_vectors.numpy().tobytes() + probes.candidates.numpy().tobytes()).hexdigest()
+        )
 
-    def step_loss(_step: int, items: list[int]) -> torch.Tensor:
-        vectors = document.embed([texts[i] for i in items])
-        wanted = unit[items]
-        loss = info_nce(vectors, wanted, torch.arange(len(items)), config.temperature)
-        return loss + config.mse_weight * embedding_mse(vectors, wanted)
+    def text_loss(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        vectors = document.embed([texts[i] for i in rows])
+        wanted = unit[rows]
+        index = torch.tensor(rows)
+        copies = (index[:, None] == index[None, :]) & ~torch.eye(len(rows), dtype=torch.bool)
+        loss = info_nce(vectors, wanted, torch.arange(len(rows)), config.temperature, copies)
+        return loss + config.mse_weight * embedding_mse(vectors, wanted), vectors
 
-    return _run(config, None, document, len(texts), step_loss, fingerprint, checkpoint_dir, progress, on_step)
+    def step_loss(step: int, items: list[int]) -> torch.Tensor:
+        if probes is None:
+            return text_loss(items)[0]
+        rng = np.random.default_rng([config.seed, step])
+        depth = probes.candidates.shape[1]
+        rows = [
+            int(probes.candidates[p, j])
+            for p in items
+            for j in rng.choice(depth, config.documents_per_probe, replace=False)
+        ]
+        loss, vectors = text_loss(rows)
+        return loss + score_distillation(probe_vectors[items], vectors, unit[rows], config.probe_temperature)
+
+    n_items = len(texts) if probes is None else len(probes.vectors)
+    return _run(
+        config, None, document, n_items, step_loss, _fingerprint(payload), checkpoint_dir, progress, on_step
+    )
 
 
 def train_query_alignment(
