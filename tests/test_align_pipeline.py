@@ -17,7 +17,12 @@ from models.align.data import AlignDataError
 from models.align.document_side import DocumentSideConfig
 from models.align.pipeline import REPORT_FILE, AlignRecipe, run_alignment, split_selection
 from models.align.query_side import QuerySideConfig
-from models.align.train import distillation_config, stage_one_config, stage_two_config
+from models.align.train import (
+    distillation_config,
+    query_retrieval_config,
+    stage_one_config,
+    stage_two_config,
+)
 from models.encoder import load_encoder
 from models.manifest import verify_manifest
 
@@ -91,6 +96,7 @@ def test_alignment_run_builds_a_servable_pair_in_one_space(tmp_path: Path, model
     )
     phases = [p.phase for p in result.phases]
     assert phases == ["corpus pass (base)", "stage-one", "stage-two"]
+    assert any(line.startswith("align: mined ") for line in logs)
     assert all(p.selection_ndcg10 is not None for p in result.phases)
     assert [p.steps for p in result.phases[1:]] == [3, 3]
 
@@ -161,6 +167,35 @@ def test_distillation_phase_and_its_teacher(tmp_path: Path, models_dir: Path, pr
             log=lambda _m: None,
             progress=False,
         )
+
+
+def test_frozen_document_stage_two_keeps_the_document_side(tmp_path: Path, models_dir: Path) -> None:
+    fast = {"checkpoint_every": 2, "query_lr": 1e-3, "projection_lr": 1e-3}
+    recipe = _recipe(_dataset(tmp_path / "data")).model_copy(
+        update={
+            "teacher_model": None,
+            "distillation": None,
+            "stage_two": query_retrieval_config(3, batch_size=4, **fast),
+        }
+    )
+    logs: list[str] = []
+    result = run_alignment(
+        recipe,
+        models_dir=models_dir,
+        work_dir=tmp_path / "work",
+        deltas_dir=tmp_path / "deltas",
+        scorer=_ndcg,
+        log=logs.append,
+        progress=False,
+    )
+    assert [(p.phase, p.steps) for p in result.phases[1:]] == [("stage-one", 3), ("stage-two", 3)]
+    assert not any(line.startswith("align: mined ") for line in logs)
+    assert result.query.space == result.document.space
+    # Trained document weights are the base ones: only stage II's query side moved.
+    texts = ["头痛怎么办"]
+    base = load_encoder(models_dir / "tiny-gemma", device="cpu").encode(texts)
+    trained = load_encoder(models_dir / "tiny-care", device="cpu").encode(texts)
+    assert np.allclose(base[:, :16] / np.linalg.norm(base[:, :16]), trained, atol=1e-5)
 
 
 def test_selection_queries_come_from_the_training_split(tmp_path: Path) -> None:

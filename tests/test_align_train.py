@@ -19,11 +19,13 @@ from models.align.train import (
     TrainConfig,
     batch_items,
     distillation_config,
+    query_retrieval_config,
     stage_one_config,
     stage_two_config,
     train_document_distillation,
     train_joint,
     train_query_alignment,
+    train_query_retrieval,
 )
 
 SYMPTOMS = ["头痛", "发烧", "咳嗽", "腹泻", "失眠", "恶心", "便秘", "贫血"]
@@ -276,3 +278,50 @@ def test_a_copy_of_the_positive_is_not_a_negative(tiny_bert: Path, tiny_gemma: P
     result = train_joint(query, document, same, config, progress=False)
     assert result.losses[0] == pytest.approx(expected.item(), rel=1e-5)
     assert result.losses[0] < counted.item()
+
+
+def test_frozen_document_stage_two_ranks_each_query_over_the_whole_corpus(tiny_bert: Path) -> None:
+    # 40 fixed document vectors, the first 8 the queries' positives; the rest are negatives that no
+    # batch samples but every query must be ranked against.
+    corpus = torch.nn.functional.normalize(
+        torch.randn(40, 32, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    frozen = corpus.clone()
+    queries = [g.query for g in GROUPS]
+    query = QueryTower(tiny_bert, QuerySideConfig(pooling="mean", template="{text}"))
+
+    def hits_at_one() -> int:
+        best = (query.encode(queries) @ corpus.T).argmax(dim=1)
+        return int((best == torch.arange(len(queries))).sum())
+
+    before = hits_at_one()
+    config = query_retrieval_config(60, batch_size=4, query_lr=1e-2)
+    result = train_query_retrieval(query, queries, [[i] for i in range(8)], corpus, config, progress=False)
+    assert result.steps == 60
+    assert before <= 2 and hits_at_one() == len(queries)
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    assert torch.equal(corpus, frozen)  # the document side is only read
+
+
+def test_frozen_document_stage_two_masks_a_querys_other_positives(tiny_bert: Path) -> None:
+    # Both corpus rows are query 0's positives: whichever is the target, the other is not a negative,
+    # so with two rows the loss is exactly zero.
+    query = QueryTower(tiny_bert, QuerySideConfig(template="{text}"))
+    corpus = torch.randn(2, query.dim)
+    config = query_retrieval_config(1, batch_size=2)
+    result = train_query_retrieval(query, ["头痛", "发烧"], [[0, 1], [0, 1]], corpus, config, progress=False)
+    assert result.losses == [pytest.approx(0.0, abs=1e-6)]
+
+
+def test_frozen_document_stage_two_checks_its_inputs(tiny_bert: Path) -> None:
+    query = QueryTower(tiny_bert, QuerySideConfig())
+    corpus = torch.zeros(3, query.dim)
+    config = query_retrieval_config(1, batch_size=2)
+    with pytest.raises(ValueError, match="query 1: positives"):
+        train_query_retrieval(query, ["a", "b"], [[0], [3]], corpus, config)
+    with pytest.raises(ValueError, match="2 queries but 1"):
+        train_query_retrieval(query, ["a", "b"], [[0]], corpus, config)
+    with pytest.raises(ValueError, match="set output_dim"):
+        train_query_retrieval(query, ["a", "b"], [[0], [1]], torch.zeros(3, 48), config)
+    with pytest.raises(ValueError, match="query_retrieval config"):
+        train_query_retrieval(query, ["a", "b"], [[0], [1]], corpus, _stage_two(1))

@@ -7,8 +7,10 @@ Phases, each resumable from its own checkpoint directory under the run's work di
 2. distillation (optional warm start): the document side learns a teacher embedder's document vectors;
 3. stage I: the query side learns the document side's vectors of self-pairs (training queries and
    documents);
-4. mining: hard negatives per training query, from the current dense pair or a lexical ranker;
-5. stage II: both sides on (query, positive, negatives) groups;
+4. mining (joint stage II only): hard negatives per training query, from the current dense pair or
+   a lexical ranker;
+5. stage II: both sides on (query, positive, negatives) groups, or (the document side frozen) the
+   query side against the whole corpus's fixed vectors;
 6. artifacts: the document delta and the query delta (small, committable), the rebuilt encoders in
    the models directory, the ONNX export of the query side and its int8 quantization.
 
@@ -47,6 +49,7 @@ from models.align.train import (
     train_document_distillation,
     train_joint,
     train_query_alignment,
+    train_query_retrieval,
 )
 from models.encoder import load_encoder
 from models.manifest import ModelManifest, verify_manifest
@@ -97,7 +100,11 @@ class AlignRecipe(BaseModel):
     )
     stage_one: TrainConfig | None = None
     negatives: NegativeMining = NegativeMining()
-    stage_two: TrainConfig | None = None
+    stage_two: TrainConfig | None = Field(
+        default=None,
+        description="A joint config trains both sides on mined groups (CARE); a query_retrieval config "
+        "keeps the document side frozen and trains the query side against the whole corpus.",
+    )
     encode_batch_size: int = Field(default=16, gt=0)
     keep_best_phase: bool = Field(
         default=True,
@@ -262,7 +269,12 @@ def _mine(run: _Run, query: QueryTower, doc_vectors: torch.Tensor) -> dict[str, 
     else:
         vectors = query.encode(list(queries.values())).numpy()
         rankings = rank_dense(list(queries), vectors, run.doc_ids, doc_vectors.numpy(), mining.depth)
-    return hard_negatives(rankings, run.data.positives, count=mining.count, skip=mining.skip)
+    negatives = hard_negatives(rankings, run.data.positives, count=mining.count, skip=mining.skip)
+    run.log(
+        f"align: mined {sum(map(len, negatives.values()))} {mining.source} negatives "
+        f"for {len(negatives)} queries"
+    )
+    return negatives
 
 
 def run_alignment(
@@ -309,7 +321,7 @@ def run_alignment(
         nonlocal doc_vectors
         began = time.perf_counter()
         steps, losses = train(work_dir / name)
-        if name != "stage-one":  # the document side changed
+        if config.stage in ("document_distillation", "joint"):  # the document side changed
             doc_vectors = run.corpus_vectors(document)
         run.record(
             PhaseReport(
@@ -367,7 +379,26 @@ def run_alignment(
 
         phase("stage-one", stage_one, do_stage_one)
 
-    if recipe.stage_two is not None:
+    if recipe.stage_two is not None and recipe.stage_two.stage == "query_retrieval":
+        frozen_two = recipe.stage_two
+        row = {doc_id: i for i, doc_id in enumerate(run.doc_ids)}
+        labelled = [q for q in run.train_ids if any(d in row for d in run.data.positives[q])]
+        corpus = doc_vectors
+
+        def do_query_retrieval(ckpt: Path) -> tuple[int, list[float]]:
+            result = train_query_retrieval(
+                query,
+                [run.data.queries[q] for q in labelled],
+                [[row[d] for d in run.data.positives[q] if d in row] for q in labelled],
+                corpus,
+                frozen_two,
+                checkpoint_dir=ckpt,
+                progress=progress,
+            )
+            return result.steps, result.losses
+
+        phase("stage-two", frozen_two, do_query_retrieval)
+    elif recipe.stage_two is not None:
         stage_two = recipe.stage_two
         negatives = _mine(run, query, doc_vectors)
         train_only = BeirTrainData(

@@ -28,7 +28,7 @@ from models.align.losses import embedding_mse, group_positive_index, info_nce, s
 from models.align.query_side import QueryTower
 
 CHECKPOINT_FILE = "checkpoint.pt"
-Stage = Literal["document_distillation", "query_alignment", "joint"]
+Stage = Literal["document_distillation", "query_alignment", "joint", "query_retrieval"]
 StepCallback = Callable[[int, float], None]  # (steps done, loss of the last step)
 
 
@@ -70,6 +70,11 @@ def distillation_config(steps: int, **overrides: Any) -> TrainConfig:
 def stage_two_config(steps: int, **overrides: Any) -> TrainConfig:
     """CARE stage II: InfoNCE at temperature 0.02 over (query, positive, 7 negatives) groups."""
     return TrainConfig(stage="joint", steps=steps, temperature=0.02, **overrides)
+
+
+def query_retrieval_config(steps: int, **overrides: Any) -> TrainConfig:
+    """Stage II with the document side frozen: InfoNCE at 0.05 over the whole corpus."""
+    return TrainConfig(**{"stage": "query_retrieval", "steps": steps, "temperature": 0.05, **overrides})
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -399,3 +404,50 @@ def train_joint(
     return _run(
         config, query, document, len(groups), step_loss, fingerprint, checkpoint_dir, progress, on_step
     )
+
+
+def train_query_retrieval(
+    query: QueryTower,
+    queries: Sequence[str],
+    positives: Sequence[Sequence[int]],
+    corpus: torch.Tensor,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Stage II with the document side frozen: each training query against the fixed vectors of the
+    whole corpus (``corpus``, one row per document), one of its positives (rows in ``positives``) as
+    the target and its other positives masked.
+
+    With the documents frozen their vectors are computed once, so every corpus document is a negative
+    for the price of one matrix product: no mining, and the hardest negatives are always included.
+    """
+    if config.stage != "query_retrieval":
+        raise ValueError("train_query_retrieval needs a query_retrieval config")
+    if len(queries) != len(positives):
+        raise ValueError(f"{len(queries)} queries but {len(positives)} positive lists")
+    if corpus.ndim != 2 or corpus.shape[1] != query.dim:
+        raise ValueError(f"corpus vectors must be (documents, {query.dim}): set output_dim")
+    for i, rows in enumerate(positives):
+        if not rows or not all(0 <= r < len(corpus) for r in rows):
+            raise ValueError(f"query {i}: positives must be non-empty corpus rows")
+    unit = F.normalize(corpus.float(), dim=-1)
+    fingerprint = _fingerprint(
+        [list(queries), [list(r) for r in positives], hashlib.sha256(unit.numpy().tobytes()).hexdigest()]
+    )
+
+    def step_loss(step: int, items: list[int]) -> torch.Tensor:
+        rng = np.random.default_rng([config.seed, step])
+        chosen = torch.tensor([positives[i][int(rng.integers(len(positives[i])))] for i in items])
+        known = torch.zeros(len(items), len(unit), dtype=torch.bool)
+        for row, i in enumerate(items):
+            known[row, list(positives[i])] = True
+        vectors = query.embed([queries[i] for i in items])
+        loss = info_nce(vectors, unit, chosen, config.temperature, known)
+        if config.mse_weight:
+            loss = loss + config.mse_weight * embedding_mse(vectors, unit[chosen])
+        return loss
+
+    return _run(config, query, None, len(queries), step_loss, fingerprint, checkpoint_dir, progress, on_step)
