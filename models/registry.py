@@ -59,10 +59,14 @@ DELTAS_DIR = Path(__file__).resolve().parent / "deltas"
 ALIGNED = "care-gemma-3-270m"
 
 
+class DeltaMissingError(FileNotFoundError):
+    """An aligned encoder's trained delta is absent: it must be trained before it can be built."""
+
+
 def _delta(name: str) -> Path:
     path = DELTAS_DIR / f"{name}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DeltaMissingError(
             f"{path} not found: train it with `medsearch models align` (recipe models/recipes/{ALIGNED}.json)"
         )
     return path

@@ -107,3 +107,18 @@ def test_build_of_an_aligned_model_without_its_delta_says_how_to_train_it(
     err = capsys.readouterr().err
     assert "care-gemma-3-270m-query.safetensors not found" in err and "medsearch models align" in err
     assert not any((home / "models").iterdir())  # failed before building e5 or anything else
+
+
+def test_build_all_skips_aligned_models_without_deltas_and_says_so(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.registry as registry
+
+    aligned = {name: r for name, r in registry.RECIPES.items() if name.startswith(registry.ALIGNED)}
+    assert len(aligned) == 4
+    monkeypatch.setattr(registry, "RECIPES", aligned)  # the base models are not built here
+    monkeypatch.setattr(registry, "DELTAS_DIR", home / "no-deltas")
+    assert main(["models", "build", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": skipped, ") == 4 and "medsearch models align" in out
+    assert not any((home / "models").iterdir())
