@@ -54,7 +54,8 @@ def _int8(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
     return manifest
 
 
-# Trained alignment deltas committed with the code (written by `medsearch models align`).
+# Trained alignment deltas (written by `medsearch models align`); committed with the code only for a
+# pair that becomes the default, so until then they are gitignored and built locally.
 DELTAS_DIR = Path(__file__).resolve().parent / "deltas"
 ALIGNED = "care-gemma-3-270m"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,14 @@ from evaluation.metrics import ndcg_at_k
 from models.align.artifacts import read_query_delta
 from models.align.data import AlignDataError
 from models.align.document_side import DocumentSideConfig
-from models.align.pipeline import REPORT_FILE, AlignRecipe, run_alignment, split_selection
+from models.align.pipeline import (
+    REPORT_FILE,
+    AlignRecipe,
+    AlignResult,
+    Scorer,
+    run_alignment,
+    split_selection,
+)
 from models.align.query_side import QuerySideConfig
 from models.align.train import (
     distillation_config,
@@ -52,6 +59,25 @@ def _ndcg(rankings: Mapping[str, Sequence[str]], relevant: Mapping[str, Sequence
     return 100 * float(np.mean(scores))
 
 
+def _align(
+    recipe: AlignRecipe,
+    models_dir: Path,
+    work_dir: Path,
+    deltas_dir: Path,
+    scorer: Scorer = _ndcg,
+    log: Callable[[str], None] = lambda _m: None,
+) -> AlignResult:
+    return run_alignment(
+        recipe,
+        models_dir=models_dir,
+        work_dir=work_dir,
+        deltas_dir=deltas_dir,
+        scorer=scorer,
+        log=log,
+        progress=False,
+    )
+
+
 @pytest.fixture
 def models_dir(tmp_path: Path, tiny_bert: Path, tiny_gemma: Path) -> Path:
     root = tmp_path / "models"
@@ -85,15 +111,7 @@ def test_alignment_run_builds_a_servable_pair_in_one_space(tmp_path: Path, model
     recipe = _recipe(_dataset(tmp_path / "data"))
     recipe = recipe.model_copy(update={"teacher_model": None, "distillation": None})
     logs: list[str] = []
-    result = run_alignment(
-        recipe,
-        models_dir=models_dir,
-        work_dir=tmp_path / "work",
-        deltas_dir=tmp_path / "deltas",
-        scorer=_ndcg,
-        log=logs.append,
-        progress=False,
-    )
+    result = _align(recipe, models_dir, tmp_path / "work", tmp_path / "deltas", log=logs.append)
     phases = [p.phase for p in result.phases]
     assert phases == ["corpus pass (base)", "stage-one", "stage-two"]
     assert any(line.startswith("align: mined ") for line in logs)
@@ -116,15 +134,7 @@ def test_alignment_run_builds_a_servable_pair_in_one_space(tmp_path: Path, model
     assert query.shape == documents.shape == (2, 16)
 
     # A rerun resumes every stage from its finished checkpoint: no step is trained again.
-    again = run_alignment(
-        recipe,
-        models_dir=models_dir,
-        work_dir=tmp_path / "work",
-        deltas_dir=tmp_path / "deltas2",
-        scorer=_ndcg,
-        log=logs.append,
-        progress=False,
-    )
+    again = _align(recipe, models_dir, tmp_path / "work", tmp_path / "deltas2", log=logs.append)
     assert again.document.space == space
     assert [p.selection_ndcg10 for p in again.phases] == [p.selection_ndcg10 for p in result.phases]
     assert any("cached lower states" in line for line in logs)
@@ -145,27 +155,13 @@ def test_distillation_phase_and_its_teacher(tmp_path: Path, models_dir: Path, pr
             ),
         }
     )
-    result = run_alignment(
-        recipe,
-        models_dir=models_dir,
-        work_dir=tmp_path / "w1",
-        deltas_dir=tmp_path / "d1",
-        scorer=_ndcg,
-        log=lambda _m: None,
-        progress=False,
-    )
+    result = _align(recipe, models_dir, tmp_path / "w1", tmp_path / "d1")
     assert [(p.phase, p.steps) for p in result.phases] == [("corpus pass (base)", 0), ("distillation", 3)]
     assert list((tmp_path / "w1").glob("teacher-tiny-bert-*.npy"))
     assert result.query.space == result.document.space
     with pytest.raises(ValueError, match="teacher"):
-        run_alignment(
-            recipe.model_copy(update={"teacher_model": None}),
-            models_dir=models_dir,
-            work_dir=tmp_path / "w0",
-            deltas_dir=tmp_path / "d0",
-            scorer=_ndcg,
-            log=lambda _m: None,
-            progress=False,
+        _align(
+            recipe.model_copy(update={"teacher_model": None}), models_dir, tmp_path / "w0", tmp_path / "d0"
         )
 
 
@@ -179,15 +175,7 @@ def test_frozen_document_stage_two_keeps_the_document_side(tmp_path: Path, model
         }
     )
     logs: list[str] = []
-    result = run_alignment(
-        recipe,
-        models_dir=models_dir,
-        work_dir=tmp_path / "work",
-        deltas_dir=tmp_path / "deltas",
-        scorer=_ndcg,
-        log=logs.append,
-        progress=False,
-    )
+    result = _align(recipe, models_dir, tmp_path / "work", tmp_path / "deltas", log=logs.append)
     assert [(p.phase, p.steps) for p in result.phases[1:]] == [("stage-one", 3), ("stage-two", 3)]
     assert not any(line.startswith("align: mined ") for line in logs)
     assert result.query.space == result.document.space
@@ -208,14 +196,7 @@ def test_selection_queries_come_from_the_training_split(tmp_path: Path) -> None:
     assert split_selection(data, 4, seed=0) == (train, held)
     recipe = _recipe(tmp_path / "data").model_copy(update={"split": "dev"})
     with pytest.raises(AlignDataError, match="held out"):
-        run_alignment(
-            recipe,
-            models_dir=tmp_path,
-            work_dir=tmp_path / "w",
-            deltas_dir=tmp_path / "d",
-            scorer=_ndcg,
-            progress=False,
-        )
+        _align(recipe, tmp_path, tmp_path / "w", tmp_path / "d")
 
 
 def test_a_phase_that_scores_lower_is_not_shipped(tmp_path: Path, models_dir: Path) -> None:
@@ -228,14 +209,8 @@ def test_a_phase_that_scores_lower_is_not_shipped(tmp_path: Path, models_dir: Pa
         return next(scores)
 
     logs: list[str] = []
-    result = run_alignment(
-        recipe,
-        models_dir=models_dir,
-        work_dir=tmp_path / "work",
-        deltas_dir=tmp_path / "deltas",
-        scorer=falling,
-        log=logs.append,
-        progress=False,
+    result = _align(
+        recipe, models_dir, tmp_path / "work", tmp_path / "deltas", scorer=falling, log=logs.append
     )
     assert result.kept_phase == "corpus pass (base)"
     assert any("shipping corpus pass (base)" in line for line in logs)

@@ -383,14 +383,13 @@ def run_alignment(
         frozen_two = recipe.stage_two
         row = {doc_id: i for i, doc_id in enumerate(run.doc_ids)}
         labelled = [q for q in run.train_ids if any(d in row for d in run.data.positives[q])]
-        corpus = doc_vectors
 
         def do_query_retrieval(ckpt: Path) -> tuple[int, list[float]]:
             result = train_query_retrieval(
                 query,
                 [run.data.queries[q] for q in labelled],
                 [[row[d] for d in run.data.positives[q] if d in row] for q in labelled],
-                corpus,
+                doc_vectors,
                 frozen_two,
                 checkpoint_dir=ckpt,
                 progress=progress,
