@@ -16,6 +16,8 @@ import numpy as np
 from models.manifest import ModelManifest, read_manifest
 
 Device = Literal["auto", "cpu", "cuda"]
+# "query": a document encoder with a query prompt of its own (an LLM embedder) encoding queries.
+EncodeMode = Literal["document", "query"]
 
 
 class Encoder(Protocol):
@@ -26,7 +28,9 @@ class Encoder(Protocol):
         ...
 
 
-def load_encoder(model_dir: Path, threads: int = 0, device: Device = "auto") -> Encoder:
+def load_encoder(
+    model_dir: Path, threads: int = 0, device: Device = "auto", mode: EncodeMode = "document"
+) -> Encoder:
     """Open the encoder in ``model_dir`` with the runtime its manifest names.
 
     torch is imported only for ``format == "hf"``: the service, which loads ONNX query encoders,
@@ -39,4 +43,4 @@ def load_encoder(model_dir: Path, threads: int = 0, device: Device = "auto") -> 
         return OnnxEncoder(model_dir, manifest=manifest, threads=threads)
     from models.hf_encoder import HFEncoder
 
-    return HFEncoder(model_dir, manifest=manifest, threads=threads, device=device)
+    return HFEncoder(model_dir, manifest=manifest, threads=threads, device=device, mode=mode)

@@ -1,8 +1,9 @@
 """The transformers runtime: document encoders of any architecture (decoder-only LLMs and BERT-family).
 
-Steps: render the manifest prompt -> tokenize and truncate (plus EOS for last-token pooling) -> pad
-(left for last-token pooling, right otherwise) -> run -> pool -> keep the first ``dim`` dims ->
-normalize. Padding is done here, not by the tokenizer, so the layout is explicit and testable.
+Steps: render the manifest prompt (the query prompt in query mode) -> tokenize and truncate (plus EOS
+for last-token pooling) -> pad (left for last-token pooling, right otherwise) -> run -> pool -> Dense
+layers (sentence-transformers embedders) -> keep the first ``dim`` dims -> normalize. Padding is
+done here, not by the tokenizer, so the layout is explicit and testable.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from models.encoder import Device
+from models.dense import load_dense_stack, output_width
+from models.encoder import Device, EncodeMode
 from models.hf_loading import load_hf_model
 from models.manifest import ManifestError, ModelManifest
 from models.pooling import finish, pool
@@ -63,7 +65,12 @@ class HFEncoder:
     """``Encoder`` over a local transformers directory (config, safetensors, tokenizer, manifest)."""
 
     def __init__(
-        self, model_dir: Path, manifest: ModelManifest, threads: int = 0, device: Device = "auto"
+        self,
+        model_dir: Path,
+        manifest: ModelManifest,
+        threads: int = 0,
+        device: Device = "auto",
+        mode: EncodeMode = "document",
     ) -> None:
         if manifest.format != "hf":
             raise ManifestError(f"{model_dir}: format {manifest.format!r} is not a transformers directory")
@@ -73,9 +80,13 @@ class HFEncoder:
         self.device = _pick_device(device)
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model: Any = load_hf_model(model_dir, ATTN_IMPLEMENTATION).to(self.device)
-        hidden_size = int(self.model.config.get_text_config().hidden_size)
-        if manifest.dim > hidden_size:
-            raise ManifestError(f"{model_dir}: manifest dim {manifest.dim} > hidden size {hidden_size}")
+        self.dense = load_dense_stack(model_dir, manifest.dense_layers).to(self.device)
+        width = output_width(self.dense, int(self.model.config.get_text_config().hidden_size))
+        if manifest.dim > width:
+            raise ManifestError(f"{model_dir}: manifest dim {manifest.dim} > output width {width}")
+        if mode == "query" and manifest.query_prompt is None:
+            raise ManifestError(f"{model_dir}: {manifest.name} has no query prompt; it cannot encode queries")
+        self.mode = mode
         self.padding_side: PaddingSide = "left" if manifest.pooling == "last_token" else "right"
         self.eos_id: int | None = None
         if manifest.pooling == "last_token":
@@ -89,7 +100,8 @@ class HFEncoder:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text: prompt rendered, truncated to ``max_tokens``, EOS last for last-token
         pooling (the text is cut, never the EOS)."""
-        rendered = [self.manifest.render(text) for text in texts]
+        render = self.manifest.render_query if self.mode == "query" else self.manifest.render
+        rendered = [render(text) for text in texts]
         limit = self.manifest.max_tokens
         encoded = self.tokenizer(rendered, truncation=True, max_length=limit, add_special_tokens=True)
         ids: list[list[int]] = [list(row) for row in encoded["input_ids"]]
@@ -116,7 +128,7 @@ class HFEncoder:
             # Models derive positions from the column index; left padding would shift them.
             inputs["position_ids"] = batch.position_ids.to(self.device)
         hidden = self.model(**inputs).last_hidden_state.float()
-        pooled = pool(hidden, inputs["attention_mask"], self.manifest.pooling)
+        pooled = self.dense(pool(hidden, inputs["attention_mask"], self.manifest.pooling))
         return finish(pooled, self.manifest.dim, self.manifest.normalize).cpu()
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:

@@ -36,6 +36,18 @@ class ModelManifest(BaseModel):
     pooling: Pooling
     normalize: bool = True
     prompt: str = Field(default="{text}", description="Template applied to every input; must hold {text}.")
+    query_prompt: str | None = Field(
+        default=None,
+        description="Template when a document encoder also encodes queries (LLM-symmetric reference, "
+        "alignment teacher); None: it has no query mode of its own.",
+    )
+    dense_layers: list[str] = Field(
+        default_factory=list,
+        description="sentence-transformers Dense module folders applied in order after pooling.",
+    )
+    matryoshka_dims: list[int] = Field(
+        default_factory=list, description="Output dims the model was trained to be truncated to."
+    )
     max_tokens: int = Field(gt=0, description="Inputs are truncated to this many tokens, specials included.")
     dim: int = Field(gt=0, description="Output dimension (after optional truncation to the first N dims).")
     space: str = Field(description="Vector space id: only encoders with equal spaces are comparable.")
@@ -57,6 +69,11 @@ class ModelManifest(BaseModel):
 
     def render(self, text: str) -> str:
         return self.prompt.replace("{text}", text)
+
+    def render_query(self, text: str) -> str:
+        if self.query_prompt is None:
+            raise ManifestError(f"{self.name} has no query prompt: it does not encode queries")
+        return self.query_prompt.replace("{text}", text)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

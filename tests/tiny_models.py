@@ -7,10 +7,12 @@ pooling and truncation for real. Nothing here touches the network.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     BertConfig,
@@ -87,13 +89,22 @@ def _save_bert_tokenizer(path: Path, max_len: int) -> PreTrainedTokenizerFast:
     return fast
 
 
-def _save_decoder_tokenizer(path: Path, add_bos: bool, max_len: int) -> PreTrainedTokenizerFast:
+def _save_decoder_tokenizer(
+    path: Path, add_bos: bool, max_len: int, add_eos: bool = False
+) -> PreTrainedTokenizerFast:
     tok = _char_tokenizer(DECODER_SPECIALS, "<unk>")
-    if add_bos:
-        # Like Gemma: <bos> is prepended, and no <eos> is added (the encoder appends it).
-        bos_id = tok.get_vocab()["<bos>"]
+    vocab = tok.get_vocab()
+    if add_bos and add_eos:
+        # Like EmbeddingGemma's tokenizer: <bos> text <eos>.
         tok.post_processor = processors.TemplateProcessing(
-            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)]
+            single="<bos> $A <eos>",
+            pair="<bos> $A <eos> $B <eos>",
+            special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])],
+        )
+    elif add_bos:
+        # Like Gemma: <bos> is prepended, and no <eos> is added (the encoder appends it).
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
         )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -212,3 +223,99 @@ def make_tiny_decoder(
         source=f"tests.tiny_models.make_tiny_decoder(arch={arch!r}, seed={seed})",
     )
     return write_manifest(path, manifest)
+
+
+# EmbeddingGemma's sentence-transformers layout, shrunk: hidden 48 -> 2_Dense 64 -> 3_Dense 768.
+TINY_ST_DIM = 768
+TINY_ST_PROMPTS = {
+    "query": "task: search result | query: ",
+    "document": "title: none | text: ",
+    "STS": "task: sentence similarity | query: ",
+}
+
+
+def _write_json(path: Path, value: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
+def _save_dense(folder: Path, in_features: int, out_features: int, *, bias: bool, activation: str) -> None:
+    """A sentence-transformers Dense module folder, as sentence-transformers itself writes it."""
+    weights = {"linear.weight": torch.randn(out_features, in_features) / in_features**0.5}
+    if bias:
+        weights["linear.bias"] = torch.randn(out_features) * 0.1
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / "model.safetensors"))
+    config = {
+        "in_features": in_features,
+        "out_features": out_features,
+        "bias": bias,
+        "activation_function": activation,
+    }
+    _write_json(folder / "config.json", config)
+
+
+def make_tiny_st_embedder(path: Path, *, seed: int = 0) -> None:
+    """An EmbeddingGemma-shaped sentence-transformers folder with random weights (no manifest).
+
+    A 2-layer Gemma3TextModel with bidirectional attention, a tokenizer adding <bos> and <eos>,
+    mean pooling over prompt and text, two Dense modules (2_Dense with bias and Tanh, 3_Dense without
+    bias and Identity, like the real ones), Normalize, and query/document prompts.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    max_positions = 256
+    tokenizer = _save_decoder_tokenizer(path, add_bos=True, add_eos=True, max_len=max_positions)
+    hidden = 48
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        hidden_size=hidden,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=24,
+        max_position_embeddings=max_positions,
+        sliding_window=16,  # shorter than the prompted inputs, so the window really cuts
+        layer_types=["sliding_attention", "full_attention"],
+        use_bidirectional_attention=True,
+    )
+    torch.manual_seed(seed)
+    _save_model(Gemma3TextModel(config), path)
+    _write_json(
+        path / "modules.json",
+        [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+            {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"},
+            {"idx": 4, "name": "4", "path": "4_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ],
+    )
+    _write_json(
+        path / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": hidden,
+            "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False,
+            "include_prompt": True,
+        },
+    )
+    _save_dense(path / "2_Dense", hidden, 64, bias=True, activation="torch.nn.modules.activation.Tanh")
+    _save_dense(path / "3_Dense", 64, TINY_ST_DIM, bias=False, activation="torch.nn.modules.linear.Identity")
+    _write_json(
+        path / "config_sentence_transformers.json",
+        {
+            "model_type": "SentenceTransformer",
+            "prompts": TINY_ST_PROMPTS,
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        },
+    )
+    _write_json(path / "sentence_bert_config.json", {"max_seq_length": max_positions, "do_lower_case": False})
