@@ -134,25 +134,40 @@ def run_query_encoders(args: argparse.Namespace, settings: Settings) -> QueryEnc
     from bench.inputs import CountingEncoder
     from bench.queries import question_sources
     from bench.query_latency import EncoderLatency, QueryEncoderBench, Side, latency_ratios, time_encoder
-    from models.encoder import load_encoder
+    from evaluation.configs import encodes_own_queries
+    from models.encoder import EncodeMode, load_encoder
+    from models.manifest import read_manifest
 
     queries = _chosen(settings, args.query_model, lambda m: m.role == "query")
-    llms = _chosen(settings, args.llm, lambda m: m.role == "document" and m.decoder_only)
+    # The symmetric-LLM reference: decoder-only LLMs and LLM embedders with a query prompt of their own.
+    llms = _chosen(settings, args.llm, encodes_own_queries)
     if not queries:
         raise BenchSetupError("no query encoder built; build one with: medsearch models build")
     if not llms:
-        _note("no decoder-only document encoder built: no LLM ratio (medsearch models build gemma-3-270m)")
+        _note(
+            "no LLM document encoder built: no LLM ratio "
+            "(medsearch models build gemma-3-270m or embeddinggemma-300m)"
+        )
     sources = question_sources(args.inputs)
     runs: list[tuple[Path, Side]] = [(p, "query") for p in queries] + [(p, "llm-as-query") for p in llms]
     results: list[EncoderLatency] = []
     for path, side in runs:
-        encoder = load_encoder(path, threads=settings.threads, device="cpu")
+        # An LLM embedder encodes queries as it does in retrieval: with its own query prompt.
+        mode: EncodeMode = (
+            "query" if side == "llm-as-query" and read_manifest(path).query_prompt is not None else "document"
+        )
+        encoder = load_encoder(path, threads=settings.threads, device="cpu", mode=mode)
         if not isinstance(encoder, CountingEncoder):
             raise BenchSetupError(f"{path}: the encoder's runtime cannot count tokens")
-        lengths = [n for n in args.query_lengths if n <= encoder.manifest.max_tokens]
+        name, limit = encoder.manifest.name, encoder.manifest.max_tokens
+        overhead = encoder.count_tokens([""])[0]  # prompt and special tokens
+        lengths = [n for n in args.query_lengths if overhead < n <= limit]
         if len(lengths) < len(args.query_lengths):
-            _note(f"{encoder.manifest.name}: lengths over max_tokens {encoder.manifest.max_tokens} skipped")
-        _note(f"query: {encoder.manifest.name} ({side}) at {lengths} tokens")
+            _note(
+                f"{name}: lengths not above its {overhead} prompt tokens or over max_tokens {limit} skipped"
+            )
+        prompt = ", query prompt" if mode == "query" else ""
+        _note(f"query: {name} ({side}{prompt}) at {lengths} tokens")
         results.append(time_encoder(encoder, side, lengths, sources, args.repeats, args.warmup_encodes))
         del encoder  # freed before the next model loads: two LLMs need not fit at once
     return QueryEncoderBench(
@@ -299,7 +314,10 @@ def _query_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", type=_positive_int, default=4, help="distinct inputs per length (default 4)")
     p.add_argument("--query-model", action="append", help="query encoder (repeatable; default: all built)")
     p.add_argument(
-        "--llm", action="append", help="decoder-only encoder run as query encoder (default: all built)"
+        "--llm",
+        action="append",
+        help="LLM document encoder run as query encoder, decoder-only or with a query prompt "
+        "(repeatable; default: all built)",
     )
 
 

@@ -1,9 +1,10 @@
 """Query-time latency of each encoder by input length (batch 1), and the LLM-as-query-encoder ratio.
 
 Every encoder gets inputs of exactly the same token counts, cut from the same source questions with
-its own tokenizer. The symmetric-LLM baseline is a decoder-only document encoder run as a query
-encoder: CARE's claim is that the small query encoder gives the LLM's document space without the
-LLM's latency at query time, so the ratio of their medians is the figure to read.
+its own tokenizer. The symmetric-LLM baseline is an LLM document encoder run as a query encoder (a
+decoder-only model with its document prompt, or an LLM embedder with its own query prompt): CARE's
+claim is that the small query encoder gives the LLM's document space without the LLM's latency at
+query time, so the ratio of their medians is the figure to read.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ def _eval_in_process(args: argparse.Namespace, settings: Settings, split: BeirSp
         split=split,
         configs=chosen,
         default=default,
-        load=lambda path: load_encoder(path, threads=settings.threads, device=args.device),
+        load=lambda path, mode: load_encoder(path, threads=settings.threads, device=args.device, mode=mode),
         cache_root=None if args.no_cache else Path(args.cache_dir or settings.home / "cache"),
         options=Options(
             tasks=tasks,

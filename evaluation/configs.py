@@ -7,8 +7,11 @@ Nothing here names a model: every (query encoder, document encoder) pair whose m
   (``derived_from`` equals the document encoder's fingerprint; fp32 and int8 exports alike);
 - ``asymmetric``: any other query encoder in the space, e.g. a small encoder aligned into an LLM's
   document space (the CARE setup);
-- ``symmetric-llm``: a decoder-only document encoder also encoding the queries, which is what the
-  asymmetric design avoids at query time;
+- ``symmetric-llm``: an LLM document encoder also encoding the queries, which is what the
+  asymmetric design avoids at query time. It exists for every decoder-only document encoder and for
+  every document encoder with a ``query_prompt`` of its own (an LLM embedder such as EmbeddingGemma);
+  the queries are encoded with that query prompt (``query_mode`` "query") when there is one, with the
+  document prompt otherwise, and the documents always with the document prompt;
 - ``bm25``: the lexical baseline; ``hybrid-rrf``: reciprocal-rank fusion of BM25 and the default pair.
 
 The default configuration is the pair the service serves with the current settings.
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from models.encoder import EncodeMode
 from models.manifest import ManifestError, ModelManifest, read_manifest
 
 Kind = Literal["asymmetric", "symmetric-bert", "symmetric-llm", "bm25", "hybrid-rrf"]
@@ -51,11 +55,29 @@ class Configuration:
     def dense(self) -> bool:
         return self.kind in DENSE_KINDS
 
+    @property
+    def query_mode(self) -> EncodeMode:
+        """How the query side is opened: "query" (its own query prompt) for a symmetric-llm document
+        encoder that has one; "document" (the manifest's prompt) for every other encoder."""
+        if (
+            self.kind == "symmetric-llm"
+            and self.query is not None
+            and self.query.manifest.query_prompt is not None
+        ):
+            return "query"
+        return "document"
+
 
 def dense_name(kind: Kind, query: ModelManifest, document: ModelManifest) -> str:
     if kind == "symmetric-llm":
         return f"{kind}:{document.name}"
     return f"{kind}:{query.name}/{document.name}"
+
+
+def encodes_own_queries(document: ModelManifest) -> bool:
+    """A document encoder that can stand in as its own query encoder: a decoder-only LLM (queries
+    get the document prompt) or an embedder with a query prompt of its own."""
+    return document.role == "document" and (document.decoder_only or document.query_prompt is not None)
 
 
 def pair_kind(query: ModelManifest, document: ModelManifest) -> Kind:
@@ -90,7 +112,7 @@ def discover(models: Sequence[BuiltModel], *, lexical: bool = True) -> list[Conf
             if q.space == d.space and q.dim == d.dim:
                 kind = pair_kind(q, d)
                 configs.append(Configuration(dense_name(kind, q, d), kind, query, doc))
-        if doc.manifest.decoder_only:
+        if encodes_own_queries(doc.manifest):
             kind = "symmetric-llm"
             configs.append(Configuration(dense_name(kind, doc.manifest, doc.manifest), kind, doc, doc))
     if lexical:

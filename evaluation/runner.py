@@ -4,6 +4,10 @@ Document vectors are computed once per document encoder (and cached on disk, see
 put into one temporary embedded collection and searched by every query encoder of that space; query
 vectors are computed once per query encoder and reused by retrieval and reranking; BM25 is built once
 and serves the lexical baseline, the hybrid and the mining of reranking negatives.
+
+Encoders are opened per (directory, mode): a symmetric-llm document encoder with a query prompt of its
+own encodes the queries in mode "query" and the documents in mode "document" (see
+``Configuration.query_mode``); every other encoder is opened once, in mode "document".
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ from evaluation.sts import StsSet, score_sts
 from evaluation.vectors import Vectors, cached_vectors
 from indexer.pipeline import document_text
 from indexer.reader import count_lines
-from models.encoder import Encoder
+from models.encoder import EncodeMode, Encoder
 
 Task = Literal["retrieval", "rerank", "sts"]
 TASKS: tuple[Task, ...] = ("retrieval", "rerank", "sts")
-EncoderLoader = Callable[[Path], Encoder]
+# (model directory, mode) -> encoder; mode "query" renders the manifest's query prompt.
+EncoderLoader = Callable[[Path, EncodeMode], Encoder]
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
@@ -78,8 +83,8 @@ class InProcessEvaluation:
     progress: ProgressFactory = no_progress
     log: Callable[[str], None] = lambda _m: None
 
-    _encoders: dict[Path, Encoder] = field(default_factory=dict, init=False)
-    _query_vectors: dict[Path, np.ndarray] = field(default_factory=dict, init=False)
+    _encoders: dict[tuple[Path, EncodeMode], Encoder] = field(default_factory=dict, init=False)
+    _query_vectors: dict[tuple[Path, EncodeMode], np.ndarray] = field(default_factory=dict, init=False)
     _bm25: BM25Index | None = field(default=None, init=False)
     _candidates: dict[str, list[str]] | None = field(default=None, init=False)
     _corpus_fingerprint: str = field(default="", init=False)
@@ -91,19 +96,22 @@ class InProcessEvaluation:
 
     # --- shared, computed at most once ------------------------------------------------------
 
-    def encoder(self, model: BuiltModel) -> Encoder:
-        if model.path not in self._encoders:
-            self.log(f"loading {model.manifest.name} ({model.path})")
-            self._encoders[model.path] = self.load(model.path)
-        return self._encoders[model.path]
+    def encoder(self, model: BuiltModel, mode: EncodeMode = "document") -> Encoder:
+        key = (model.path, mode)
+        if key not in self._encoders:
+            prompt = " with its query prompt" if mode == "query" else ""
+            self.log(f"loading {model.manifest.name} ({model.path}){prompt}")
+            self._encoders[key] = self.load(model.path, mode)
+        return self._encoders[key]
 
-    def query_vectors(self, model: BuiltModel) -> np.ndarray:
-        if model.path not in self._query_vectors:
+    def query_vectors(self, model: BuiltModel, mode: EncodeMode = "document") -> np.ndarray:
+        key = (model.path, mode)
+        if key not in self._query_vectors:
             texts = [self.split.queries[q].text for q in self._qids]
-            self._query_vectors[model.path] = self.encoder(model).encode(
+            self._query_vectors[key] = self.encoder(model, mode).encode(
                 texts, batch_size=self.options.query_batch_size
             )
-        return self._query_vectors[model.path]
+        return self._query_vectors[key]
 
     def _corpus_texts(self) -> Iterator[tuple[str, str]]:
         return ((doc.doc_id, document_text(doc)) for doc in iter_corpus(self.split.corpus_path))
@@ -205,7 +213,7 @@ class InProcessEvaluation:
         assert config.query is not None and config.document is not None
         self.log(f"evaluating {config.name}")
         started = time.perf_counter()
-        query_vectors = self.query_vectors(config.query)
+        query_vectors = self.query_vectors(config.query, config.query_mode)
         run = index.run(self._qids, query_vectors, self.options.top_k) if index is not None else None
         reranking = None
         if "rerank" in self.options.tasks:
@@ -214,7 +222,7 @@ class InProcessEvaluation:
         sts = {}
         if "sts" in self.options.tasks:
             for sts_set in self.options.sts:
-                side1 = self.encoder(config.query).encode(
+                side1 = self.encoder(config.query, config.query_mode).encode(
                     sts_set.sentences(1), batch_size=self.options.query_batch_size
                 )
                 sts[sts_set.name] = score_sts(

@@ -15,6 +15,7 @@ from bench.cli import add_bench_parser
 from evaluation.cli import add_eval_parser
 from medsearch.align_cli import add_align_parser
 from medsearch.cli_support import fail, model_dir, open_configured_store
+from medsearch.finetune_cli import add_finetune_parser
 from medsearch.settings import Settings
 
 
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--int8", action="store_true", help="also write an int8 copy")
     export.set_defaults(func=cmd_models_export)
     add_align_parser(msub)
+    add_finetune_parser(msub)
 
     add_eval_parser(sub)
     add_bench_parser(sub)

@@ -7,6 +7,7 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -239,3 +240,51 @@ def test_what_was_measured_before_a_failure_is_written(
     (json_path,) = tmp_path.glob("*.json")
     report = BenchReport.model_validate_json(json_path.read_text(encoding="utf-8"))
     assert report.query_encoders is not None and report.indexer is None
+
+
+def test_query_bench_runs_llm_embedders_as_query_encoders_with_their_query_prompt(
+    tmp_path: Path,
+    tiny_onnx: Path,
+    tiny_gemma: Path,
+    tiny_embedder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from models.encoder import EncodeMode, Encoder, load_encoder
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for path in (tiny_onnx, tiny_gemma, tiny_embedder):
+        (models / path.name).symlink_to(path)
+    monkeypatch.setenv("MEDSEARCH_HOME", str(tmp_path))
+    monkeypatch.setenv("MEDSEARCH_MODELS_DIR", str(models))
+    opened: list[tuple[str, EncodeMode]] = []
+
+    def recording(
+        path: Path, threads: int = 0, device: Any = "auto", mode: EncodeMode = "document"
+    ) -> Encoder:
+        opened.append((path.name, mode))
+        return load_encoder(path, threads, device, mode)
+
+    # The command imports load_encoder when it runs, so the patched one is what it uses.
+    monkeypatch.setattr("models.encoder.load_encoder", recording)
+    results = tmp_path / "results"
+    argv = ["bench", "query", "--query-lengths", "20,32", "--repeats", "2", "--query-warmup", "0"]
+    assert main([*argv, "--inputs", "2", "--results-dir", str(results)]) == 0
+
+    # Every LLM document encoder is measured as a query encoder: the decoder-only one with its
+    # document prompt, the embedder (not decoder-only) with its query prompt.
+    assert opened == [("tiny-bert-onnx", "document"), ("tiny-embedder", "query"), ("tiny-gemma", "document")]
+    (json_path,) = results.glob("*.json")
+    query = BenchReport.model_validate_json(json_path.read_text(encoding="utf-8")).query_encoders
+    assert query is not None
+    assert [(e.name, e.side, [x.tokens for x in e.lengths]) for e in query.encoders] == [
+        ("tiny-bert-onnx", "query", [20, 32]),
+        # Its query prompt and specials alone are 26 tokens (the document prompt's 18 would fit 20).
+        ("tiny-embedder", "llm-as-query", [32]),
+        ("tiny-gemma", "llm-as-query", [20, 32]),
+    ]
+    assert sorted((r.llm, r.tokens) for r in query.ratios) == [
+        ("tiny-embedder", 32),
+        ("tiny-gemma", 20),
+        ("tiny-gemma", 32),
+    ]

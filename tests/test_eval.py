@@ -23,7 +23,7 @@ from evaluation.blackbox import ServiceError, fetch_pair
 from indexer.pipeline import index_files
 from medsearch.cli import main
 from medsearch.settings import Settings
-from models.encoder import Encoder, load_encoder
+from models.encoder import EncodeMode, Encoder, load_encoder
 from models.manifest import read_manifest
 from service.app import create_app
 from service.state import ServingState
@@ -105,7 +105,8 @@ def settings(tmp_path: Path, models: Path, monkeypatch: pytest.MonkeyPatch) -> S
 
 
 class Recording:
-    """Wraps a real encoder; logs (model directory name, texts) for every encode call."""
+    """Wraps a real encoder; logs (model directory name, texts) for every encode call; an encoder
+    opened in query mode logs as ``NAME[query]``."""
 
     def __init__(self, inner: Encoder, name: str, log: list[tuple[str, list[str]]]) -> None:
         self.manifest = inner.manifest
@@ -122,8 +123,11 @@ class Recording:
 def encode_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
     log: list[tuple[str, list[str]]] = []
 
-    def recording_loader(path: Path, threads: int = 0, device: Any = "auto") -> Encoder:
-        return Recording(load_encoder(path, threads, device), path.name, log)
+    def recording_loader(
+        path: Path, threads: int = 0, device: Any = "auto", mode: EncodeMode = "document"
+    ) -> Encoder:
+        name = path.name if mode == "document" else f"{path.name}[query]"
+        return Recording(load_encoder(path, threads, device, mode), name, log)
 
     # The CLI imports load_encoder when it runs, so the patched one is what it uses.
     monkeypatch.setattr("models.encoder.load_encoder", recording_loader)
@@ -229,6 +233,42 @@ def test_unknown_configuration_and_missing_split_fail_with_exit_2(
     assert main(["eval", str(dataset), "--split", "test"]) == 2
     assert main(["eval", str(dataset), "--list-configs"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"{BERT_PAIR}  (default)", LLM, "bm25", "hybrid-rrf"]
+
+
+def test_llm_embedder_encodes_queries_with_its_query_prompt(
+    dataset: Path,
+    settings: Settings,
+    models: Path,
+    tiny_embedder: Path,
+    tmp_path: Path,
+    encode_log: list[tuple[str, list[str]]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (models / tiny_embedder.name).symlink_to(tiny_embedder)
+    assert main(["eval", str(dataset), "--list-configs"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{BERT_PAIR}  (default)",
+        "symmetric-llm:tiny-embedder",
+        LLM,
+        "bm25",
+        "hybrid-rrf",
+    ]
+
+    name = "symmetric-llm:tiny-embedder"
+    args = [str(dataset), "--config", name, "--config", LLM, "--task", "retrieval", "--no-cache"]
+    result = run_eval(args, tmp_path / "r.json")
+    entry = result[name]
+    assert entry["kind"] == "symmetric-llm" and entry["queries"] == 4
+    assert entry["query_encoder"] == entry["document_encoder"] == "tiny-embedder"
+    encoded = {n: [t for m, texts in encode_log if m == n for t in texts] for n, _ in encode_log}
+    dev_queries = [str(q["text"]) for q in QUERIES[:4]]
+    corpus_texts = {f"{t}\n{x}" if t else x for _, t, x in CORPUS}
+    # Documents with the document prompt, queries (only) with the query prompt.
+    assert set(encoded["tiny-embedder"]) == corpus_texts
+    assert encoded["tiny-embedder[query]"] == dev_queries
+    # The decoder-only LLM has no query prompt: one encoder, both sides, as before.
+    assert "tiny-gemma[query]" not in encoded
+    assert set(encoded["tiny-gemma"]) == corpus_texts | set(dev_queries)
 
 
 # --- black-box ----------------------------------------------------------------------------------

@@ -13,13 +13,23 @@ import pytest
 
 from evaluation.beir import BeirQuery, BeirSplit, DatasetError, iter_corpus, load_split
 from evaluation.blackbox import ServiceError, served_pair
-from evaluation.configs import ConfigError, discover, find_default, lineage_warnings, scan_models, select
+from evaluation.configs import (
+    BuiltModel,
+    ConfigError,
+    discover,
+    find_default,
+    lineage_warnings,
+    scan_models,
+    select,
+)
 from evaluation.lexical import BM25Index, tokenize
 from evaluation.metrics import RERANK_METRICS, score_run
 from evaluation.rerank import build_candidates, candidate_source
 from evaluation.retrieval import score_candidates
+from evaluation.runner import InProcessEvaluation, Options
 from evaluation.sts import load_sts, score_sts
 from evaluation.vectors import Vectors, cache_dir, cached_vectors
+from models.encoder import EncodeMode, Encoder
 from models.manifest import MANIFEST_FILE, ModelManifest, read_manifest
 from tests.conftest import SHARED_DATA
 
@@ -36,10 +46,12 @@ def write_manifest_only(models: Path, manifest: ModelManifest) -> None:
 
 
 @pytest.fixture
-def models_dir(tmp_path: Path, tiny_bert: Path, tiny_onnx: Path, tiny_gemma: Path) -> Path:
+def models_dir(
+    tmp_path: Path, tiny_bert: Path, tiny_onnx: Path, tiny_gemma: Path, tiny_embedder: Path
+) -> Path:
     models = tmp_path / "models"
     models.mkdir()
-    for path in (tiny_bert, tiny_onnx, tiny_gemma):
+    for path in (tiny_bert, tiny_onnx, tiny_gemma, tiny_embedder):
         (models / path.name).symlink_to(path)
     onnx = read_manifest(tiny_onnx)
     gemma = read_manifest(tiny_gemma)
@@ -77,11 +89,19 @@ def test_discovery_derives_configurations_from_manifests(models_dir: Path) -> No
         "symmetric-bert:tiny-bert-onnx-int8/tiny-bert": "symmetric-bert",
         "asymmetric:tiny-aligned/tiny-gemma": "asymmetric",
         "symmetric-llm:tiny-gemma": "symmetric-llm",
+        # Not decoder-only, but an LLM embedder with a query prompt of its own.
+        "symmetric-llm:tiny-embedder": "symmetric-llm",
         "bm25": "bm25",
         "hybrid-rrf": "hybrid-rrf",
     }
-    llm = next(c for c in configs if c.kind == "symmetric-llm")
-    assert llm.query == llm.document  # the LLM encodes the queries too
+    llms = {c.name: c for c in configs if c.kind == "symmetric-llm"}
+    assert all(c.query == c.document for c in llms.values())  # the LLM encodes the queries too
+    # The embedder's queries get its query prompt; a decoder-only LLM without one keeps its prompt.
+    assert {name: c.query_mode for name, c in llms.items()} == {
+        "symmetric-llm:tiny-gemma": "document",
+        "symmetric-llm:tiny-embedder": "query",
+    }
+    assert {c.query_mode for c in configs if c.kind != "symmetric-llm"} == {"document"}
     assert lineage_warnings(models) == []
 
 
@@ -358,6 +378,83 @@ def test_encoder_without_fingerprint_is_never_cached(tmp_path: Path) -> None:
         cached_vectors(tmp_path, encoder.manifest, "sha", lambda: iter(stream(3)), lambda: encoder)
     assert len(encoder.texts) == 6
     assert not (tmp_path / "document-vectors").exists()
+
+
+# --- the query side of a symmetric LLM -----------------------------------------------------------
+
+
+def digest_vectors(texts: Sequence[str]) -> np.ndarray:
+    """Finite, text-dependent (len(texts), 4) vectors."""
+    return np.array(
+        [np.frombuffer(hashlib.sha256(t.encode()).digest()[:4], dtype=np.uint8) + 1.0 for t in texts],
+        dtype=np.float32,
+    )
+
+
+class PromptedEncoder:
+    """Vectors of the texts as ``mode`` renders them (query prompt or prompt); records what it encoded."""
+
+    def __init__(self, manifest: ModelManifest, mode: EncodeMode) -> None:
+        self.manifest = manifest
+        self.render = manifest.render_query if mode == "query" else manifest.render
+        self.rendered: list[str] = []
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        rendered = [self.render(t) for t in texts]
+        self.rendered.extend(rendered)
+        return digest_vectors(rendered)
+
+
+@pytest.mark.parametrize("query_prompt", ["query: {text}", None])
+def test_symmetric_llm_queries_use_its_query_prompt_when_it_has_one(
+    tmp_path: Path, query_prompt: str | None
+) -> None:
+    split = load_split(write_beir(tmp_path / "beir"), "dev")
+    manifest = ModelManifest(
+        name="llm",
+        role="document",
+        format="hf",
+        architecture="Fake",
+        decoder_only=query_prompt is None,  # an LLM embedder, or a decoder-only LLM without a query prompt
+        pooling="mean",
+        prompt="passage: {text}",
+        query_prompt=query_prompt,
+        max_tokens=16,
+        dim=4,
+        space="fake",
+    )
+    model = BuiltModel(tmp_path / "llm", manifest)
+    (config,) = discover([model], lexical=False)
+    assert config.kind == "symmetric-llm"
+    loaded: dict[EncodeMode, PromptedEncoder] = {}
+
+    def load(path: Path, mode: EncodeMode) -> Encoder:
+        assert path == model.path and mode not in loaded  # each mode opened once
+        loaded[mode] = PromptedEncoder(manifest, mode)
+        return loaded[mode]
+
+    evaluation = InProcessEvaluation(
+        split=split,
+        configs=[config],
+        default=None,
+        load=load,
+        cache_root=None,
+        options=Options(tasks=frozenset({"rerank"})),
+    )
+    (result,) = evaluation.run()
+    assert result.kind == "symmetric-llm" and result.reranking is not None
+    queries = [split.queries[q].text for q in split.queries]
+    documents = [doc.text for doc in iter_corpus(split.corpus_path)]
+    if query_prompt is None:  # as before: one encoder, the document prompt on both sides
+        assert list(loaded) == ["document"]
+        assert sorted(loaded["document"].rendered) == sorted(f"passage: {t}" for t in documents + queries)
+        return
+    assert sorted(loaded) == ["document", "query"]
+    assert sorted(loaded["document"].rendered) == sorted(f"passage: {d}" for d in documents)
+    assert loaded["query"].rendered == [f"query: {q}" for q in queries]
+    np.testing.assert_array_equal(
+        evaluation.query_vectors(model, "query"), digest_vectors([f"query: {q}" for q in queries])
+    )
 
 
 # --- black-box /info ----------------------------------------------------------------------------
