@@ -1,7 +1,11 @@
-"""`medsearch models align`: run an alignment recipe (models.align.pipeline) from the command line.
+"""`medsearch models align`: run an alignment recipe from the command line.
 
-This layer wires in what the models package must not import: nDCG@10 from ``evaluation.metrics`` to
-score the held-out selection queries, and BM25 from ``evaluation.lexical`` for lexical negatives.
+Two kinds of recipe: ``frozen_document`` (models.align.frozen: a query encoder learns a frozen LLM
+embedder's space; the default) and the two-stage pipeline that also trains a base LLM's document side
+(models.align.pipeline). This layer wires in what the models package must not import: nDCG@10 from
+``evaluation.metrics`` to score the held-out selection queries, BM25 from ``evaluation.lexical`` for
+lexical negatives, the evaluation's document-vector cache (one corpus pass serves training and
+evaluation), and the int8 quality gate on an evaluation split.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 from medsearch.cli_support import fail
 from medsearch.settings import Settings
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "models" / "recipes" / "care-gemma-3-270m.json"
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "models" / "recipes" / "care-embeddinggemma-300m.json"
 DEFAULT_DELTAS = Path(__file__).resolve().parents[1] / "models" / "deltas"
 
 
@@ -41,6 +45,54 @@ def bm25_ranker(corpus: Mapping[str, str]) -> Any:
     return rank
 
 
+def corpus_vectors_from_cache(cache_root: Path, corpus_file: Path, threads: int) -> Any:
+    """A ``CorpusVectors`` reading and filling the evaluation's cache for this corpus file."""
+    from evaluation.beir import file_fingerprint
+    from evaluation.vectors import cached_vectors
+    from models.encoder import load_encoder
+    from models.manifest import read_manifest
+
+    def vectors(model_dir: Path, ids: Sequence[str], texts: Sequence[str]) -> Any:
+        result = cached_vectors(
+            cache_root,
+            read_manifest(model_dir),
+            file_fingerprint(corpus_file),
+            lambda: iter(zip(ids, texts, strict=True)),
+            lambda: load_encoder(model_dir, threads=threads, device="cpu"),
+        )
+        if result.ids != list(ids):
+            raise ValueError(f"{cache_root}: cached vectors of {corpus_file} are not in corpus order")
+        return result.matrix
+
+    return vectors
+
+
+def int8_gate(dataset: Path, split: str, document_dir: Path, corpus: Any, threads: int) -> Any:
+    """A ``QualityGate``: nDCG@10 of the fp32 and int8 query encoders on ``split`` (a check that
+    refuses to publish, never a tuning signal)."""
+    from evaluation.beir import iter_corpus, load_split
+    from indexer.pipeline import document_text
+    from models.align.negatives import rank_dense
+    from models.encoder import load_encoder
+
+    def gate(fp32_dir: Path, int8_dir: Path) -> tuple[float, float]:
+        evaluation = load_split(dataset, split)
+        docs = list(iter_corpus(dataset / "corpus.jsonl"))
+        doc_ids = [d.doc_id for d in docs]
+        matrix = corpus(document_dir, doc_ids, [document_text(d) for d in docs])
+        ids = list(evaluation.queries)
+        texts = [evaluation.queries[q].text for q in ids]
+        relevant = {q: [d for d, g in evaluation.qrels[q].items() if g > 0] for q in ids}
+        scores = []
+        for model_dir in (fp32_dir, int8_dir):
+            vectors = load_encoder(model_dir, threads=threads).encode(texts)
+            scores.append(ndcg10(rank_dense(ids, vectors, doc_ids, matrix, 100), relevant))
+        _log(f"align: int8 gate on {split}: fp32 {scores[0]:.1f}, int8 {scores[1]:.1f} nDCG@10")
+        return scores[0], scores[1]
+
+    return gate
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -49,6 +101,7 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import ValidationError
 
     from models.align.data import AlignDataError
+    from models.align.frozen import FrozenAlignRecipe
     from models.align.pipeline import AlignRecipe, run_alignment
     from models.align.train import CheckpointMismatchError
     from models.manifest import ManifestError
@@ -58,6 +111,8 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
         raw = json.loads(recipe_path.read_text(encoding="utf-8"))
         if args.dataset:
             raw["dataset"] = args.dataset
+        if raw.get("kind") == "frozen_document":
+            return _run_frozen(FrozenAlignRecipe.model_validate(raw), args, settings)
         recipe = AlignRecipe.model_validate(raw)
     except OSError as exc:
         return fail(f"{recipe_path}: {exc.strerror or exc}")
@@ -91,6 +146,53 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _run_frozen(recipe: Any, args: argparse.Namespace, settings: Settings) -> int:
+    from models.align.data import AlignDataError
+    from models.align.frozen import QualityGateError, run_frozen_alignment
+    from models.align.train import CheckpointMismatchError
+    from models.manifest import ManifestError
+
+    work_dir = Path(args.work_dir) if args.work_dir else settings.home / "align" / recipe.name
+    _log(f"align: recipe {args.recipe} -> work dir {work_dir}, deltas in {args.deltas_dir}")
+    corpus = corpus_vectors_from_cache(
+        settings.home / "cache", Path(recipe.dataset) / "corpus.jsonl", settings.threads
+    )
+    gate = (
+        int8_gate(
+            Path(recipe.dataset),
+            args.gate_split,
+            settings.models_path / recipe.document_model,
+            corpus,
+            settings.threads,
+        )
+        if args.gate_split
+        else None
+    )
+    try:
+        result = run_frozen_alignment(
+            recipe,
+            models_dir=settings.models_path,
+            work_dir=work_dir,
+            deltas_dir=Path(args.deltas_dir),
+            scorer=ndcg10,
+            corpus_vectors=corpus,
+            gate=gate,
+            log=_log,
+            threads=settings.threads,
+        )
+    except QualityGateError as exc:
+        return fail(str(exc))
+    except (AlignDataError, CheckpointMismatchError, ManifestError, OSError, ValueError) as exc:
+        return fail(str(exc))
+    for manifest in (result.query, result.query_onnx, result.query_int8):
+        if manifest is not None:
+            print(f"query encoder {manifest.name} (space {manifest.space})")
+    print(json.dumps({k: result.report[k] for k in ("selection_ndcg10", "shipped_step", "seconds")}))
+    if "gate" in result.report:
+        print(f"int8 gate: {json.dumps(result.report['gate'])}")
+    return 0
+
+
 def add_align_parser(models_sub: Any) -> None:
     align = models_sub.add_parser(
         "align",
@@ -104,5 +206,11 @@ def add_align_parser(models_sub: Any) -> None:
     )
     align.add_argument(
         "--deltas-dir", default=str(DEFAULT_DELTAS), help="where the trained deltas are written"
+    )
+    align.add_argument(
+        "--gate-split",
+        default="dev",
+        help="evaluation split on which the int8 query encoder must stay within the recipe's "
+        "int8_max_drop nDCG@10 of fp32 to be published ('' turns the gate off; frozen_document only)",
     )
     align.set_defaults(func=cmd_models_align)

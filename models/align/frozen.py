@@ -1,0 +1,306 @@
+"""Alignment into a frozen LLM embedder's space (CARE stage I with the document side kept as it is).
+
+When the document encoder is already an embedder (EmbeddingGemma), its index is never retrained: the
+small query encoder learns that space, from two signals the embedder itself gives plus the labels:
+
+1. the corpus pass: the embedder's document vectors of every corpus document (passed in, so the CLI
+   can share the evaluation's vector cache);
+2. the teacher pass: the embedder's *query* vectors of the training queries and of unlabelled
+   pseudo-queries (``models.align.pseudo``), cached in the work directory;
+3. a ridge start: the projection from the small encoder's pooled features to the teacher's query
+   vectors in closed form;
+4. query distillation (``train.train_query_distillation``): InfoNCE on the labels against the whole
+   corpus, listwise KL to the teacher's ranking of the whole corpus, scored on selection queries held
+   out of the training split every ``select_every`` steps; the best step is kept;
+5. artifacts: the query delta (committable), the rebuilt query encoder, its ONNX export and the int8
+   quantization, which a quality gate may refuse to publish.
+
+The query encoder's manifest names the embedder's own space, so the service pairs it with an index
+built by the untouched embedder and refuses any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.align.artifacts import build_query_encoder, save_query_delta
+from models.align.data import load_beir_train
+from models.align.negatives import rank_dense
+from models.align.pipeline import SELECTION_DEPTH, Scorer, split_selection
+from models.align.pseudo import PseudoQueries, pseudo_queries
+from models.align.query_side import QuerySideConfig, QueryTower, fit_projection
+from models.align.train import CHECKPOINT_FILE, TeacherSignal, TrainConfig, train_query_distillation
+from models.encoder import load_encoder
+from models.manifest import ModelManifest, verify_manifest
+
+Log = Callable[[str], None]
+# (document model dir, doc ids, doc texts) -> (len(ids), dim) document vectors, in order.
+CorpusVectors = Callable[[Path, Sequence[str], Sequence[str]], np.ndarray]
+# (fp32 query encoder dir, int8 query encoder dir) -> (fp32 nDCG@10, int8 nDCG@10) on a gate set.
+QualityGate = Callable[[Path, Path], tuple[float, float]]
+REPORT_FILE = "report.json"
+BEST_FILE = "best.pt"
+TEACHER_CHUNK = 512
+
+
+class QualityGateError(RuntimeError):
+    """The int8 query encoder loses more than the recipe allows against fp32: it is not published."""
+
+
+class FrozenAlignRecipe(BaseModel):
+    """A query encoder aligned into a frozen document embedder's space; a JSON file of this model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["frozen_document"] = "frozen_document"
+    name: str = Field(description="Prefix of the outputs: NAME-query, NAME-query-onnx, NAME-query-onnx-int8.")
+    query_model: str = Field(description="Built BERT-family query base (a directory in the models dir).")
+    document_model: str = Field(description="Built document embedder with a query prompt (the teacher).")
+    dataset: Path
+    split: str = "train"
+    query_field: str = "text"
+    selection_queries: int = Field(default=300, ge=1)
+    seed: int = 0
+    query_side: QuerySideConfig = QuerySideConfig()
+    pseudo_queries: PseudoQueries | None = PseudoQueries()
+    fit_projection: bool = True
+    training: TrainConfig
+    select_every: int = Field(default=50, gt=0)
+    encode_batch_size: int = Field(default=16, gt=0)
+    int8_max_drop: float = Field(
+        default=0.5, ge=0, description="Refuse the int8 encoder when it loses more nDCG@10 than this."
+    )
+
+
+@dataclass
+class FrozenAlignResult:
+    query: ModelManifest
+    query_onnx: ModelManifest
+    query_int8: ModelManifest | None
+    report: dict[str, object] = field(default_factory=dict)
+
+
+def teacher_query_vectors(
+    document_dir: Path, texts: Sequence[str], work_dir: Path, *, batch_size: int, log: Log, threads: int = 0
+) -> np.ndarray:
+    """The embedder's query vectors of ``texts``, cached in parts under ``work_dir`` by (weights,
+    texts), so an interrupted pass resumes and a rerun reads them."""
+    manifest = verify_manifest(document_dir)
+    key = hashlib.sha256(
+        json.dumps([manifest.fingerprint, manifest.query_prompt, manifest.dim, list(texts)]).encode()
+    ).hexdigest()[:16]
+    directory = work_dir / f"teacher-queries-{manifest.name}-{key}"
+    directory.mkdir(parents=True, exist_ok=True)
+    encoder = None
+    parts = []
+    for number, start in enumerate(range(0, len(texts), TEACHER_CHUNK)):
+        path = directory / f"part-{number:05d}.npy"
+        if not path.is_file():
+            if encoder is None:
+                log(f"align: teacher {manifest.name} encoding {len(texts) - start} queries")
+                encoder = load_encoder(document_dir, threads=threads, device="cpu", mode="query")
+            vectors = encoder.encode(texts[start : start + TEACHER_CHUNK], batch_size=batch_size)
+            partial = path.with_name(path.name + ".partial.npy")
+            np.save(partial, vectors.astype(np.float32))
+            partial.replace(path)
+        parts.append(np.load(path))
+    return np.concatenate(parts) if parts else np.zeros((0, manifest.dim), dtype=np.float32)
+
+
+@dataclass
+class _Selection:
+    """Scores the query side on held-out training queries and keeps its best weights."""
+
+    texts: list[str]
+    ids: list[str]
+    relevant: dict[str, Sequence[str]]
+    doc_ids: list[str]
+    doc_vectors: np.ndarray
+    scorer: Scorer
+    path: Path
+    best_score: float = float("-inf")
+    best_step: int = -1
+    scores: dict[int, float] = field(default_factory=dict)
+
+    def score(self, query: QueryTower) -> float:
+        rankings = rank_dense(
+            self.ids, query.encode(self.texts).numpy(), self.doc_ids, self.doc_vectors, SELECTION_DEPTH
+        )
+        return self.scorer(rankings, self.relevant)
+
+    def record(self, step: int, query: QueryTower) -> float:
+        score = self.score(query)
+        self.scores[step] = score
+        if score > self.best_score:
+            self.best_score, self.best_step = score, step
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"step": step, "score": score, "state": query.trainable_state()}, self.path)
+        return score
+
+    def restore_previous(self) -> None:
+        """The best of an interrupted run, so a resumed run still ships its best step."""
+        if self.path.is_file():
+            saved = torch.load(self.path, weights_only=True)
+            self.best_score, self.best_step = float(saved["score"]), int(saved["step"])
+
+    def load_best(self, query: QueryTower) -> None:
+        query.load_trainable_state(torch.load(self.path, weights_only=True)["state"])
+
+
+def run_frozen_alignment(
+    recipe: FrozenAlignRecipe,
+    *,
+    models_dir: Path,
+    work_dir: Path,
+    deltas_dir: Path,
+    scorer: Scorer,
+    corpus_vectors: CorpusVectors,
+    gate: QualityGate | None = None,
+    log: Log = print,
+    progress: bool = True,
+    threads: int = 0,
+) -> FrozenAlignResult:
+    """Train, select and publish a query encoder in ``recipe.document_model``'s space."""
+    from models.export import export_query_encoder, quantize_int8
+
+    if threads:
+        torch.set_num_threads(threads)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    began = time.perf_counter()
+    document_dir = models_dir / recipe.document_model
+    document = verify_manifest(document_dir)
+    if document.query_prompt is None:
+        raise ValueError(f"{recipe.document_model} has no query prompt: it cannot teach a query encoder")
+
+    data = load_beir_train(recipe.dataset, recipe.split, query_field=recipe.query_field)
+    train_ids, selection_ids = split_selection(data, recipe.selection_queries, recipe.seed)
+    doc_ids = list(data.corpus)
+    doc_texts = [data.corpus[d] for d in doc_ids]
+    row = {d: i for i, d in enumerate(doc_ids)}
+    labelled = [q for q in train_ids if any(d in row for d in data.positives[q])]
+    log(
+        f"align: {len(labelled)} training queries, {len(selection_ids)} for selection, "
+        f"{len(doc_ids)} documents"
+    )
+
+    corpus = np.asarray(corpus_vectors(document_dir, doc_ids, doc_texts), dtype=np.float32)
+    timings["corpus pass"] = time.perf_counter() - began
+    pseudo = (
+        pseudo_queries(recipe.pseudo_queries, recipe.dataset / "queries.jsonl", set(labelled), doc_texts)
+        if recipe.pseudo_queries is not None
+        else []
+    )
+    query_texts = [data.queries[q] for q in labelled]
+    started = time.perf_counter()
+    teacher = teacher_query_vectors(
+        document_dir,
+        query_texts + pseudo,
+        work_dir,
+        batch_size=recipe.encode_batch_size,
+        log=log,
+        threads=threads,
+    )
+    timings["teacher pass"] = time.perf_counter() - started
+    log(f"align: teacher vectors for {len(query_texts)} queries and {len(pseudo)} pseudo-queries")
+
+    checkpoint_dir = work_dir / "training"
+    side = recipe.query_side.model_copy(update={"output_dim": document.dim})
+    query = QueryTower(models_dir / recipe.query_model, side, seed=recipe.seed)
+    selection = _Selection(
+        texts=[data.queries[q] for q in selection_ids],
+        ids=selection_ids,
+        relevant={q: data.positives[q] for q in selection_ids},
+        doc_ids=doc_ids,
+        doc_vectors=corpus,
+        scorer=scorer,
+        path=checkpoint_dir / BEST_FILE,
+    )
+    resumed = (checkpoint_dir / CHECKPOINT_FILE).is_file()
+    if resumed:
+        selection.restore_previous()
+    else:
+        if recipe.fit_projection and query.projection is not None:
+            cosine = fit_projection(query, query_texts, torch.from_numpy(teacher[: len(query_texts)]))
+            log(f"align: projection fitted to the teacher's query vectors, mean cosine {cosine:.3f}")
+        log(f"align: start, selection nDCG@10 {selection.record(0, query):.1f}")
+
+    def on_step(step: int, loss: float) -> None:
+        if step % recipe.select_every == 0 or step == recipe.training.steps:
+            log(f"align: step {step}, loss {loss:.4f}, selection nDCG@10 {selection.record(step, query):.1f}")
+
+    started = time.perf_counter()
+    result = train_query_distillation(
+        query,
+        query_texts,
+        [[row[d] for d in data.positives[q] if d in row] for q in labelled],
+        torch.from_numpy(corpus),
+        TeacherSignal(
+            torch.from_numpy(teacher[: len(query_texts)]),
+            pseudo,
+            torch.from_numpy(teacher[len(query_texts) :]),
+        ),
+        recipe.training,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        on_step=on_step,
+    )
+    timings["training"] = time.perf_counter() - started
+    selection.load_best(query)
+    log(f"align: shipping step {selection.best_step} (selection nDCG@10 {selection.best_score:.1f})")
+
+    query_name = f"{recipe.name}-query"
+    delta_path = deltas_dir / f"{query_name}.safetensors"
+    save_query_delta(query, delta_path, name=query_name, space=document.space)
+    manifest = build_query_encoder(
+        models_dir / recipe.query_model, delta_path, models_dir / query_name, progress=log
+    )
+    onnx = export_query_encoder(
+        models_dir / query_name, models_dir / f"{query_name}-onnx", name=f"{query_name}-onnx", progress=log
+    )
+    int8_dir = models_dir / f"{query_name}-onnx-int8"
+    int8, cosine = quantize_int8(models_dir / f"{query_name}-onnx", int8_dir, progress=log)
+    log(f"align: int8 query encoder, min cosine to fp32 {cosine:.4f}")
+    report: dict[str, object] = {
+        "recipe": json.loads(recipe.model_dump_json()),
+        "training_queries": len(labelled),
+        "pseudo_queries": len(pseudo),
+        "selection_ndcg10": {str(k): v for k, v in sorted(selection.scores.items())},
+        "shipped_step": selection.best_step,
+        "steps": result.steps,
+        "int8_min_cosine": cosine,
+    }
+    refused = None
+    if gate is not None:
+        fp32_score, int8_score = gate(models_dir / f"{query_name}-onnx", int8_dir)
+        report["gate"] = {
+            "fp32_ndcg10": fp32_score,
+            "int8_ndcg10": int8_score,
+            "max_drop": recipe.int8_max_drop,
+        }
+        if fp32_score - int8_score > recipe.int8_max_drop:
+            shutil.rmtree(int8_dir)  # never left marked as built
+            refused = (
+                f"int8 {int8_score:.1f} vs fp32 {fp32_score:.1f} nDCG@10 "
+                f"(allowed drop {recipe.int8_max_drop})"
+            )
+    timings["total"] = time.perf_counter() - began
+    report["seconds"] = timings
+    (work_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if refused is not None:
+        raise QualityGateError(
+            f"int8 query encoder refused: {refused}; the fp32 export {models_dir / (query_name + '-onnx')} "
+            "is published, the int8 one is not"
+        )
+    return FrozenAlignResult(manifest, onnx, int8, report)
