@@ -22,6 +22,7 @@ from models.encoder import Device, EncodeMode
 from models.hf_loading import load_hf_model
 from models.manifest import ManifestError, ModelManifest
 from models.pooling import finish, pool
+from models.projection import load_projection
 
 PaddingSide = Literal["left", "right"]
 
@@ -81,6 +82,10 @@ class HFEncoder:
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model: Any = load_hf_model(model_dir, ATTN_IMPLEMENTATION).to(self.device)
         self.dense = load_dense_stack(model_dir, manifest.dense_layers).to(self.device)
+        # An aligned query encoder's projection into a wider document space (models/projection.py).
+        projection = load_projection(model_dir)
+        if projection is not None:
+            self.dense.append(projection.requires_grad_(False).to(self.device))
         width = output_width(self.dense, int(self.model.config.get_text_config().hidden_size))
         if manifest.dim > width:
             raise ManifestError(f"{model_dir}: manifest dim {manifest.dim} > output width {width}")
