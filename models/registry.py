@@ -160,7 +160,7 @@ RECIPES: dict[str, Recipe] = {
             card=ALIGNED,
         ),
         *_aligned_query_family(ALIGNED, "Gemma-3-270M (aligned)", ALIGNED),
-        *_aligned_query_family(ALIGNED_EMBEDDINGGEMMA, "EmbeddingGemma-300M", None),
+        *_aligned_query_family(ALIGNED_EMBEDDINGGEMMA, "EmbeddingGemma-300M", ALIGNED_EMBEDDINGGEMMA),
     )
 }
 

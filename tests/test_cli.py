@@ -87,13 +87,20 @@ def test_align_refuses_the_dev_split(home: Path, capsys: pytest.CaptureFixture[s
     assert "held out" in capsys.readouterr().err
 
 
-def test_shipped_recipe_is_valid() -> None:
+def test_shipped_recipes_are_valid() -> None:
     from medsearch.align_cli import DEFAULT_RECIPE
+    from models.align.frozen import FrozenAlignRecipe
     from models.align.pipeline import AlignRecipe
 
-    recipe = AlignRecipe.model_validate_json(DEFAULT_RECIPE.read_text(encoding="utf-8"))
-    assert recipe.split == "train"  # never the dev split
-    assert recipe.document_side.mode != "frozen"
+    default = FrozenAlignRecipe.model_validate_json(DEFAULT_RECIPE.read_text(encoding="utf-8"))
+    assert default.split == "train"  # never the dev split
+    assert (default.document_model, default.query_model) == ("embeddinggemma-300m", "multilingual-e5-small")
+    assert default.training.stage == "query_distillation"
+    gemma = AlignRecipe.model_validate_json(
+        (DEFAULT_RECIPE.parent / "care-gemma-3-270m.json").read_text(encoding="utf-8")
+    )
+    assert gemma.split == "train"
+    assert gemma.document_side.mode != "frozen"
 
 
 def test_build_of_an_aligned_model_without_its_delta_says_how_to_train_it(

@@ -187,7 +187,7 @@ def test_dim_truncation_then_normalization(model_dir: Path) -> None:
 
 
 def test_dim_larger_than_the_model_is_refused(tiny_bert: Path) -> None:
-    with pytest.raises(ManifestError, match="hidden size"):
+    with pytest.raises(ManifestError, match="output width 32"):
         _encoder(tiny_bert, dim=33)
 
 
@@ -207,3 +207,25 @@ def test_empty_input(tiny_gemma: Path) -> None:
     out = encoder.encode([])
     assert out.shape == (0, encoder.manifest.dim)
     assert out.dtype == np.float32
+
+
+def test_an_aligned_query_encoders_projection_is_applied(tiny_bert: Path, tmp_path: Path) -> None:
+    """A trained query side saved as HF weights + projection.safetensors encodes into the wider space,
+    exactly as its ONNX export will."""
+    import shutil
+
+    from models.manifest import write_manifest
+    from models.projection import save_projection
+
+    model_dir = tmp_path / "aligned"
+    shutil.copytree(tiny_bert, model_dir)
+    base = load_encoder(tiny_bert, device="cpu")
+    projection = torch.nn.Linear(base.manifest.dim, 48, bias=False)
+    save_projection(projection, model_dir)
+    write_manifest(model_dir, read_manifest(tiny_bert).model_copy(update={"dim": 48}))
+    texts = ["头痛怎么办", "高血压能吃党参吗"]
+    pooled = torch.from_numpy(base.encode(texts))  # unit vectors: the direction is all that matters
+    expected = torch.nn.functional.normalize(projection(pooled), dim=-1).detach().numpy()
+    got = load_encoder(model_dir, device="cpu").encode(texts)
+    assert got.shape == (2, 48)
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -42,7 +42,7 @@ from models.align.pseudo import PseudoQueries, pseudo_queries
 from models.align.query_side import QuerySideConfig, QueryTower, fit_projection
 from models.align.train import CHECKPOINT_FILE, TeacherSignal, TrainConfig, train_query_distillation
 from models.encoder import load_encoder
-from models.manifest import ModelManifest, verify_manifest
+from models.manifest import ManifestError, ModelManifest, verify_manifest
 
 Log = Callable[[str], None]
 # (document model dir, doc ids, doc texts) -> (len(ids), dim) document vectors, in order.
@@ -183,6 +183,10 @@ def run_frozen_alignment(
     document = verify_manifest(document_dir)
     if document.query_prompt is None:
         raise ValueError(f"{recipe.document_model} has no query prompt: it cannot teach a query encoder")
+    try:  # checked before the long corpus and teacher passes, not after them
+        verify_manifest(models_dir / recipe.query_model)
+    except ManifestError as exc:
+        raise ManifestError(f"{exc}; build it with: medsearch models build {recipe.query_model}") from exc
 
     data = load_beir_train(recipe.dataset, recipe.split, query_field=recipe.query_field)
     train_ids, selection_ids = split_selection(data, recipe.selection_queries, recipe.seed)
