@@ -19,7 +19,15 @@ import torch
 from transformers import AutoTokenizer
 
 from models.hf_loading import load_hf_model
-from models.manifest import ModelManifest, Pooling, fingerprint_of, hash_files, read_manifest, write_manifest
+from models.manifest import (
+    ModelManifest,
+    Pooling,
+    fingerprint_of,
+    hash_files,
+    read_manifest,
+    replace_model_dir,
+    write_manifest,
+)
 from models.onnx_encoder import ONNX_FILE, OUTPUT_NAME, TOKENIZER_FILE, OnnxEncoder
 from models.pooling import finish, pool
 from models.projection import load_projection
@@ -162,7 +170,7 @@ def export_query_encoder(
                 f"ONNX export of {src_dir} reproduces PyTorch only at cosine {cosine:.6f} < {min_cosine}"
             )
         progress(f"export: parity with PyTorch, min cosine {cosine:.6f} over {len(parity_texts)} texts")
-        _replace_dir(work, out_dir)
+        replace_model_dir(work, out_dir)
         return sealed
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -238,19 +246,7 @@ def quantize_int8(
         int8 = OnnxEncoder(work, manifest).encode(texts)
         cosine = min_row_cosine(fp32, int8)
         progress(f"quantize: min cosine against fp32 {cosine:.4f}")
-        _replace_dir(work, out_dir)
+        replace_model_dir(work, out_dir)
         return manifest, cosine
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _replace_dir(built: Path, target: Path) -> None:
-    """Swap a finished build into place so readers never see a half-written model directory."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        built.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        built.rename(target)

@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,26 +45,24 @@ from transformers import AutoTokenizer
 from models.align.data import BeirTrainData, load_beir_train
 from models.align.losses import info_nce
 from models.align.negatives import rank_dense
-from models.align.pipeline import split_selection
+from models.align.pipeline import SELECTION_DEPTH, Scorer, split_selection
 from models.align.train import batch_items
 from models.hf_loading import load_hf_model
 from models.manifest import (
     MANIFEST_FILE,
     ModelManifest,
     read_manifest,
+    replace_model_dir,
     sha256_file,
     verify_manifest,
     write_manifest,
 )
 from models.pooling import finish, pool
 
-# (rankings: query id -> doc ids best first, relevant: query id -> doc ids) -> nDCG@10 in percent.
-Scorer = Callable[[Mapping[str, Sequence[str]], Mapping[str, Sequence[str]]], float]
 Log = Callable[[str], None]
 DEFAULT_BASE = "multilingual-e5-small"
 DEFAULT_NAME = "multilingual-e5-small-ft"
 REPORT_SUFFIX = ".finetune.json"
-SELECTION_DEPTH = 100
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json")
 
 
@@ -298,18 +296,6 @@ def train(
     return losses
 
 
-def _swap_into_place(built: Path, target: Path) -> None:
-    """Readers never see a half-written model directory."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        built.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        built.rename(target)
-
-
 def _check_replaceable(out_dir: Path, name: str) -> None:
     """Only an earlier build of this model may be replaced."""
     if not out_dir.exists():
@@ -355,7 +341,7 @@ def build_document_encoder(
         work.chmod(0o755)
         for path in work.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
-        _swap_into_place(work, out_dir)
+        replace_model_dir(work, out_dir)
         return sealed
     finally:
         shutil.rmtree(work, ignore_errors=True)

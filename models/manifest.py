@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -128,3 +129,15 @@ def verify_manifest(model_dir: Path) -> ModelManifest:
         if actual[name] != digest:
             raise ManifestError(f"{model_dir}: {name} does not match its sha256 in the manifest")
     return manifest
+
+
+def replace_model_dir(built: Path, target: Path) -> None:
+    """Swap a finished build into place so readers never see a half-written model directory."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        built.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        built.rename(target)

@@ -29,7 +29,7 @@ from models.align.document_side import DocumentTower
 from models.align.lora import merge_lora
 from models.align.query_side import QuerySideConfig, QueryTower
 from models.hf_loading import load_hf_model
-from models.manifest import MANIFEST_FILE, ModelManifest, verify_manifest, write_manifest
+from models.manifest import MANIFEST_FILE, ModelManifest, replace_model_dir, verify_manifest, write_manifest
 from models.projection import save_projection
 
 DELTA_METADATA_KEY = "medsearch.align_delta"
@@ -135,24 +135,12 @@ def apply_delta(model: torch.nn.Module, delta: DocumentDelta, tensors: Mapping[s
                 params[name].copy_(merged)
 
 
-def _swap_into_place(built: Path, target: Path) -> None:
-    """Readers never see a half-written model directory."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        built.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        built.rename(target)
-
-
 def _build(out_dir: Path, write: Callable[[Path], ModelManifest]) -> ModelManifest:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         manifest = write(work)
-        _swap_into_place(work, out_dir)
+        replace_model_dir(work, out_dir)
         return manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)
