@@ -97,6 +97,12 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _work_dir(args: argparse.Namespace, settings: Settings, name: str) -> Path:
+    work_dir = Path(args.work_dir) if args.work_dir else settings.home / "align" / name
+    _log(f"align: recipe {args.recipe} -> work dir {work_dir}, deltas in {args.deltas_dir}")
+    return work_dir
+
+
 def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import ValidationError
 
@@ -122,8 +128,7 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         return fail(f"{recipe_path}: field {where!r}: {first['msg']}")
-    work_dir = Path(args.work_dir) if args.work_dir else settings.home / "align" / recipe.name
-    _log(f"align: recipe {recipe_path} -> work dir {work_dir}, deltas in {args.deltas_dir}")
+    work_dir = _work_dir(args, settings, recipe.name)
     try:
         result = run_alignment(
             recipe,
@@ -152,8 +157,7 @@ def _run_frozen(recipe: Any, args: argparse.Namespace, settings: Settings) -> in
     from models.align.train import CheckpointMismatchError
     from models.manifest import ManifestError
 
-    work_dir = Path(args.work_dir) if args.work_dir else settings.home / "align" / recipe.name
-    _log(f"align: recipe {args.recipe} -> work dir {work_dir}, deltas in {args.deltas_dir}")
+    work_dir = _work_dir(args, settings, recipe.name)
     corpus = corpus_vectors_from_cache(
         settings.home / "cache", Path(recipe.dataset) / "corpus.jsonl", settings.threads
     )
@@ -180,13 +184,17 @@ def _run_frozen(recipe: Any, args: argparse.Namespace, settings: Settings) -> in
             log=_log,
             threads=settings.threads,
         )
-    except QualityGateError as exc:
-        return fail(str(exc))
-    except (AlignDataError, CheckpointMismatchError, ManifestError, OSError, ValueError) as exc:
+    except (
+        QualityGateError,
+        AlignDataError,
+        CheckpointMismatchError,
+        ManifestError,
+        OSError,
+        ValueError,
+    ) as exc:
         return fail(str(exc))
     for manifest in (result.query, result.query_onnx, result.query_int8):
-        if manifest is not None:
-            print(f"query encoder {manifest.name} (space {manifest.space})")
+        print(f"query encoder {manifest.name} (space {manifest.space})")
     print(json.dumps({k: result.report[k] for k in ("selection_ndcg10", "shipped_step", "seconds")}))
     if "gate" in result.report:
         print(f"int8 gate: {json.dumps(result.report['gate'])}")

@@ -45,7 +45,7 @@ from transformers import AutoTokenizer
 from models.align.data import BeirTrainData, load_beir_train
 from models.align.losses import info_nce
 from models.align.negatives import rank_dense
-from models.align.pipeline import SELECTION_DEPTH, Scorer, split_selection
+from models.align.pipeline import SELECTION_DEPTH, PhaseReport, Scorer, split_selection
 from models.align.train import batch_items
 from models.hf_loading import load_hf_model
 from models.manifest import (
@@ -110,20 +110,11 @@ class FinetuneConfig(BaseModel):
 
 
 @dataclass
-class PhaseFigures:
-    phase: str
-    seconds: float
-    steps: int = 0
-    last_loss: float | None = None
-    selection_ndcg10: float | None = None
-
-
-@dataclass
 class FinetuneResult:
     document: ModelManifest
     query_onnx: ModelManifest
     report_path: Path
-    phases: list[PhaseFigures] = field(default_factory=list)
+    phases: list[PhaseReport] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
 
@@ -386,9 +377,9 @@ def finetune(
 
     if threads:
         torch.set_num_threads(threads)
-    phases: list[PhaseFigures] = []
+    phases: list[PhaseReport] = []
 
-    def record(figures: PhaseFigures) -> None:
+    def record(figures: PhaseReport) -> None:
         phases.append(figures)
         score = (
             "" if figures.selection_ndcg10 is None else f", selection nDCG@10 {figures.selection_ndcg10:.1f}"
@@ -404,19 +395,19 @@ def finetune(
     for target in (out_dir, onnx_dir):  # before the training, not after it
         _check_replaceable(target, target.name)
     encoder = SymmetricEncoder(base_dir, base)
-    record(PhaseFigures("data and base model", time.perf_counter() - began))
+    record(PhaseReport("data and base model", time.perf_counter() - began))
 
     began = time.perf_counter()
     before = _score(encoder, config, data, scorer)
-    record(PhaseFigures("base", time.perf_counter() - began, selection_ndcg10=before))
+    record(PhaseReport("base", time.perf_counter() - began, selection_ndcg10=before))
 
     began = time.perf_counter()
     losses = train(encoder, config, data, log=log, progress=progress)
-    record(PhaseFigures("training", time.perf_counter() - began, steps=len(losses), last_loss=losses[-1]))
+    record(PhaseReport("training", time.perf_counter() - began, steps=len(losses), last_loss=losses[-1]))
 
     began = time.perf_counter()
     after = _score(encoder, config, data, scorer)
-    record(PhaseFigures("fine-tuned", time.perf_counter() - began, selection_ndcg10=after))
+    record(PhaseReport("fine-tuned", time.perf_counter() - began, selection_ndcg10=after))
 
     began = time.perf_counter()
     manifest = base.model_copy(
@@ -431,7 +422,7 @@ def finetune(
     )
     document = build_document_encoder(encoder, base_dir, out_dir, manifest)
     log(f"finetune: {out_dir} ready, space {document.space!r}, fingerprint {document.fingerprint[:12]}")
-    record(PhaseFigures("build", time.perf_counter() - began))
+    record(PhaseReport("build", time.perf_counter() - began))
 
     began = time.perf_counter()
     onnx = export_query_encoder(
@@ -441,7 +432,7 @@ def finetune(
         prompt=config.query_prompt,
         progress=log,
     )
-    record(PhaseFigures("onnx export", time.perf_counter() - began))
+    record(PhaseReport("onnx export", time.perf_counter() - began))
 
     report_path = models_dir / f"{config.name}{REPORT_SUFFIX}"
     _write_json(

@@ -87,7 +87,7 @@ class FrozenAlignRecipe(BaseModel):
 class FrozenAlignResult:
     query: ModelManifest
     query_onnx: ModelManifest
-    query_int8: ModelManifest | None
+    query_int8: ModelManifest
     report: dict[str, object] = field(default_factory=dict)
 
 

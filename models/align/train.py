@@ -420,6 +420,18 @@ def train_joint(
     )
 
 
+def _corpus_targets(
+    rng: np.random.Generator, items: Sequence[int], positives: Sequence[Sequence[int]], n_documents: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Against a fixed corpus: one positive row per query (the target) and, per query, every one of
+    its positive rows (none of them may count as a negative)."""
+    chosen = torch.tensor([positives[i][int(rng.integers(len(positives[i])))] for i in items])
+    known = torch.zeros(len(items), n_documents, dtype=torch.bool)
+    for row, i in enumerate(items):
+        known[row, list(positives[i])] = True
+    return chosen, known
+
+
 def train_query_retrieval(
     query: QueryTower,
     queries: Sequence[str],
@@ -454,10 +466,7 @@ def train_query_retrieval(
 
     def step_loss(step: int, items: list[int]) -> torch.Tensor:
         rng = np.random.default_rng([config.seed, step])
-        chosen = torch.tensor([positives[i][int(rng.integers(len(positives[i])))] for i in items])
-        known = torch.zeros(len(items), len(unit), dtype=torch.bool)
-        for row, i in enumerate(items):
-            known[row, list(positives[i])] = True
+        chosen, known = _corpus_targets(rng, items, positives, len(unit))
         vectors = query.embed([queries[i] for i in items])
         loss = info_nce(vectors, unit, chosen, config.temperature, known)
         if config.mse_weight:
@@ -536,10 +545,7 @@ def train_query_distillation(
 
     def step_loss(step: int, items: list[int]) -> torch.Tensor:
         rng = np.random.default_rng([config.seed, step])
-        chosen = torch.tensor([positives[i][int(rng.integers(len(positives[i])))] for i in items])
-        known = torch.zeros(len(items), len(unit), dtype=torch.bool)
-        for row, i in enumerate(items):
-            known[row, list(positives[i])] = True
+        chosen, known = _corpus_targets(rng, items, positives, len(unit))
         if config.duplicate_cosine is not None:
             known |= unit[chosen] @ unit.T >= config.duplicate_cosine
         vectors = query.embed([queries[i] for i in items])
