@@ -88,6 +88,28 @@ def test_base_plus_delta_rebuilds_the_trained_document_encoder(
     assert np.abs(rebuilt - untrained).max() > 1e-2  # the delta really changed the encoder
 
 
+def test_embedder_document_side_keeps_its_dense_layers_through_a_lora_delta(
+    tiny_st_embedder: Path, tmp_path: Path
+) -> None:
+    # CARE stage II on an LLM embedder (EmbeddingGemma): LoRA on the Gemma3 stack, while the frozen
+    # Dense layers after the pooling must run in training and ship with the rebuilt encoder.
+    untrained_tower = DocumentTower(
+        tiny_st_embedder, DocumentSideConfig(mode="lora", lora_rank=4, lora_alpha=8)
+    )
+    untrained = load_encoder(tiny_st_embedder, device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(untrained_tower.encode(TEXTS).numpy(), untrained, atol=1e-5)
+
+    tower = _trained(tiny_st_embedder, DocumentSideConfig(mode="lora", lora_rank=4, lora_alpha=8))
+    save_document_delta(tower, tmp_path / "delta.safetensors", name="tiny-st-care")
+    out = tmp_path / "tiny-st-care"
+    manifest = build_document_encoder(tiny_st_embedder, tmp_path / "delta.safetensors", out, progress=_quiet)
+    assert manifest.dense_layers == ["2_Dense", "3_Dense"]
+    assert verify_manifest(out) == manifest  # the Dense modules' files are there and pinned
+    rebuilt = load_encoder(out, device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(rebuilt, tower.encode(TEXTS).numpy(), atol=2e-3)  # fp16 delta
+    assert np.abs(rebuilt - untrained).max() > 1e-2
+
+
 def test_truncated_document_side_keeps_its_dim_through_the_delta(tiny_gemma: Path, tmp_path: Path) -> None:
     # Keeping the first N dims lets a decoder share the space of a narrower query encoder.
     full_dim = verify_manifest(tiny_gemma).dim

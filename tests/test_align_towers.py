@@ -133,8 +133,10 @@ def test_document_side_refuses_impossible_configs(
         DocumentTower(tiny_gemma, config)
 
 
-def test_document_side_must_be_decoder_only(tiny_bert: Path) -> None:
-    with pytest.raises(ValueError, match="decoder-only"):
+def test_document_side_must_be_a_decoder_stack(tiny_bert: Path) -> None:
+    # A BERT has no decoder layer stack to cache below or put LoRA on; LLM embedders do (see
+    # test_align_artifacts: EmbeddingGemma-shaped).
+    with pytest.raises(ValueError, match="decoder-stack"):
         DocumentTower(tiny_bert, DocumentSideConfig())
 
 

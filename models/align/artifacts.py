@@ -159,9 +159,12 @@ def build_document_encoder(
     def write(work: Path) -> ModelManifest:
         model.save_pretrained(work, safe_serialization=True)
         for path in sorted(base_dir.iterdir()):
-            # Tokenizer and other side files; the weights and config are the ones just saved.
-            keep = path.is_file() and path.name != MANIFEST_FILE and not path.name.endswith(_WEIGHT_SUFFIXES)
-            if keep and not (work / path.name).exists():
+            # Tokenizer, Dense modules and other side files; the weights and config are the ones just saved.
+            if (work / path.name).exists() or path.name == MANIFEST_FILE:
+                continue
+            if path.is_dir():
+                shutil.copytree(path, work / path.name)
+            elif path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(path, work / path.name)
         digest = hashlib.sha256(delta_path.read_bytes()).hexdigest()
         manifest = base.model_copy(

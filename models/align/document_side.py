@@ -1,4 +1,5 @@
-"""The trainable document side: a decoder-only encoder, frozen, with its top layers trainable, or LoRA.
+"""The trainable document side: a decoder-stack encoder (a decoder LLM, or an LLM embedder such as
+EmbeddingGemma), frozen, with its top layers trainable, or LoRA.
 
 Inputs go through the transformers runtime's own tokenization and collation (``HFEncoder``: prompt,
 truncation, EOS appended, left padding, positions counting real tokens) and the shared pooling, so a
@@ -89,8 +90,6 @@ class DocumentTower:
         self, model_dir: Path, config: DocumentSideConfig, *, seed: int = 0, threads: int = 0
     ) -> None:
         base: ModelManifest = read_manifest(model_dir)
-        if not base.decoder_only:
-            raise ValueError(f"{model_dir}: the document side must be a decoder-only model")
         self.model_dir = model_dir
         self.config = config
         self.base_manifest = base
@@ -101,7 +100,11 @@ class DocumentTower:
         self.encoder = HFEncoder(model_dir, manifest, threads=threads, device="cpu")
         self.model: Any = self.encoder.model
         self.model.requires_grad_(False)
-        self.layers: nn.ModuleList = self.model.layers
+        self.encoder.dense.requires_grad_(False)
+        layers = getattr(self.model, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"{model_dir}: the document side must be a decoder-stack model (Gemma, Qwen)")
+        self.layers: nn.ModuleList = layers
         self.first_trainable = self._make_trainable(seed)
         self._base_values = {
             name: p.detach().clone()
@@ -221,7 +224,8 @@ class DocumentTower:
             skipped: dict[int, nn.Module] = {i: _Passthrough() for i in range(self.first_trainable)}
             with _replaced(self.layers, skipped):
                 hidden = self.model(inputs_embeds=states, **inputs).last_hidden_state
-        pooled = pool(hidden.float(), batch.attention_mask, self.manifest.pooling)
+        # An embedder's Dense layers (EmbeddingGemma) stay frozen after the pooling, as at indexing.
+        pooled = self.encoder.dense(pool(hidden.float(), batch.attention_mask, self.manifest.pooling))
         return finish(pooled, self.manifest.dim, self.manifest.normalize)
 
     def encode(self, texts: Sequence[str], batch_size: int = 16, *, progress: bool = False) -> torch.Tensor:
