@@ -89,8 +89,24 @@ def classify(exc: BaseException) -> ErrorKind:
     return ERRORS[Exception]
 
 
+def _malformed_json(exc: RequestValidationError) -> str | None:
+    """The parser's complaint when the body is empty or not JSON at all (FastAPI reports it as a 422
+    on a field named after the character offset); None for a well-formed body with bad values."""
+    for error in exc.errors():
+        if error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body",):
+            return "body: empty; expected a JSON object"
+        if error.get("type") == "json_invalid":
+            loc = error.get("loc", ())
+            where = f" at character {loc[-1]}" if len(loc) > 1 else ""
+            reason = str((error.get("ctx") or {}).get("error", error.get("msg", "")))
+            return f"body: malformed JSON{where}: {reason}"
+    return None
+
+
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """Status and JSON body for ``exc`` according to the table."""
+    if isinstance(exc, RequestValidationError) and (malformed := _malformed_json(exc)) is not None:
+        return 400, {"error": "malformed_json", "message": malformed}
     if isinstance(exc, HTTPException):
         # Routing errors (404, 405): Starlette's detail is its own fixed text.
         return exc.status_code, {"error": "http_error", "message": str(exc.detail)}

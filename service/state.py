@@ -143,6 +143,13 @@ def _read_query_manifest(settings: Settings) -> ModelManifest:
         manifest = read_manifest(query_dir)
     except ManifestError as exc:
         raise StartupError(f"{exc}; rebuild it with {BUILD_MODELS}") from exc
+    if manifest.role != "query":
+        # A document encoder exported to ONNX may share the collection's space, yet it was never
+        # trained on queries (no query prompt, document-length inputs): refuse it by role, not by space.
+        raise StartupError(
+            f"{query_dir} holds a {manifest.role} encoder ({manifest.name!r}); MEDSEARCH_QUERY_MODEL must "
+            "name a query encoder (role 'query' in its manifest.json)"
+        )
     if manifest.format != "onnx":
         # Other formats need torch, which the serving install does not have.
         raise StartupError(

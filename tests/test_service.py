@@ -248,6 +248,24 @@ async def test_invalid_body_is_422_naming_the_field(
     assert [d["field"] for d in error["details"]] == [field]
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"{not json", "body: malformed JSON at character 1: "),
+        (b'{"query": "x",}', "body: malformed JSON at character 14: "),
+        (b"", "body: empty; expected a JSON object"),
+    ],
+)
+async def test_malformed_json_is_400_not_a_field_error(
+    client: httpx.AsyncClient, raw: bytes, message: str
+) -> None:
+    response = await client.post("/search", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()
+    assert error["error"] == "malformed_json"
+    assert error["message"].startswith(message)
+
+
 async def test_unknown_filter_key_is_422_listing_allowed_fields(client: httpx.AsyncClient) -> None:
     response = await client.post("/search", json={"query": QUERY, "filter": {"department_x": "cardiology"}})
     assert response.status_code == 422
@@ -435,6 +453,13 @@ def test_missing_collection_names_the_index_command(settings: Settings) -> None:
     assert "`medsearch index ...`" in str(excinfo.value)
 
 
+def test_a_document_encoder_is_refused_as_query_encoder_even_in_the_right_space(settings: Settings) -> None:
+    model_dir = write_query_model(settings)
+    write_manifest(model_dir, query_manifest().model_copy(update={"role": "document"}))
+    with pytest.raises(StartupError, match="holds a document encoder .* must name a query encoder"):
+        load_state(settings)
+
+
 def test_space_mismatch_refuses_to_start(settings: Settings) -> None:
     write_query_model(settings, space="query-space")
     edge = open_store(None, settings.store_path)
@@ -565,7 +590,9 @@ async def test_query_text_is_logged_only_when_enabled(
         async with running(create_app(configured, state)) as client:
             assert (await client.post("/search", json={"query": secret})).status_code == 200
             assert (await client.post("/search", json={"query": secret, "top_k": 0})).status_code == 422
-    assert caplog.records, "the search route logs something at DEBUG either way"
+    # httpx logs every request too, so only the service's own records prove the route logged.
+    ours = [r for r in caplog.records if r.name == "medsearch.service"]
+    assert any("search" in r.getMessage() for r in ours), "the search route logs at DEBUG either way"
     assert (secret in caplog.text) is log_queries
 
 

@@ -22,6 +22,7 @@ logger = logging.getLogger("medsearch.service")
 router = APIRouter()
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorResponse, "description": "Body is empty or not JSON."},
     413: {"model": ErrorResponse, "description": "Request body over the configured byte limit."},
     422: {"model": ErrorResponse, "description": "Invalid body; the message names the offending field."},
     503: {"model": ErrorResponse, "description": "Store unreachable or collection not servable."},
