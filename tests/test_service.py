@@ -456,7 +456,7 @@ def test_missing_collection_names_the_index_command(settings: Settings) -> None:
 def test_a_document_encoder_is_refused_as_query_encoder_even_in_the_right_space(settings: Settings) -> None:
     model_dir = write_query_model(settings)
     write_manifest(model_dir, query_manifest().model_copy(update={"role": "document"}))
-    with pytest.raises(StartupError, match="holds a document encoder .* must name a query encoder"):
+    with pytest.raises(StartupError, match=r"holds a document encoder .* must name a query encoder"):
         load_state(settings)
 
 
