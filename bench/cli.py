@@ -332,8 +332,8 @@ def _indexer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-size", type=_positive_int, default=2048, help="matmul probe matrix size")
 
 
-def add_bench_parser(sub: Any) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: service load, query encoders, indexer")
+def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
+    """Fill `medsearch bench` (the CLI creates the parser: this module loads only when it runs)."""
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     commands = {
         "service": ("load test a running (or --spawn'ed) service", (_service_options,)),

@@ -252,12 +252,9 @@ def _eval_service(args: argparse.Namespace, settings: Settings, split: BeirSplit
     return 0
 
 
-def add_eval_parser(sub: Any) -> None:
-    ev = sub.add_parser(
-        "eval",
-        help="compare encoder configurations on a BEIR dataset directory",
-        description=__doc__.splitlines()[0] if __doc__ else None,
-    )
+def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
+    """Fill `medsearch eval` (the CLI creates the parser: this module loads only when it runs)."""
+    ev.description = __doc__.splitlines()[0] if __doc__ else None
     ev.add_argument("dataset", metavar="DATASET_DIR", help="corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     ev.add_argument("--split", default="dev", help="qrels split (default dev; never tune on it)")
     ev.add_argument("--output", metavar="FILE", help="write every figure as JSON")

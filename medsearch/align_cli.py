@@ -201,12 +201,9 @@ def _run_frozen(recipe: Any, args: argparse.Namespace, settings: Settings) -> in
     return 0
 
 
-def add_align_parser(models_sub: Any) -> None:
-    align = models_sub.add_parser(
-        "align",
-        help="train a query encoder and an LLM document encoder into one space (CARE's two stages)",
-        description=__doc__.splitlines()[0] if __doc__ else None,
-    )
+def add_align_arguments(align: argparse.ArgumentParser) -> None:
+    """Fill `medsearch models align` (the CLI creates the parser: this module loads only when it runs)."""
+    align.description = __doc__.splitlines()[0] if __doc__ else None
     align.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe JSON (default: the shipped one)")
     align.add_argument("--dataset", help="override the recipe's BEIR dataset directory")
     align.add_argument(

@@ -1,22 +1,93 @@
-"""The `medsearch` command: serve, index, models, eval.
+"""The `medsearch` command: serve, index, models, eval, bench.
 
 Heavy imports (torch via the document encoders, the service stack) happen inside each subcommand, so
-`medsearch serve` never imports torch and `medsearch --help` is instant.
+`medsearch serve` never imports torch and `medsearch --help` is instant. The development commands
+(eval, bench, models align, models finetune-e5) live in modules the serving image does not ship:
+their modules are imported only when that command is run, so every other command works without them.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from bench.cli import add_bench_parser
-from evaluation.cli import add_eval_parser
-from medsearch.align_cli import add_align_parser
 from medsearch.cli_support import fail, model_dir, open_configured_store
-from medsearch.finetune_cli import add_finetune_parser
 from medsearch.settings import Settings
+
+
+@dataclass(frozen=True)
+class LazyCommand:
+    """A subcommand whose parser (and module) is loaded only when the command line names it."""
+
+    parents: tuple[str, ...]  # () for a top-level command, ("models",) under `medsearch models`
+    name: str
+    module: str
+    adder: str  # module function that fills the subcommand's parser with its arguments
+    help: str
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return (*self.parents, self.name)
+
+
+LAZY_COMMANDS = (
+    LazyCommand(
+        ("models",),
+        "align",
+        "medsearch.align_cli",
+        "add_align_arguments",
+        "train a query encoder and an LLM document encoder into one space (CARE's two stages)",
+    ),
+    LazyCommand(
+        ("models",),
+        "finetune-e5",
+        "medsearch.finetune_cli",
+        "add_finetune_arguments",
+        "fine-tune e5-small symmetrically on BEIR training qrels (the fair small baseline)",
+    ),
+    LazyCommand(
+        (), "eval", "evaluation.cli", "add_eval_arguments", "compare encoder configurations on a BEIR set"
+    ),
+    LazyCommand(
+        (), "bench", "bench.cli", "add_bench_arguments", "benchmarks: service load, query encoders, indexer"
+    ),
+)
+
+
+def _command_words(argv: Sequence[str]) -> list[str]:
+    """The leading subcommand words of ``argv`` (no option comes before them in this CLI)."""
+    words: list[str] = []
+    for arg in argv:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    return words
+
+
+def _add_lazy(subparsers: Any, command: LazyCommand, chosen: bool) -> None:
+    parser = subparsers.add_parser(command.name, help=command.help)
+    if not chosen:  # listed in --help, never run: its module stays unimported
+        return
+    try:
+        fill = getattr(importlib.import_module(command.module), command.adder)
+    except ImportError as exc:
+        missing = exc.name or command.module
+
+        def unavailable(_args: argparse.Namespace, _settings: Settings) -> int:
+            return fail(
+                f"medsearch {' '.join(command.path)} is not part of this installation (module {missing} "
+                "is missing); it ships with the source checkout: pip install -e '.[index,dev]'"
+            )
+
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+        parser.set_defaults(func=unavailable)
+        return
+    fill(parser)
 
 
 def cmd_models_build(args: argparse.Namespace, settings: Settings) -> int:
@@ -140,7 +211,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return serve(settings.model_copy(update=updates))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser for ``argv``: the lazy commands ``argv`` names get their full parsers."""
+    words = _command_words(argv)
+
+    def chosen(command: LazyCommand) -> bool:
+        return tuple(words[: len(command.path)]) == command.path
+
     parser = argparse.ArgumentParser(prog="medsearch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -186,16 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--space", help="vector space id (default: the source manifest's)")
     export.add_argument("--int8", action="store_true", help="also write an int8 copy")
     export.set_defaults(func=cmd_models_export)
-    add_align_parser(msub)
-    add_finetune_parser(msub)
-
-    add_eval_parser(sub)
-    add_bench_parser(sub)
+    for command in LAZY_COMMANDS:
+        _add_lazy(msub if command.parents == ("models",) else sub, command, chosen(command))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(arguments).parse_args(arguments)
     return int(args.func(args, Settings()))
 
 

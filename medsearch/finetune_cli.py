@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from medsearch.cli_support import fail
 from medsearch.settings import Settings
@@ -82,14 +81,12 @@ def cmd_models_finetune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def add_finetune_parser(models_sub: Any) -> None:
+def add_finetune_arguments(ft: argparse.ArgumentParser) -> None:
+    """Fill `medsearch models finetune-e5` (the CLI creates the parser: this module loads only when
+    it runs)."""
     # Defaults live in models.finetune.FinetuneConfig; the help repeats them so that building the
-    # parser does not import torch (`medsearch serve` and `--help` never do).
-    ft = models_sub.add_parser(
-        "finetune-e5",
-        help="fine-tune e5-small symmetrically on BEIR training qrels (the fair small baseline)",
-        description=__doc__.splitlines()[0] if __doc__ else None,
-    )
+    # parser does not import torch.
+    ft.description = __doc__.splitlines()[0] if __doc__ else None
     ft.add_argument("dataset", metavar="DATASET_DIR", help="corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     ft.add_argument("--split", help="training qrels split (default train; dev/test are refused)")
     ft.add_argument("--name", help="built document encoder and its space (default multilingual-e5-small-ft)")

@@ -231,7 +231,7 @@ def test_what_was_measured_before_a_failure_is_written(
 
     argv = ["bench", "all", "--query-model", str(tiny_onnx), "--query-lengths", "16", "--repeats", "2"]
     argv += ["--corpus", str(tmp_path / "missing.jsonl"), "--results-dir", str(tmp_path)]
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     (tmp_path / "models").mkdir()  # no LLM built: the query part runs without a ratio
     assert run_parts(args, Settings(home=tmp_path), ("query", "indexer")) == 2
     out, err = capsys.readouterr()

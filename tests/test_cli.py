@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,40 @@ def test_build_all_skips_aligned_models_without_deltas_and_says_so(
     out = capsys.readouterr().out
     assert out.count(": skipped, ") == 4 and "medsearch models align" in out
     assert not any((home / "models").iterdir())
+
+
+DEV_COMMAND_MODULES = ("bench.cli", "evaluation.cli", "medsearch.align_cli", "medsearch.finetune_cli")
+
+
+@pytest.mark.parametrize(
+    ("argv", "imported"),
+    [
+        (["serve", "--port", "1"], []),
+        (["models", "list"], []),
+        (["eval", "some-dir"], ["evaluation.cli"]),
+        (["models", "align"], ["medsearch.align_cli"]),
+    ],
+)
+def test_a_command_imports_only_its_own_module(argv: list[str], imported: list[str]) -> None:
+    # The serving image ships without the development commands' modules: parsing `serve` must not
+    # import them. A fresh interpreter, since this one's tests import everything.
+    script = (
+        "import json, sys\n"
+        "from medsearch.cli import build_parser\n"
+        f"build_parser({argv!r}).parse_args({argv!r})\n"
+        f"print(json.dumps([m for m in {DEV_COMMAND_MODULES!r} if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == imported
+
+
+def test_a_command_whose_module_is_not_installed_says_so(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "bench.cli", None)  # as in the api image, which has no bench/
+    assert main(["bench", "all", "--spawn"]) == 2
+    assert "medsearch bench is not part of this installation (module bench.cli is missing)" in (
+        capsys.readouterr().err
+    )
+    assert main(["models", "list"]) == 2  # other commands still run (this one: no models dir)
+    assert "models directory" in capsys.readouterr().err
