@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import uvicorn
 
@@ -12,6 +14,20 @@ from service.app import create_app
 from service.state import StartupError, load_state
 
 EXIT_STARTUP_ERROR = 2
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus re-raising SIGTERM/SIGINT after its graceful shutdown: re-raised, the
+    signal's default action kills the process (exit 143) before ``serve`` closes the store."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                # Emptied before uvicorn's context manager walks the list to re-raise each signal.
+                self._captured_signals.clear()
 
 
 def serve(settings: Settings) -> int:
@@ -28,10 +44,7 @@ def serve(settings: Settings) -> int:
         create_app(settings, state), host=settings.host, port=settings.port, log_level="info", workers=1
     )
     try:
-        uvicorn.Server(config).run()
-    except KeyboardInterrupt:
-        # uvicorn re-raises Ctrl-C after its graceful shutdown has finished.
-        return 0
+        _Server(config).run()
     except SystemExit as exc:
         # uvicorn exits the process on start-up failures; hand the code to the caller instead.
         return exc.code if isinstance(exc.code, int) else 1
