@@ -11,6 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 RUN useradd --create-home --uid 10001 medsearch && mkdir -p /data && chown medsearch /data
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY settings ./settings
 COPY models ./models
 COPY store ./store
 COPY indexer ./indexer

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medsearch.cli_support import fail, model_dir
-from medsearch.settings import Settings
+from settings import Settings
 
 if TYPE_CHECKING:
     from bench.query_latency import QueryEncoderBench

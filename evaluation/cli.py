@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from medsearch.cli_support import fail, model_dir
-from medsearch.settings import Settings
+from settings import Settings
 
 if TYPE_CHECKING:
     # Only for annotations: the modules behind them import numpy and the store, which

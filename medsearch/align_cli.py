@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from medsearch.cli_support import fail
-from medsearch.settings import Settings
+from settings import Settings
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "models" / "recipes" / "care-embeddinggemma-300m.json"
 DEFAULT_DELTAS = Path(__file__).resolve().parents[1] / "models" / "deltas"

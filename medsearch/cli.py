@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medsearch.cli_support import fail, model_dir, open_configured_store
-from medsearch.settings import Settings
+from settings import Settings
 
 
 @dataclass(frozen=True)

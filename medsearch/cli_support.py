@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from medsearch.settings import Settings
+from settings import Settings
 from store.base import VectorStore
 
 

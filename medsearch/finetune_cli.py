@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from medsearch.cli_support import fail
-from medsearch.settings import Settings
+from settings import Settings
 
 # CLI option -> FinetuneConfig field; an option left out keeps the field's default.
 OPTIONS: dict[str, str] = {

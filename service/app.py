@@ -10,12 +10,12 @@ from typing import Any
 import anyio.to_thread
 from fastapi import FastAPI
 
-from medsearch.settings import Settings
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.routes import health, search
 from service.state import ServingState, load_state
+from settings import Settings
 
 # Version of the HTTP contract (tests/openapi.json), independent of the package version.
 API_VERSION = "1.0"

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from medsearch.settings import Settings
 from service.app import create_app
 from service.state import StartupError, load_state
+from settings import Settings
 
 EXIT_STARTUP_ERROR = 2
 

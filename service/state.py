@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from medsearch.settings import Settings
 from models.encoder import Encoder, load_encoder
 from models.manifest import ManifestError, ModelManifest, read_manifest
 from service.errors import NotReady
+from settings import Settings
 from store.base import CollectionSpec, StoreError, StoreUnavailable, VectorStore
 from store.factory import open_store
 

@@ -26,9 +26,9 @@ from bench.service_load import (
     run_level,
 )
 from bench.spawn import free_port
-from medsearch.settings import Settings
 from service.app import create_app
 from service.state import ServingState
+from settings import Settings
 from store.factory import open_store
 from tests.test_service import COLLECTION, HashEncoder, build_collection
 

@@ -227,7 +227,7 @@ def test_what_was_measured_before_a_failure_is_written(
 ) -> None:
     from bench.cli import run_parts
     from medsearch.cli import build_parser
-    from medsearch.settings import Settings
+    from settings import Settings
 
     argv = ["bench", "all", "--query-model", str(tiny_onnx), "--query-lengths", "16", "--repeats", "2"]
     argv += ["--corpus", str(tmp_path / "missing.jsonl"), "--results-dir", str(tmp_path)]

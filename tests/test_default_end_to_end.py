@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from medsearch.cli import main
-from medsearch.settings import Settings
 from service.app import create_app
+from settings import Settings
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

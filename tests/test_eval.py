@@ -22,11 +22,11 @@ import uvicorn
 from evaluation.blackbox import ServiceError, fetch_pair
 from indexer.pipeline import index_files
 from medsearch.cli import main
-from medsearch.settings import Settings
 from models.encoder import EncodeMode, Encoder, load_encoder
 from models.manifest import read_manifest
 from service.app import create_app
 from service.state import ServingState
+from settings import Settings
 from store.factory import open_store
 from tests.conftest import SHARED_DATA
 

@@ -22,7 +22,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 
 import httpx
-from medsearch.settings import Settings
+from settings import Settings
 from service.app import create_app
 
 async def main():

@@ -17,7 +17,7 @@ CHILD = """
 import sys
 from pathlib import Path
 import service.server as server
-from medsearch.settings import Settings
+from settings import Settings
 
 marker = Path(sys.argv[1])
 

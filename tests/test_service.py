@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
-from medsearch.settings import Settings
 from models.manifest import ModelManifest, write_manifest
 from service.app import create_app
 from service.server import serve
 from service.state import ServingState, StartupError, load_state
+from settings import Settings
 from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, VectorStore
 from store.factory import open_store
 
