@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from store.base import CollectionSpec
 
 MAX_TOP_K = 100
+# Far above any real question (the query encoders read 64-512 tokens), low enough that an oversized
+# body is refused before tokenization instead of being tokenized and then truncated.
+MAX_QUERY_CHARS = 2048
+MAX_FILTER_KEYS = 16
 
 
 class SearchRequest(BaseModel):
@@ -17,12 +21,14 @@ class SearchRequest(BaseModel):
 
     query: str = Field(
         min_length=1,
+        max_length=MAX_QUERY_CHARS,
         description="Free text. Text beyond the query encoder's token limit is truncated, not rejected.",
         examples=["chest pain radiating to the left arm"],
     )
     top_k: int = Field(default=10, ge=1, le=MAX_TOP_K, description="Number of hits to return.")
     filter: dict[str, str] | None = Field(
         default=None,
+        max_length=MAX_FILTER_KEYS,
         description="Exact metadata matches; keys must be keyword fields of the collection (see /info).",
         examples=[{"department": "cardiology"}],
     )

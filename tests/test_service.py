@@ -235,6 +235,8 @@ async def test_filter_restricts_hits(client: httpx.AsyncClient) -> None:
         ({"query": "x", "filter": {"department": 3}}, "filter.department"),
         ({"query": "x", "filter": ["department"]}, "filter"),
         ({"query": "x", "limit": 5}, "limit"),
+        ({"query": "痛" * 2049}, "query"),
+        ({"query": "x", "filter": {f"k{i}": "v" for i in range(17)}}, "filter"),
     ],
 )
 async def test_invalid_body_is_422_naming_the_field(
@@ -511,8 +513,8 @@ async def test_real_onnx_encoder_serves_through_lifespan(tiny_onnx: Path, tmp_pa
 
     async with running(create_app(settings)) as client:
         assert (await client.get("/readyz")).json() == {"ready": True, "reasons": []}
-        # Far beyond the tiny encoder's token limit: truncated by the encoder, not refused.
-        response = await client.post("/search", json={"query": "chest pain " * 500, "top_k": 2})
+        # Far beyond the tiny encoder's token limit (within the 2,048-char cap): truncated, not refused.
+        response = await client.post("/search", json={"query": "chest pain " * 180, "top_k": 2})
         assert response.status_code == 200, response.text
         assert len(response.json()["hits"]) == 2
         assert response.json()["query_encoder"] == encoder_manifest["name"]
