@@ -10,6 +10,7 @@ from typing import Any
 import anyio.to_thread
 from fastapi import FastAPI
 
+from service.access_log import AccessLogMiddleware
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
@@ -64,7 +65,7 @@ def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI
     app.include_router(health.router)
     # Added last = outermost: requests rejected by the body limit are counted too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
-    app.add_middleware(
-        RequestMetricsMiddleware, metrics=metrics, routes=[*search.router.routes, *health.router.routes]
-    )
+    routes = [*search.router.routes, *health.router.routes]
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=routes)
+    app.add_middleware(AccessLogMiddleware, routes=routes)  # outermost: every response gets its id
     return app

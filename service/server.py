@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from service.access_log import JsonFormatter
 from service.app import create_app
 from service.state import StartupError, load_state
 from settings import Settings
@@ -33,7 +34,9 @@ class _Server(uvicorn.Server):
 def serve(settings: Settings) -> int:
     """Serve until interrupted: 0 after a clean shutdown, 2 when the configuration cannot be served
     (message on stderr), uvicorn's code when it fails to start (e.g. the port is taken)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     # Loaded before uvicorn starts so a bad setup is one clear line, not a lifespan traceback.
     try:
         state = load_state(settings)
@@ -41,7 +44,15 @@ def serve(settings: Settings) -> int:
         print(f"medsearch: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP_ERROR
     config = uvicorn.Config(
-        create_app(settings, state), host=settings.host, port=settings.port, log_level="info", workers=1
+        create_app(settings, state),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        workers=1,
+        # Our access log (JSON, route templates, request ids) replaces uvicorn's, which prints the raw
+        # path with its query string; its own config would also replace our JSON handlers.
+        access_log=False,
+        log_config=None,
     )
     try:
         _Server(config).run()

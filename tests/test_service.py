@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from fastapi import FastAPI
 
 from models.manifest import ModelManifest, write_manifest
+from service.access_log import JsonFormatter
 from service.app import create_app
 from service.server import serve
 from service.state import ServingState, StartupError, load_state
@@ -622,3 +624,32 @@ def test_openapi_declares_the_limits() -> None:
     assert schema["properties"]["top_k"]["maximum"] == 100
     assert schema["properties"]["query"]["minLength"] == 1
     assert "truncated" in schema["properties"]["query"]["description"]
+
+
+# --- request ids and the access log -------------------------------------------------------------
+
+
+async def test_every_response_carries_a_request_id(client: httpx.AsyncClient) -> None:
+    generated = await client.post("/search", json={"query": QUERY})
+    assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["x-request-id"])
+    given = await client.get("/healthz", headers={"X-Request-ID": "gateway-42.a:b"})
+    assert given.headers["x-request-id"] == "gateway-42.a:b"
+    unsafe = {"X-Request-ID": "a b;X-Evil: 1", "content-type": "application/json"}
+    refused = await client.post("/search", content=b"{", headers=unsafe)
+    assert refused.status_code == 400  # errors get ids too; an unsafe id is replaced, not echoed
+    assert re.fullmatch(r"[0-9a-f]{32}", refused.headers["x-request-id"])
+
+
+async def test_access_log_has_id_route_status_latency_and_never_the_query(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "patient Jane Roe HIV positive"
+    with caplog.at_level(logging.INFO, logger="medsearch.access"):
+        response = await client.post("/search?q=" + secret, json={"query": secret})
+    records = [r for r in caplog.records if r.name == "medsearch.access"]
+    assert len(records) == 1
+    entry = json.loads(JsonFormatter().format(records[0]))
+    assert entry["request_id"] == response.headers["x-request-id"]
+    assert (entry["method"], entry["route"], entry["status"]) == ("POST", "/search", 200)
+    assert entry["latency_ms"] > 0
+    assert secret not in caplog.text and "Jane" not in json.dumps(entry)
