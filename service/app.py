@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,12 +12,15 @@ import anyio.to_thread
 from fastapi import FastAPI
 
 from service.access_log import AccessLogMiddleware
+from service.auth import ApiKeys
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.routes import health, search
 from service.state import ServingState, load_state
 from settings import Settings
+
+logger = logging.getLogger("medsearch.service")
 
 # Version of the HTTP contract (tests/openapi.json), independent of the package version.
 API_VERSION = "1.0"
@@ -42,6 +46,13 @@ def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI
     shutdown); a given ``state`` belongs to the caller. Either way one encode warms the encoder
     before the app reports ready."""
     metrics = ServiceMetrics()
+    api_keys = ApiKeys.load(
+        settings.api_keys.get_secret_value() if settings.api_keys else None,
+        settings.api_keys_file,
+        settings.protect_metrics,
+    )
+    if not api_keys.enabled:
+        logger.warning("API keys are off: every client can search (set MEDSEARCH_API_KEYS or _FILE)")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,6 +69,7 @@ def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI
         title="medsearch", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan, **_NO_TELEMETRY
     )
     app.state.metrics = metrics
+    app.state.api_keys = api_keys
     if state is not None:
         app.state.serving = state
     install_error_handlers(app, metrics)

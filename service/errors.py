@@ -69,12 +69,22 @@ def validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
     return [{"field": _field_path(e.get("loc", ())), "message": str(e.get("msg", ""))} for e in exc.errors()]
 
 
+class Unauthorized(ServiceError):
+    """No usable API key: 401 with a Bearer challenge."""
+
+
+class Forbidden(ServiceError):
+    """A valid API key without the scope the endpoint needs: 403."""
+
+
 # Looked up along the exception's MRO, so a subclass row (StoreUnavailable) wins over its base
 # (StoreError), and Exception catches whatever is left.
 ERRORS: dict[type[BaseException], ErrorKind] = {
     RequestValidationError: ErrorKind(422, "invalid_request"),
     InvalidRequest: ErrorKind(422, "invalid_request"),
     BodyTooLarge: ErrorKind(413, "body_too_large"),
+    Unauthorized: ErrorKind(401, "unauthorized"),
+    Forbidden: ErrorKind(403, "forbidden"),
     NotReady: ErrorKind(503, "not_ready"),
     StoreUnavailable: ErrorKind(503, "store_unavailable", "the vector store is unreachable; retry later"),
     StoreError: ErrorKind(502, "store_error", "the vector store refused the request"),
@@ -133,7 +143,8 @@ def error_response(exc: BaseException, metrics: ServiceMetrics) -> JSONResponse:
     if status >= 500 and not isinstance(exc, ServiceError | StoreUnavailable):
         # Server-side only; the client got the fixed message.
         logger.error("request failed: %s", type(exc).__name__, exc_info=exc)
-    return JSONResponse(body, status_code=status)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:

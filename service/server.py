@@ -43,8 +43,14 @@ def serve(settings: Settings) -> int:
     except StartupError as exc:
         print(f"medsearch: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP_ERROR
+    try:
+        app = create_app(settings, state)
+    except StartupError as exc:  # e.g. an unreadable API key file
+        state.close()
+        print(f"medsearch: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_ERROR
     config = uvicorn.Config(
-        create_app(settings, state),
+        app,
         host=settings.host,
         port=settings.port,
         log_level="info",

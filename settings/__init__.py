@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     threads: int = Field(default=0, ge=0, description="Encoder intra-op threads; 0 = runtime default.")
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
     log_queries: bool = Field(default=False, description="Log query text. Patient data: keep off.")
+    api_keys: SecretStr | None = Field(
+        default=None, description="Comma-separated 'scope:key' (scopes: search, admin); unset: API open."
+    )
+    api_keys_file: Path | None = Field(default=None, description="File of 'scope:key' lines (# comments).")
+    protect_metrics: bool = Field(default=False, description="/metrics needs an admin key.")
 
     @property
     def models_path(self) -> Path:

@@ -17,10 +17,12 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from models.manifest import ModelManifest, write_manifest
 from service.access_log import JsonFormatter
 from service.app import create_app
+from service.auth import ApiKeyError
 from service.server import serve
 from service.state import ServingState, StartupError, load_state
 from settings import Settings
@@ -653,3 +655,76 @@ async def test_access_log_has_id_route_status_latency_and_never_the_query(
     assert (entry["method"], entry["route"], entry["status"]) == ("POST", "/search", 200)
     assert entry["latency_ms"] > 0
     assert secret not in caplog.text and "Jane" not in json.dumps(entry)
+
+
+# --- API keys -----------------------------------------------------------------------------------
+
+SEARCH_KEY = "search-key-0123456789abcdef"
+ADMIN_KEY = "admin-key-0123456789abcdef"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def keyed(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={"api_keys": SecretStr(f"search:{SEARCH_KEY},admin:{ADMIN_KEY}"), "protect_metrics": True}
+    )
+
+
+async def test_api_keys_gate_search_and_scope_metrics(
+    keyed: Settings, state: ServingState, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        async with running(create_app(keyed, state)) as client:
+            missing = await client.post("/search", json={"query": QUERY})
+            assert missing.status_code == 401
+            assert missing.headers["www-authenticate"] == "Bearer"
+            assert missing.json()["error"] == "unauthorized"
+            wrong = await client.post("/search", json={"query": QUERY}, headers=bearer(SEARCH_KEY + "x"))
+            assert (wrong.status_code, wrong.json()["message"]) == (401, "invalid API key")
+            assert (await client.get("/info")).status_code == 401
+
+            ok = await client.post("/search", json={"query": QUERY}, headers=bearer(SEARCH_KEY))
+            assert ok.status_code == 200
+            assert (await client.get("/info", headers=bearer(SEARCH_KEY))).status_code == 200
+            scoped = await client.get("/metrics", headers=bearer(SEARCH_KEY))
+            assert (scoped.status_code, scoped.json()["error"]) == (403, "forbidden")
+            assert (await client.get("/metrics", headers=bearer(ADMIN_KEY))).status_code == 200
+            assert (await client.post("/search", json={"query": QUERY}, headers=bearer(ADMIN_KEY))).is_success
+            # Probes stay open for orchestrators.
+            assert (await client.get("/healthz")).status_code == 200
+            assert (await client.get("/readyz")).status_code == 200
+    assert SEARCH_KEY not in caplog.text and ADMIN_KEY not in caplog.text
+
+
+async def test_metrics_are_open_unless_protected(settings: Settings, state: ServingState) -> None:
+    open_metrics = settings.model_copy(update={"api_keys": SecretStr(f"search:{SEARCH_KEY}")})
+    async with running(create_app(open_metrics, state)) as client:
+        assert (await client.get("/metrics")).status_code == 200
+        assert (await client.post("/search", json={"query": QUERY})).status_code == 401
+
+
+def test_api_key_file_errors_name_file_and_line_never_the_key(settings: Settings, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"# ops keys\nsearch:{SEARCH_KEY}\n\nreader:{ADMIN_KEY}\n", encoding="utf-8")
+    with pytest.raises(ApiKeyError, match=rf"^{re.escape(str(keys))}:4: expected 'scope:key'") as excinfo:
+        create_app(settings.model_copy(update={"api_keys_file": keys}))
+    assert ADMIN_KEY not in str(excinfo.value)
+    keys.write_text("search:short\n", encoding="utf-8")
+    with pytest.raises(ApiKeyError, match=r":1: key shorter than 16 characters"):
+        create_app(settings.model_copy(update={"api_keys_file": keys}))
+    with pytest.raises(ApiKeyError, match="cannot read the API key file"):
+        create_app(settings.model_copy(update={"api_keys_file": tmp_path / "absent"}))
+    with pytest.raises(ApiKeyError, match="PROTECT_METRICS is on but no API key"):
+        create_app(settings.model_copy(update={"protect_metrics": True}))
+
+
+async def test_keys_from_a_file_work(settings: Settings, state: ServingState, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"search:{SEARCH_KEY}\n", encoding="utf-8")
+    async with running(create_app(settings.model_copy(update={"api_keys_file": keys}), state)) as client:
+        assert (await client.post("/search", json={"query": QUERY}, headers=bearer(SEARCH_KEY))).is_success
+        assert (await client.post("/search", json={"query": QUERY})).status_code == 401

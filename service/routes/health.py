@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 import anyio.to_thread
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
 from models.manifest import ModelManifest
+from service.auth import metrics_guard, require
 from service.deps import MetricsDep, StateDep
 from service.schemas import CollectionInfo, HealthResponse, InfoResponse, QueryEncoderInfo, ReadyResponse
 from service.state import ServingState
@@ -83,7 +84,7 @@ def _collection_info(state: ServingState) -> CollectionInfo:
     return CollectionInfo(name=state.collection, spec=state.spec, points=points)
 
 
-@router.get("/info", response_model=InfoResponse)
+@router.get("/info", response_model=InfoResponse, dependencies=[Depends(require("search"))])
 async def info(state: StateDep) -> InfoResponse:
     """The query encoder's manifest summary, the collection's spec and size, and how they pair."""
     collection = await anyio.to_thread.run_sync(_collection_info, state)
@@ -105,7 +106,12 @@ async def info(state: StateDep) -> InfoResponse:
     )
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+    dependencies=[Depends(metrics_guard)],
+)
 async def metrics(metrics: MetricsDep) -> Response:
     """Prometheus text exposition of this app's registry."""
     content, content_type = metrics.render()

@@ -8,8 +8,9 @@ from collections.abc import Mapping
 
 import anyio.to_thread
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from service.auth import require
 from service.deps import MetricsDep, StateDep
 from service.errors import InvalidRequest
 from service.metrics import ServiceMetrics
@@ -19,10 +20,11 @@ from store.base import CollectionSpec, Hit, StoreUnavailable
 
 logger = logging.getLogger("medsearch.service")
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(require("search"))])
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Body is empty or not JSON."},
+    401: {"model": ErrorResponse, "description": "API keys are on and the request has no valid key."},
     413: {"model": ErrorResponse, "description": "Request body over the configured byte limit."},
     422: {"model": ErrorResponse, "description": "Invalid body; the message names the offending field."},
     503: {"model": ErrorResponse, "description": "Store unreachable or collection not servable."},
