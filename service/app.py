@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from service.access_log import AccessLogMiddleware
 from service.auth import ApiKeys
@@ -79,5 +80,14 @@ def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
     routes = [*search.router.routes, *health.router.routes]
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=routes)
+    if settings.cors_origins:
+        # Off unless origins are named: a browser page elsewhere must not read patient results.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
     app.add_middleware(AccessLogMiddleware, routes=routes)  # outermost: every response gets its id
     return app

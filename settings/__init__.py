@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(default=None, description="File of 'scope:key' lines (# comments).")
     protect_metrics: bool = Field(default=False, description="/metrics needs an admin key.")
+    cors_origins: list[str] = Field(
+        default=[], description="Browser origins allowed to call the API (JSON list); empty: CORS off."
+    )
 
     @property
     def models_path(self) -> Path:

@@ -728,3 +728,16 @@ async def test_keys_from_a_file_work(settings: Settings, state: ServingState, tm
     async with running(create_app(settings.model_copy(update={"api_keys_file": keys}), state)) as client:
         assert (await client.post("/search", json={"query": QUERY}, headers=bearer(SEARCH_KEY))).is_success
         assert (await client.post("/search", json={"query": QUERY})).status_code == 401
+
+
+async def test_cors_is_off_unless_origins_are_configured(settings: Settings, state: ServingState) -> None:
+    preflight = {"Origin": "https://ehr.example", "Access-Control-Request-Method": "POST"}
+    async with running(create_app(settings, state)) as client:
+        response = await client.options("/search", headers=preflight)
+        assert "access-control-allow-origin" not in response.headers
+    allowed = settings.model_copy(update={"cors_origins": ["https://ehr.example"]})
+    async with running(create_app(allowed, state)) as client:
+        response = await client.options("/search", headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "https://ehr.example"
+        other = await client.options("/search", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
