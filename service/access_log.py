@@ -16,10 +16,9 @@ import uuid
 from typing import Any
 
 from starlette.datastructures import MutableHeaders
-from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import route_label
+from service.metrics import RouteTemplates
 
 REQUEST_ID_HEADER = "x-request-id"
 # Echoed into headers and logs: plain tokens only, so a client cannot inject log lines or headers.
@@ -39,7 +38,7 @@ def request_id_from(scope: Scope) -> str:
 
 
 class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp, routes: list[BaseRoute]) -> None:
+    def __init__(self, app: ASGIApp, routes: RouteTemplates) -> None:
         self.app = app
         self.routes = routes
 
@@ -67,7 +66,7 @@ class AccessLogMiddleware:
                 extra={
                     "request_id": request_id,
                     "method": scope["method"],
-                    "route": route_label(scope, self.routes),
+                    "route": self.routes.label(scope),
                     "status": status,
                     "latency_ms": round((time.perf_counter() - start) * 1000, 3),
                 },

@@ -16,7 +16,7 @@ from service.access_log import AccessLogMiddleware
 from service.auth import ApiKeys
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
-from service.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.metrics import RequestMetricsMiddleware, RouteTemplates, ServiceMetrics
 from service.routes import health, search
 from service.state import ServingState, load_state
 from settings import Settings
@@ -25,6 +25,7 @@ logger = logging.getLogger("medsearch.service")
 
 # Version of the HTTP contract (tests/openapi.json), independent of the package version.
 API_VERSION = "1.0"
+API_PREFIX = "/v1"
 
 DESCRIPTION = (
     "Medical semantic search. Documents were embedded offline by a document encoder; queries are "
@@ -74,11 +75,14 @@ def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI
     if state is not None:
         app.state.serving = state
     install_error_handlers(app, metrics)
-    app.include_router(search.router)
-    app.include_router(health.router)
+    # /v1 is the versioned contract; the unversioned paths stay as aliases for existing clients.
+    for prefix in (API_PREFIX, ""):
+        app.include_router(search.router, prefix=prefix)
+        app.include_router(health.router, prefix=prefix)
     # Added last = outermost: requests rejected by the body limit are counted too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
-    routes = [*search.router.routes, *health.router.routes]
+    paths = [str(getattr(route, "path", "")) for route in (*search.router.routes, *health.router.routes)]
+    routes = RouteTemplates([prefix + path for prefix in (API_PREFIX, "") for path in paths])
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=routes)
     if settings.cors_origins:
         # Off unless origins are named: a browser page elsewhere must not read patient results.

@@ -44,6 +44,10 @@ class NotReady(ServiceError):
         self.reasons = list(reasons)
 
 
+class EncoderFailure(ServiceError):
+    """The query encoder returned something unusable (e.g. NaN): a server fault, not the store's."""
+
+
 class BodyTooLarge(ServiceError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body exceeds {limit} bytes")
@@ -88,6 +92,7 @@ ERRORS: dict[type[BaseException], ErrorKind] = {
     NotReady: ErrorKind(503, "not_ready"),
     StoreUnavailable: ErrorKind(503, "store_unavailable", "the vector store is unreachable; retry later"),
     StoreError: ErrorKind(502, "store_error", "the vector store refused the request"),
+    EncoderFailure: ErrorKind(500, "encoder_error"),
     Exception: ErrorKind(500, "internal_error", "internal error"),
 }
 

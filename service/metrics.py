@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from starlette.routing import BaseRoute, Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Query encoding and ANN search sit in the millisecond range; the default buckets start at 5 ms.
@@ -52,25 +52,28 @@ class ServiceMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def route_label(scope: Scope, known: list[BaseRoute]) -> str:
-    """The route template, never the raw path, so label cardinality stays bounded.
+class RouteTemplates:
+    """The service's path templates (``/v1/search``, ``/search``...), matched against a request path.
 
-    The router records the route it picked in the scope; requests rejected before routing (e.g. an
-    oversized body) are matched against ``known``.
+    Labels are templates, never raw paths, so their cardinality stays bounded; matching the path
+    ourselves also labels requests rejected before routing (e.g. an oversized body).
     """
-    routed_path = getattr(scope.get("route"), "path", None)
-    if isinstance(routed_path, str):
-        return routed_path
-    for route in known:
-        if route.matches(scope)[0] is not Match.NONE:
-            return str(getattr(route, "path", UNMATCHED_ROUTE))
-    return UNMATCHED_ROUTE
+
+    def __init__(self, templates: list[str]) -> None:
+        self._compiled = [(template, compile_path(template)[0]) for template in templates]
+
+    def label(self, scope: Scope) -> str:
+        path = scope.get("path", "")
+        for template, pattern in self._compiled:
+            if pattern.match(path):
+                return template
+        return UNMATCHED_ROUTE
 
 
 class RequestMetricsMiddleware:
     """Counts and times every HTTP request, including those rejected by middleware further in."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, routes: list[BaseRoute]) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, routes: RouteTemplates) -> None:
         self.app = app
         self.metrics = metrics
         self.routes = routes
@@ -91,6 +94,6 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            labels = {"route": route_label(scope, self.routes), "status": str(status)}
+            labels = {"route": self.routes.label(scope), "status": str(status)}
             self.metrics.requests.labels(**labels).inc()
             self.metrics.request_latency.labels(**labels).observe(time.perf_counter() - start)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -13,6 +13,7 @@ MAX_TOP_K = 100
 # body is refused before tokenization instead of being tokenized and then truncated.
 MAX_QUERY_CHARS = 2048
 MAX_FILTER_KEYS = 16
+MAX_BATCH = 32  # queries per /search/batch or texts per /embed: one encoder batch
 
 
 class SearchRequest(BaseModel):
@@ -41,6 +42,28 @@ class SearchRequest(BaseModel):
         return value
 
 
+class BatchSearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    queries: list[SearchRequest] = Field(
+        min_length=1,
+        max_length=MAX_BATCH,
+        description="Searches answered together; each as the body of POST /search.",
+        examples=[[{"query": "高血压能吃党参吗", "top_k": 3}, {"query": "chest pain after exercise"}]],
+    )
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    texts: list[Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]] = Field(
+        min_length=1,
+        max_length=MAX_BATCH,
+        description="Query texts to encode (the query prompt is applied, as for /search).",
+        examples=[["糖尿病人能吃西瓜吗", "headache and fever for three days"]],
+    )
+
+
 class SearchHit(BaseModel):
     id: str = Field(description="The document id given at indexing time.")
     score: float = Field(description="Cosine similarity; higher is closer.")
@@ -56,6 +79,17 @@ class SearchResponse(BaseModel):
     document_encoder: str
     space: str
     collection: str
+
+
+class BatchSearchResponse(BaseModel):
+    results: list[SearchResponse] = Field(description="One per query, in request order.")
+
+
+class EmbedResponse(BaseModel):
+    vectors: list[list[float]] = Field(description="One unit vector per text, in request order.")
+    space: str = Field(description="Vector space: these compare only with vectors of the same space.")
+    encoder: str
+    dim: int
 
 
 class FieldError(BaseModel):

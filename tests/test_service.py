@@ -741,3 +741,75 @@ async def test_cors_is_off_unless_origins_are_configured(settings: Settings, sta
         assert response.headers["access-control-allow-origin"] == "https://ehr.example"
         other = await client.options("/search", headers={**preflight, "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+# --- /v1, batch search, embed -------------------------------------------------------------------
+
+
+async def test_v1_prefix_serves_the_same_routes(client: httpx.AsyncClient) -> None:
+    versioned = await client.post("/v1/search", json={"query": QUERY, "top_k": 2})
+    alias = await client.post("/search", json={"query": QUERY, "top_k": 2})
+    assert versioned.status_code == alias.status_code == 200
+    assert [h["id"] for h in versioned.json()["hits"]] == [h["id"] for h in alias.json()["hits"]]
+    for path in ("/v1/healthz", "/v1/readyz", "/v1/info", "/v1/metrics"):
+        assert (await client.get(path)).status_code == 200, path
+    metrics = (await client.get("/metrics")).text
+    assert 'route="/v1/search"' in metrics and 'route="/search"' in metrics
+
+
+async def test_batch_search_answers_each_query_in_order(client: httpx.AsyncClient) -> None:
+    queries = [{"query": QUERY, "top_k": 1}, {"query": "other question", "top_k": 3}]
+    response = await client.post("/v1/search/batch", json={"queries": queries})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [len(r["hits"]) for r in results] == [1, 3]
+    for query, result in zip(queries, results, strict=True):
+        single = (await client.post("/search", json=query)).json()
+        assert [h["id"] for h in result["hits"]] == [h["id"] for h in single["hits"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"queries": []}, "queries"),
+        ({"queries": [{"query": "x"}] * 33}, "queries"),
+        ({"queries": [{"query": "x"}, {"query": ""}]}, "queries.1.query"),
+        ({"queries": [{"query": "x", "filter": {"nope": "v"}}]}, "filter.nope"),
+    ],
+)
+async def test_batch_search_refuses_the_whole_call_naming_the_query(
+    client: httpx.AsyncClient, body: dict[str, Any], field: str
+) -> None:
+    response = await client.post("/search/batch", json=body)
+    assert response.status_code == 422
+    assert response.json()["details"][0]["field"] == field
+
+
+async def test_embed_returns_the_query_encoders_vectors_with_their_space(
+    client: httpx.AsyncClient,
+) -> None:
+    texts = ["糖尿病人能吃西瓜吗", "headache"]
+    response = await client.post("/v1/embed", json={"texts": texts})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["space"], body["encoder"], body["dim"]) == (SPACE, "hash-query", DIM)
+    np.testing.assert_allclose(np.asarray(body["vectors"]), HashEncoder().encode(texts), atol=1e-6)
+    assert (await client.post("/embed", json={"texts": ["x"] * 33})).status_code == 422
+
+
+class NaNEncoder(HashEncoder):
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        return np.full((len(texts), self.manifest.dim), np.nan, dtype=np.float32)
+
+
+async def test_a_nan_query_vector_is_an_encoder_error_not_the_stores(
+    settings: Settings, store: SwitchableStore
+) -> None:
+    state = ServingState(settings=settings, encoder=NaNEncoder(), store=store)
+    async with running(create_app(settings, state)) as client:
+        response = await client.post("/search", json={"query": QUERY})
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": "encoder_error",
+        "message": "the query encoder produced a non-finite vector",
+    }

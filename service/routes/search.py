@@ -12,9 +12,18 @@ from fastapi import APIRouter, Depends
 
 from service.auth import require
 from service.deps import MetricsDep, StateDep
-from service.errors import InvalidRequest
+from service.errors import EncoderFailure, InvalidRequest
 from service.metrics import ServiceMetrics
-from service.schemas import ErrorResponse, SearchHit, SearchRequest, SearchResponse
+from service.schemas import (
+    BatchSearchRequest,
+    BatchSearchResponse,
+    EmbedRequest,
+    EmbedResponse,
+    ErrorResponse,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+)
 from service.state import ServingState
 from store.base import CollectionSpec, Hit, StoreUnavailable
 
@@ -42,10 +51,13 @@ def checked_filter(filters: Mapping[str, str] | None, spec: CollectionSpec) -> d
     return dict(filters)
 
 
-def _encode(state: ServingState, query: str, metrics: ServiceMetrics) -> np.ndarray:
+def _encode(state: ServingState, queries: list[str], metrics: ServiceMetrics) -> np.ndarray:
+    """One encoder call for every query: (len(queries), dim) float32."""
     with metrics.encode_latency.time():
-        vectors = state.encoder.encode([query])
-    return np.asarray(vectors[0], dtype=np.float32)
+        vectors = np.asarray(state.encoder.encode(queries), dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise EncoderFailure("the query encoder produced a non-finite vector")
+    return vectors
 
 
 def _search(
@@ -63,6 +75,52 @@ def _hit(hit: Hit) -> SearchHit:
     return SearchHit(id=hit.doc_id, score=hit.score, title=hit.title, text=hit.text, metadata=hit.metadata)
 
 
+def _log_search(state: ServingState, request: SearchRequest, hits: int, took_ms: float) -> None:
+    if state.settings.log_queries:
+        logger.info(
+            "search query=%r top_k=%d hits=%d took_ms=%.1f", request.query, request.top_k, hits, took_ms
+        )
+    else:
+        # Query text and filter values can identify a patient: only their shape is logged.
+        logger.debug(
+            "search top_k=%d filter_keys=%s hits=%d took_ms=%.1f",
+            request.top_k,
+            sorted(request.filter or {}),
+            hits,
+            took_ms,
+        )
+
+
+async def _search_all(
+    requests: list[SearchRequest], state: ServingState, metrics: ServiceMetrics
+) -> list[SearchResponse]:
+    """Encode every query in one batch, then search each; filters are checked before any model work."""
+    start = time.perf_counter()
+    spec = await anyio.to_thread.run_sync(state.serving_spec)
+    filters = [checked_filter(r.filter, spec) for r in requests]
+    vectors = await anyio.to_thread.run_sync(_encode, state, [r.query for r in requests], metrics)
+    responses = []
+    for request, vector, where in zip(requests, vectors, filters, strict=True):
+        try:
+            hits = await anyio.to_thread.run_sync(_search, state, vector, request.top_k, where, metrics)
+        except StoreUnavailable as exc:
+            state.store_failed(exc)
+            raise
+        took_ms = (time.perf_counter() - start) * 1000
+        _log_search(state, request, len(hits), took_ms)
+        responses.append(
+            SearchResponse(
+                hits=[_hit(h) for h in hits],
+                took_ms=round(took_ms, 3),
+                query_encoder=state.query_manifest.name,
+                document_encoder=spec.encoder,
+                space=spec.space,
+                collection=state.collection,
+            )
+        )
+    return responses
+
+
 @router.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES)
 async def search(request: SearchRequest, state: StateDep, metrics: MetricsDep) -> SearchResponse:
     """Nearest documents to a free-text query.
@@ -72,34 +130,27 @@ async def search(request: SearchRequest, state: StateDep, metrics: MetricsDep) -
     encoder, not rejected. `filter` restricts hits to exact metadata matches on the collection's
     keyword fields.
     """
-    start = time.perf_counter()
-    spec = await anyio.to_thread.run_sync(state.serving_spec)
-    filters = checked_filter(request.filter, spec)
-    vector = await anyio.to_thread.run_sync(_encode, state, request.query, metrics)
-    try:
-        hits = await anyio.to_thread.run_sync(_search, state, vector, request.top_k, filters, metrics)
-    except StoreUnavailable as exc:
-        state.store_failed(exc)
-        raise
-    took_ms = (time.perf_counter() - start) * 1000
-    if state.settings.log_queries:
-        logger.info(
-            "search query=%r top_k=%d hits=%d took_ms=%.1f", request.query, request.top_k, len(hits), took_ms
-        )
-    else:
-        # Query text and filter values can identify a patient: only their shape is logged.
-        logger.debug(
-            "search top_k=%d filter_keys=%s hits=%d took_ms=%.1f",
-            request.top_k,
-            sorted(filters or {}),
-            len(hits),
-            took_ms,
-        )
-    return SearchResponse(
-        hits=[_hit(h) for h in hits],
-        took_ms=round(took_ms, 3),
-        query_encoder=state.query_manifest.name,
-        document_encoder=spec.encoder,
-        space=spec.space,
-        collection=state.collection,
+    return (await _search_all([request], state, metrics))[0]
+
+
+@router.post("/search/batch", response_model=BatchSearchResponse, responses=ERROR_RESPONSES)
+async def search_batch(
+    request: BatchSearchRequest, state: StateDep, metrics: MetricsDep
+) -> BatchSearchResponse:
+    """Several searches in one call, their queries encoded in one batch; results in request order.
+
+    Every query is validated (and every filter checked) before any is encoded: one bad query fails
+    the whole call with a 422 naming it (`queries.N.field`), so nothing is half-answered.
+    """
+    return BatchSearchResponse(results=await _search_all(request.queries, state, metrics))
+
+
+@router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES)
+async def embed(request: EmbedRequest, state: StateDep, metrics: MetricsDep) -> EmbedResponse:
+    """The query encoder's vectors of `texts`, labelled with their space, for systems that reuse them
+    (they compare only with vectors of the same space)."""
+    vectors = await anyio.to_thread.run_sync(_encode, state, request.texts, metrics)
+    manifest = state.query_manifest
+    return EmbedResponse(
+        vectors=vectors.tolist(), space=manifest.space, encoder=manifest.name, dim=int(vectors.shape[1])
     )
