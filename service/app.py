@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service.access_log import AccessLogMiddleware
 from service.auth import ApiKeys
+from service.batcher import EncodeBatcher
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import RequestMetricsMiddleware, RouteTemplates, ServiceMetrics
@@ -59,11 +60,22 @@ def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         serving = state if state is not None else await anyio.to_thread.run_sync(load_state, settings)
+        batcher = EncodeBatcher(
+            serving.encoder,
+            metrics,
+            max_batch=settings.batch_max_size,
+            max_wait_s=settings.batch_max_wait_ms / 1000,
+            max_pending=settings.queue_max_pending,
+            cache_size=settings.query_cache_size,
+        )
         try:
             await anyio.to_thread.run_sync(serving.warm_up)
             app.state.serving = serving
+            app.state.batcher = batcher
+            batcher.start()
             yield
         finally:
+            await batcher.stop()  # queued queries are answered before the store closes
             if state is None:
                 serving.close()
 

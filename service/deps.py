@@ -6,6 +6,7 @@ from typing import Annotated, cast
 
 from fastapi import Depends, Request
 
+from service.batcher import EncodeBatcher
 from service.metrics import ServiceMetrics
 from service.state import ServingState
 
@@ -14,9 +15,14 @@ def get_state(request: Request) -> ServingState:
     return cast(ServingState, request.app.state.serving)
 
 
+def get_batcher(request: Request) -> EncodeBatcher:
+    return cast(EncodeBatcher, request.app.state.batcher)
+
+
 def get_metrics(request: Request) -> ServiceMetrics:
     return cast(ServiceMetrics, request.app.state.metrics)
 
 
 StateDep = Annotated[ServingState, Depends(get_state)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+BatcherDep = Annotated[EncodeBatcher, Depends(get_batcher)]

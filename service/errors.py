@@ -48,6 +48,20 @@ class EncoderFailure(ServiceError):
     """The query encoder returned something unusable (e.g. NaN): a server fault, not the store's."""
 
 
+class Overloaded(ServiceError):
+    """The encoder queue is full: 429, the client should retry after a moment."""
+
+    def __init__(self, pending: int) -> None:
+        super().__init__(f"the service is at capacity ({pending} queries waiting); retry shortly")
+
+
+class DeadlineExceeded(ServiceError):
+    """The request ran past the configured deadline: 504."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the search did not finish within {seconds:g} s")
+
+
 class BodyTooLarge(ServiceError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body exceeds {limit} bytes")
@@ -88,6 +102,8 @@ ERRORS: dict[type[BaseException], ErrorKind] = {
     InvalidRequest: ErrorKind(422, "invalid_request"),
     BodyTooLarge: ErrorKind(413, "body_too_large"),
     Unauthorized: ErrorKind(401, "unauthorized"),
+    Overloaded: ErrorKind(429, "overloaded"),
+    DeadlineExceeded: ErrorKind(504, "deadline_exceeded"),
     Forbidden: ErrorKind(403, "forbidden"),
     NotReady: ErrorKind(503, "not_ready"),
     StoreUnavailable: ErrorKind(503, "store_unavailable", "the vector store is unreachable; retry later"),
@@ -149,6 +165,8 @@ def error_response(exc: BaseException, metrics: ServiceMetrics) -> JSONResponse:
         # Server-side only; the client got the fixed message.
         logger.error("request failed: %s", type(exc).__name__, exc_info=exc)
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": "1"}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

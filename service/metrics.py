@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,6 +47,23 @@ class ServiceMetrics:
             "Vector store search latency.",
             buckets=FAST_BUCKETS,
             registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "medsearch_encode_batch_size",
+            "Queries per encoder run (micro-batching).",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "medsearch_encode_queue_depth", "Queries waiting for the encoder.", registry=self.registry
+        )
+        self.cache_hits = Counter(
+            "medsearch_query_cache_hits_total",
+            "Queries answered from the vector cache.",
+            registry=self.registry,
+        )
+        self.cache_misses = Counter(
+            "medsearch_query_cache_misses_total", "Queries that needed the encoder.", registry=self.registry
         )
         self.errors = Counter(
             "medsearch_errors_total",

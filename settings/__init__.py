@@ -31,6 +31,15 @@ class Settings(BaseSettings):
     threads: int = Field(default=0, ge=0, description="Encoder intra-op threads; 0 = runtime default.")
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
     log_queries: bool = Field(default=False, description="Log query text. Patient data: keep off.")
+    batch_max_size: int = Field(default=32, ge=1, description="Most queries encoded in one encoder run.")
+    batch_max_wait_ms: float = Field(
+        default=2.0, ge=0, description="How long a batch waits for more queries; 0: micro-batching off."
+    )
+    queue_max_pending: int = Field(
+        default=256, ge=1, description="Queries waiting for the encoder before requests get 429."
+    )
+    query_cache_size: int = Field(default=1024, ge=0, description="LRU of query vectors; 0: off.")
+    request_timeout_s: float = Field(default=10.0, gt=0, description="Per-request deadline (then 504).")
     api_keys: SecretStr | None = Field(
         default=None, description="Comma-separated 'scope:key' (scopes: search, admin); unset: API open."
     )

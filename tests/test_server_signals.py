@@ -22,6 +22,8 @@ from settings import Settings
 marker = Path(sys.argv[1])
 
 class StandIn:
+    encoder = None  # never called: no request is made
+
     def warm_up(self):
         marker.write_text("started")
     def close(self):

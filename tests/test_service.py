@@ -3,11 +3,13 @@ embedded store, with a deterministic fake query encoder so no model is needed.""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import re
+import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -813,3 +815,64 @@ async def test_a_nan_query_vector_is_an_encoder_error_not_the_stores(
         "error": "encoder_error",
         "message": "the query encoder produced a non-finite vector",
     }
+
+
+# --- under load ---------------------------------------------------------------------------------
+
+
+class GatedEncoder(HashEncoder):
+    """Blocks every encode until ``gate`` opens (or ``wait_s`` passes)."""
+
+    def __init__(self, wait_s: float = 5.0) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.wait_s = wait_s
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        self.gate.wait(self.wait_s)
+        return super().encode(texts, batch_size)
+
+
+async def test_over_capacity_is_429_with_retry_after(settings: Settings, store: SwitchableStore) -> None:
+    encoder = GatedEncoder()
+    encoder.gate.set()  # the warm-up passes
+    small = settings.model_copy(update={"queue_max_pending": 2, "batch_max_wait_ms": 0})
+    state = ServingState(settings=small, encoder=encoder, store=store)
+    app = create_app(small, state)
+    async with running(app) as client:
+        encoder.gate.clear()  # from now on the encoder holds every run
+        held = [asyncio.ensure_future(client.post("/search", json={"query": f"q{i}"})) for i in range(2)]
+        for _ in range(500):
+            if app.state.batcher.pending == 2:
+                break
+            await asyncio.sleep(0.01)
+        refused = await client.post("/search", json={"query": "one more"})
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"] == "overloaded"
+        assert (await client.get("/healthz")).status_code == 200  # probes do not queue behind encodes
+        encoder.gate.set()
+        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+        metrics = (await client.get("/metrics")).text
+        assert 'medsearch_errors_total{kind="overloaded"} 1.0' in metrics
+
+
+async def test_a_request_past_its_deadline_is_504(settings: Settings, store: SwitchableStore) -> None:
+    encoder = GatedEncoder(wait_s=0.5)
+    tight = settings.model_copy(update={"request_timeout_s": 0.1})
+    state = ServingState(settings=tight, encoder=encoder, store=store)
+    async with running(create_app(tight, state)) as client:
+        response = await client.post("/search", json={"query": "slow"})
+    assert response.status_code == 504
+    assert response.json() == {
+        "error": "deadline_exceeded",
+        "message": "the search did not finish within 0.1 s",
+    }
+
+
+async def test_repeated_query_is_served_from_the_cache(client: httpx.AsyncClient) -> None:
+    for _ in range(3):
+        assert (await client.post("/search", json={"query": QUERY})).status_code == 200
+    metrics = (await client.get("/metrics")).text
+    assert "medsearch_query_cache_hits_total 2.0" in metrics
+    assert "medsearch_query_cache_misses_total 1.0" in metrics

@@ -11,8 +11,9 @@ import numpy as np
 from fastapi import APIRouter, Depends
 
 from service.auth import require
-from service.deps import MetricsDep, StateDep
-from service.errors import EncoderFailure, InvalidRequest
+from service.batcher import EncodeBatcher
+from service.deps import BatcherDep, MetricsDep, StateDep
+from service.errors import DeadlineExceeded, InvalidRequest
 from service.metrics import ServiceMetrics
 from service.schemas import (
     BatchSearchRequest,
@@ -36,7 +37,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorResponse, "description": "API keys are on and the request has no valid key."},
     413: {"model": ErrorResponse, "description": "Request body over the configured byte limit."},
     422: {"model": ErrorResponse, "description": "Invalid body; the message names the offending field."},
+    429: {"model": ErrorResponse, "description": "Encoder queue full; retry after Retry-After seconds."},
     503: {"model": ErrorResponse, "description": "Store unreachable or collection not servable."},
+    504: {"model": ErrorResponse, "description": "The request ran past MEDSEARCH_REQUEST_TIMEOUT_S."},
 }
 
 
@@ -49,15 +52,6 @@ def checked_filter(filters: Mapping[str, str] | None, spec: CollectionSpec) -> d
         if key not in spec.keyword_fields:
             raise InvalidRequest(f"filter.{key}", f"not a filterable field; allowed: {allowed}")
     return dict(filters)
-
-
-def _encode(state: ServingState, queries: list[str], metrics: ServiceMetrics) -> np.ndarray:
-    """One encoder call for every query: (len(queries), dim) float32."""
-    with metrics.encode_latency.time():
-        vectors = np.asarray(state.encoder.encode(queries), dtype=np.float32)
-    if not np.isfinite(vectors).all():
-        raise EncoderFailure("the query encoder produced a non-finite vector")
-    return vectors
 
 
 def _search(
@@ -92,21 +86,31 @@ def _log_search(state: ServingState, request: SearchRequest, hits: int, took_ms:
 
 
 async def _search_all(
-    requests: list[SearchRequest], state: ServingState, metrics: ServiceMetrics
+    requests: list[SearchRequest], state: ServingState, batcher: EncodeBatcher, metrics: ServiceMetrics
 ) -> list[SearchResponse]:
-    """Encode every query in one batch, then search each; filters are checked before any model work."""
+    """Encode every query (one batch, shared with concurrent requests), then search each; filters
+    are checked before any model work. Past the request deadline: DeadlineExceeded (504)."""
     start = time.perf_counter()
-    spec = await anyio.to_thread.run_sync(state.serving_spec)
-    filters = [checked_filter(r.filter, spec) for r in requests]
-    vectors = await anyio.to_thread.run_sync(_encode, state, [r.query for r in requests], metrics)
+    deadline = state.settings.request_timeout_s
+    try:
+        with anyio.fail_after(deadline):
+            spec = await anyio.to_thread.run_sync(state.serving_spec)
+            filters = [checked_filter(r.filter, spec) for r in requests]
+            vectors = await batcher.encode([r.query for r in requests])
+            found = []
+            for request, vector, where in zip(requests, vectors, filters, strict=True):
+                try:
+                    found.append(
+                        await anyio.to_thread.run_sync(_search, state, vector, request.top_k, where, metrics)
+                    )
+                except StoreUnavailable as exc:
+                    state.store_failed(exc)
+                    raise
+    except TimeoutError as exc:
+        raise DeadlineExceeded(deadline) from exc
+    took_ms = (time.perf_counter() - start) * 1000
     responses = []
-    for request, vector, where in zip(requests, vectors, filters, strict=True):
-        try:
-            hits = await anyio.to_thread.run_sync(_search, state, vector, request.top_k, where, metrics)
-        except StoreUnavailable as exc:
-            state.store_failed(exc)
-            raise
-        took_ms = (time.perf_counter() - start) * 1000
+    for request, hits in zip(requests, found, strict=True):
         _log_search(state, request, len(hits), took_ms)
         responses.append(
             SearchResponse(
@@ -122,7 +126,9 @@ async def _search_all(
 
 
 @router.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES)
-async def search(request: SearchRequest, state: StateDep, metrics: MetricsDep) -> SearchResponse:
+async def search(
+    request: SearchRequest, state: StateDep, batcher: BatcherDep, metrics: MetricsDep
+) -> SearchResponse:
     """Nearest documents to a free-text query.
 
     The query is encoded by the service's ONNX query encoder into the collection's document space.
@@ -130,26 +136,27 @@ async def search(request: SearchRequest, state: StateDep, metrics: MetricsDep) -
     encoder, not rejected. `filter` restricts hits to exact metadata matches on the collection's
     keyword fields.
     """
-    return (await _search_all([request], state, metrics))[0]
+    return (await _search_all([request], state, batcher, metrics))[0]
 
 
 @router.post("/search/batch", response_model=BatchSearchResponse, responses=ERROR_RESPONSES)
 async def search_batch(
-    request: BatchSearchRequest, state: StateDep, metrics: MetricsDep
+    request: BatchSearchRequest, state: StateDep, batcher: BatcherDep, metrics: MetricsDep
 ) -> BatchSearchResponse:
     """Several searches in one call, their queries encoded in one batch; results in request order.
 
     Every query is validated (and every filter checked) before any is encoded: one bad query fails
     the whole call with a 422 naming it (`queries.N.field`), so nothing is half-answered.
     """
-    return BatchSearchResponse(results=await _search_all(request.queries, state, metrics))
+    return BatchSearchResponse(results=await _search_all(request.queries, state, batcher, metrics))
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES)
-async def embed(request: EmbedRequest, state: StateDep, metrics: MetricsDep) -> EmbedResponse:
+async def embed(request: EmbedRequest, state: StateDep, batcher: BatcherDep) -> EmbedResponse:
     """The query encoder's vectors of `texts`, labelled with their space, for systems that reuse them
     (they compare only with vectors of the same space)."""
-    vectors = await anyio.to_thread.run_sync(_encode, state, request.texts, metrics)
+    with anyio.fail_after(state.settings.request_timeout_s):
+        vectors = await batcher.encode(request.texts)
     manifest = state.query_manifest
     return EmbedResponse(
         vectors=vectors.tolist(), space=manifest.space, encoder=manifest.name, dim=int(vectors.shape[1])

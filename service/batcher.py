@@ -1,0 +1,168 @@
+"""Router -> batcher -> encoder: concurrent requests' queries are encoded together, one run at a time.
+
+Requests put their texts on a bounded queue and wait. One worker takes what is waiting (up to
+``max_batch`` texts), lingers up to ``max_wait_s`` for more while the batch is not full, and runs
+the encoder on its own thread. So:
+
+- concurrent queries share one ONNX call (one pass over the weights instead of one per query),
+- exactly one encoder run is in flight, so the runtime's threads never oversubscribe the cores and
+  the event loop's thread pool never fills with encodes (probes stay fast),
+- the queue is bounded: past ``max_pending`` waiting texts a request is refused at once
+  (``Overloaded`` -> 429 with Retry-After) instead of queueing without limit,
+- a query already encoded recently is answered from an LRU cache without queueing.
+
+``max_wait_s = 0`` turns lingering off (a batch is whatever is already waiting), which keeps the
+latency of a lone query at exactly one encoder run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.encoder import Encoder
+from service.errors import EncoderFailure, Overloaded
+from service.metrics import ServiceMetrics
+
+
+@dataclass
+class _Job:
+    texts: list[str]
+    future: asyncio.Future[np.ndarray]
+
+
+class VectorCache:
+    """LRU of query text -> vector. Thread-safe; ``size`` 0 disables it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> np.ndarray | None:
+        if not self.size:
+            return None
+        with self._lock:
+            vector = self._items.get(text)
+            if vector is not None:
+                self._items.move_to_end(text)
+            return vector
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        if not self.size:
+            return
+        with self._lock:
+            self._items[text] = vector
+            self._items.move_to_end(text)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+@dataclass
+class EncodeBatcher:
+    encoder: Encoder
+    metrics: ServiceMetrics
+    max_batch: int = 32
+    max_wait_s: float = 0.002
+    max_pending: int = 256
+    cache_size: int = 1024
+    _queue: asyncio.Queue[_Job] = field(init=False)
+    _pending: int = field(default=0, init=False)
+    _worker: asyncio.Task[None] | None = field(default=None, init=False)
+    _executor: ThreadPoolExecutor = field(init=False)
+    _cache: VectorCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_pending < 1 or self.max_wait_s < 0:
+            raise ValueError("max_batch and max_pending must be positive, max_wait_s non-negative")
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        self._cache = VectorCache(self.cache_size)
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="encode-batcher")
+
+    async def stop(self) -> None:
+        """Finish what is queued (graceful shutdown), then stop the worker and its thread."""
+        while self._pending:
+            await asyncio.sleep(0.005)
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), dim) vectors; raises Overloaded when the queue is full."""
+        rows: list[np.ndarray | None] = [self._cache.get(t) for t in texts]
+        missing = [t for t, row in zip(texts, rows, strict=True) if row is None]
+        self.metrics.cache_hits.inc(len(texts) - len(missing))
+        self.metrics.cache_misses.inc(len(missing))
+        if missing:
+            if self._pending + len(missing) > self.max_pending:
+                raise Overloaded(self._pending)
+            future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+            self._pending += len(missing)
+            self.metrics.queue_depth.set(self._pending)
+            await self._queue.put(_Job(list(missing), future))
+            fresh = iter(await future)
+            rows = [row if row is not None else next(fresh) for row in rows]
+        return np.stack([np.asarray(row, dtype=np.float32) for row in rows if row is not None])
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self._queue.get()]
+            size = len(jobs[0].texts)
+            deadline = loop.time() + self.max_wait_s
+            while size < self.max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        job = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                jobs.append(job)
+                size += len(job.texts)
+            await self._encode(jobs)
+
+    async def _encode(self, jobs: list[_Job]) -> None:
+        texts = [t for job in jobs for t in job.texts]
+        self.metrics.batch_size.observe(len(texts))
+        try:
+            with self.metrics.encode_latency.time():
+                vectors = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.encoder.encode, texts, len(texts)
+                )
+            vectors = np.asarray(vectors, dtype=np.float32)
+            if vectors.shape[0] != len(texts) or not np.isfinite(vectors).all():
+                raise EncoderFailure("the query encoder produced a non-finite vector")
+        except Exception as exc:  # every waiting request gets the failure, none hangs
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        else:
+            start = 0
+            for job in jobs:
+                part = vectors[start : start + len(job.texts)]
+                start += len(job.texts)
+                for text, vector in zip(job.texts, part, strict=True):
+                    self._cache.put(text, vector)
+                if not job.future.done():  # a cancelled request (client gone) just drops its part
+                    job.future.set_result(part)
+        finally:
+            self._pending -= len(texts)
+            self.metrics.queue_depth.set(self._pending)
