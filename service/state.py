@@ -190,6 +190,13 @@ def _initial_spec(
     except StoreUnavailable as exc:
         logger.warning("vector store unreachable at start-up; serving once it answers: %s", exc)
         return None, False
+    except StoreError as exc:
+        # It answered and refused (wrong API key, unreadable collection spec): waiting will not help.
+        raise StartupError(
+            f"the vector store at {_store_location(settings)} refused to describe collection "
+            f"{settings.collection!r}: {exc}; check MEDSEARCH_QDRANT_API_KEY, or rebuild the collection "
+            f"with {BUILD_INDEX}"
+        ) from exc
     if spec is None:
         raise StartupError(
             f"collection {settings.collection!r} not found in the store at {_store_location(settings)}; "
@@ -202,7 +209,15 @@ def _initial_spec(
 
 
 def _load_encoder(settings: Settings) -> Encoder:
+    model_dir = settings.models_path / settings.query_model
     try:
-        return load_encoder(settings.models_path / settings.query_model, threads=settings.threads)
+        return load_encoder(model_dir, threads=settings.threads)
     except ManifestError as exc:
         raise StartupError(f"{exc}; rebuild it with {BUILD_MODELS}") from exc
+    except Exception as exc:
+        # onnxruntime's errors (InvalidProtobuf, Fail...) derive from Exception alone; at start-up any
+        # failure to open the model is a broken build, named with its fix, never a traceback.
+        raise StartupError(
+            f"query encoder {model_dir} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"delete the directory and rebuild it with {BUILD_MODELS}"
+        ) from exc

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -465,6 +466,34 @@ def test_a_document_encoder_is_refused_as_query_encoder_even_in_the_right_space(
     model_dir = write_query_model(settings)
     write_manifest(model_dir, query_manifest().model_copy(update={"role": "document"}))
     with pytest.raises(StartupError, match=r"holds a document encoder .* must name a query encoder"):
+        load_state(settings)
+
+
+def test_a_corrupt_model_file_is_a_startup_error_naming_the_fix(tiny_onnx: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(tiny_onnx, models / tiny_onnx.name)
+    (models / tiny_onnx.name / "model.onnx").write_bytes(b"truncated")
+    settings = Settings(home=tmp_path, models_dir=models, query_model=tiny_onnx.name)
+    manifest = json.loads((tiny_onnx / "manifest.json").read_text())
+    edge = open_store(None, settings.store_path)
+    edge.create_collection(
+        settings.collection,
+        CollectionSpec(
+            dim=manifest["dim"], space=manifest["space"], encoder="d", encoder_fingerprint="e" * 64
+        ),
+    )
+    edge.close()
+    with pytest.raises(StartupError, match=r"cannot be loaded \(InvalidProtobuf.*rebuild it with"):
+        load_state(settings)
+
+
+def test_an_unreadable_collection_spec_is_a_startup_error(settings: Settings) -> None:
+    write_query_model(settings)
+    edge = open_store(None, settings.store_path)
+    build_collection(edge, HashEncoder())
+    edge.close()
+    (settings.store_path / COLLECTION / "collection.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(StartupError, match=f"refused to describe collection '{COLLECTION}'"):
         load_state(settings)
 
 
