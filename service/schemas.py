@@ -34,6 +34,17 @@ class SearchRequest(BaseModel):
         examples=[{"department": "cardiology"}],
     )
 
+    score_threshold: float | None = Field(
+        default=None,
+        ge=-1.0,
+        le=1.0,
+        description="Leave out hits whose cosine score is below this (applied by the store).",
+        examples=[0.5],
+    )
+    with_text: bool = Field(
+        default=True, description="Return each hit's title and text; false returns ids, scores and metadata."
+    )
+
     @field_validator("query")
     @classmethod
     def _not_blank(cls, value: str) -> str:
@@ -67,8 +78,8 @@ class EmbedRequest(BaseModel):
 class SearchHit(BaseModel):
     id: str = Field(description="The document id given at indexing time.")
     score: float = Field(description="Cosine similarity; higher is closer.")
-    title: str
-    text: str
+    title: str | None = Field(description="None when the request set with_text to false.")
+    text: str | None = Field(description="None when the request set with_text to false.")
     metadata: dict[str, Any]
 
 
@@ -102,6 +113,11 @@ class ErrorResponse(BaseModel):
     message: str
     details: list[FieldError] | None = None
     reasons: list[str] | None = None
+
+
+class CollectionsResponse(BaseModel):
+    served: str = Field(description="The collection this service searches (MEDSEARCH_COLLECTION).")
+    collections: list[CollectionInfo] = Field(description="The served collection, with its spec and size.")
 
 
 class HealthResponse(BaseModel):

@@ -86,8 +86,10 @@ class VectorStore(Protocol):
         vector: np.ndarray,
         top_k: int,
         filters: Mapping[str, str] | None = None,
+        score_threshold: float | None = None,
     ) -> list[Hit]:
-        """Nearest points by cosine; ``filters`` are exact matches on metadata keyword fields."""
+        """Nearest points by cosine; ``filters`` are exact matches on metadata keyword fields; points
+        scoring below ``score_threshold`` are left out by the engine."""
         ...
 
     def close(self) -> None: ...

@@ -167,6 +167,7 @@ class EdgeStore:
         vector: np.ndarray,
         top_k: int,
         filters: Mapping[str, str] | None = None,
+        score_threshold: float | None = None,
     ) -> list[Hit]:
         schema.check_top_k(top_k)
         coll = self._collection(name)
@@ -183,6 +184,7 @@ class EdgeStore:
             filter=where,
             with_payload=True,
             with_vector=False,
+            score_threshold=score_threshold,
             params=qe.SearchParams(exact=True),
         )
         try:

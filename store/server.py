@@ -158,6 +158,7 @@ class ServerStore:
         vector: np.ndarray,
         top_k: int,
         filters: Mapping[str, str] | None = None,
+        score_threshold: float | None = None,
     ) -> list[Hit]:
         schema.check_top_k(top_k)
         spec = self._spec(name)
@@ -178,6 +179,7 @@ class ServerStore:
                 limit=top_k,
                 with_payload=True,
                 with_vectors=False,
+                score_threshold=score_threshold,
                 search_params=self._params,
             )
         return [schema.hit_of(p.payload, p.score) for p in response.points]

@@ -115,10 +115,15 @@ class SwitchableStore:
         self.inner.upsert(name, points)
 
     def search(
-        self, name: str, vector: np.ndarray, top_k: int, filters: Mapping[str, str] | None = None
+        self,
+        name: str,
+        vector: np.ndarray,
+        top_k: int,
+        filters: Mapping[str, str] | None = None,
+        score_threshold: float | None = None,
     ) -> list[Hit]:
         self._check()
-        return self.inner.search(name, vector, top_k, filters)
+        return self.inner.search(name, vector, top_k, filters, score_threshold)
 
     def close(self) -> None:
         self.inner.close()
@@ -404,7 +409,12 @@ class BrokenEncoder(HashEncoder):
 
 class RefusingStore(SwitchableStore):
     def search(
-        self, name: str, vector: np.ndarray, top_k: int, filters: Mapping[str, str] | None = None
+        self,
+        name: str,
+        vector: np.ndarray,
+        top_k: int,
+        filters: Mapping[str, str] | None = None,
+        score_threshold: float | None = None,
     ) -> list[Hit]:
         raise StoreError("Qdrant answered 400: internal detail at 10.0.0.7")
 
@@ -905,3 +915,32 @@ async def test_repeated_query_is_served_from_the_cache(client: httpx.AsyncClient
     metrics = (await client.get("/metrics")).text
     assert "medsearch_query_cache_hits_total 2.0" in metrics
     assert "medsearch_query_cache_misses_total 1.0" in metrics
+
+
+# --- score threshold, with_text, /collections ---------------------------------------------------
+
+
+async def test_score_threshold_drops_weaker_hits(client: httpx.AsyncClient) -> None:
+    everything = (await client.post("/search", json={"query": QUERY, "top_k": 5})).json()["hits"]
+    cut = (everything[0]["score"] + everything[-1]["score"]) / 2
+    kept = (await client.post("/search", json={"query": QUERY, "top_k": 5, "score_threshold": cut})).json()
+    assert [h["id"] for h in kept["hits"]] == [h["id"] for h in everything if h["score"] >= cut]
+    assert 0 < len(kept["hits"]) < len(everything)
+    assert (await client.post("/search", json={"query": QUERY, "score_threshold": 1.5})).status_code == 422
+
+
+async def test_with_text_false_returns_ids_and_scores_only(client: httpx.AsyncClient) -> None:
+    full = (await client.post("/search", json={"query": QUERY, "top_k": 2})).json()["hits"]
+    bare = (await client.post("/search", json={"query": QUERY, "top_k": 2, "with_text": False})).json()[
+        "hits"
+    ]
+    assert [(h["id"], h["score"]) for h in bare] == [(h["id"], h["score"]) for h in full]
+    assert all(h["title"] is None and h["text"] is None for h in bare)
+    assert all(h["text"] for h in full)
+
+
+async def test_collections_lists_the_served_collection(client: httpx.AsyncClient) -> None:
+    body = (await client.get("/v1/collections")).json()
+    assert body["served"] == COLLECTION
+    [served] = body["collections"]
+    assert (served["name"], served["spec"]["space"], served["points"]) == (COLLECTION, SPACE, len(DOCS))

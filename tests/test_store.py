@@ -152,6 +152,15 @@ def test_search_matches_brute_force(loaded: Loaded) -> None:
                 assert all(h.metadata[k] == v for k, v in (filters or {}).items())
 
 
+def test_score_threshold_is_applied_by_the_engine(loaded: Loaded) -> None:
+    store, points = loaded
+    q = unit(np.random.default_rng(2), 1)[0]
+    expected = brute_force(points, q, 50, None)
+    cut = expected[9][1]  # the 10th best score
+    hits = store.search(NAME, q, 50, score_threshold=cut - 1e-6)
+    assert_same_ranking(ids_scores(hits), expected[:10])
+
+
 def test_hits_carry_the_stored_payload(loaded: Loaded) -> None:
     store, points = loaded
     target = points[42]

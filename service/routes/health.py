@@ -11,7 +11,14 @@ from fastapi.responses import JSONResponse
 from models.manifest import ModelManifest
 from service.auth import metrics_guard, require
 from service.deps import MetricsDep, StateDep
-from service.schemas import CollectionInfo, HealthResponse, InfoResponse, QueryEncoderInfo, ReadyResponse
+from service.schemas import (
+    CollectionInfo,
+    CollectionsResponse,
+    HealthResponse,
+    InfoResponse,
+    QueryEncoderInfo,
+    ReadyResponse,
+)
 from service.state import ServingState
 from store.base import CollectionSpec, StoreError
 
@@ -104,6 +111,17 @@ async def info(state: StateDep) -> InfoResponse:
         pairing=pairing(manifest, collection.spec),
         pairing_note=pairing_note(manifest, collection.spec),
     )
+
+
+@router.get("/collections", response_model=CollectionsResponse, dependencies=[Depends(require("search"))])
+async def collections(state: StateDep) -> CollectionsResponse:
+    """The collection this service searches, its spec (encoder, space, dim) and point count.
+
+    One service serves one collection (an alias on a Qdrant server); other collections in the same
+    store are not listed: they belong to other deployments.
+    """
+    served = await anyio.to_thread.run_sync(_collection_info, state)
+    return CollectionsResponse(served=state.collection, collections=[served])
 
 
 @router.get(

@@ -57,16 +57,22 @@ def checked_filter(filters: Mapping[str, str] | None, spec: CollectionSpec) -> d
 def _search(
     state: ServingState,
     vector: np.ndarray,
-    top_k: int,
+    request: SearchRequest,
     filters: dict[str, str] | None,
     metrics: ServiceMetrics,
 ) -> list[Hit]:
     with metrics.search_latency.time():
-        return state.store.search(state.collection, vector, top_k, filters)
+        return state.store.search(state.collection, vector, request.top_k, filters, request.score_threshold)
 
 
-def _hit(hit: Hit) -> SearchHit:
-    return SearchHit(id=hit.doc_id, score=hit.score, title=hit.title, text=hit.text, metadata=hit.metadata)
+def _hit(hit: Hit, with_text: bool) -> SearchHit:
+    return SearchHit(
+        id=hit.doc_id,
+        score=hit.score,
+        title=hit.title if with_text else None,
+        text=hit.text if with_text else None,
+        metadata=hit.metadata,
+    )
 
 
 def _log_search(state: ServingState, request: SearchRequest, hits: int, took_ms: float) -> None:
@@ -101,7 +107,7 @@ async def _search_all(
             for request, vector, where in zip(requests, vectors, filters, strict=True):
                 try:
                     found.append(
-                        await anyio.to_thread.run_sync(_search, state, vector, request.top_k, where, metrics)
+                        await anyio.to_thread.run_sync(_search, state, vector, request, where, metrics)
                     )
                 except StoreUnavailable as exc:
                     state.store_failed(exc)
@@ -114,7 +120,7 @@ async def _search_all(
         _log_search(state, request, len(hits), took_ms)
         responses.append(
             SearchResponse(
-                hits=[_hit(h) for h in hits],
+                hits=[_hit(h, request.with_text) for h in hits],
                 took_ms=round(took_ms, 3),
                 query_encoder=state.query_manifest.name,
                 document_encoder=spec.encoder,
