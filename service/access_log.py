@@ -18,7 +18,7 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import RouteTemplates
+from service.metrics import CLIENT_CLOSED, RouteTemplates
 
 REQUEST_ID_HEADER = "x-request-id"
 # Echoed into headers and logs: plain tokens only, so a client cannot inject log lines or headers.
@@ -48,7 +48,7 @@ class AccessLogMiddleware:
             return
         request_id = request_id_from(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        status = 500
+        status = CLIENT_CLOSED
         start = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
@@ -60,6 +60,10 @@ class AccessLogMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except BaseException:
+            if status == CLIENT_CLOSED:
+                status = 500
+            raise
         finally:
             access_logger.info(
                 "request",

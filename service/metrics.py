@@ -18,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # Query encoding and ANN search sit in the millisecond range; the default buckets start at 5 ms.
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 UNMATCHED_ROUTE = "unmatched"
+# nginx's code for a request whose client went away before any response (e.g. mid-body): not a 500.
+CLIENT_CLOSED = 499
 
 
 class ServiceMetrics:
@@ -106,7 +108,7 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
+        status = CLIENT_CLOSED  # until a response starts: the client may leave before one is sent
         start = time.perf_counter()
 
         async def send_with_status(message: Message) -> None:
@@ -117,6 +119,10 @@ class RequestMetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_with_status)
+        except BaseException:
+            if status == CLIENT_CLOSED:
+                status = 500
+            raise
         finally:
             labels = {"route": self.routes.label(scope), "status": str(status)}
             self.metrics.requests.labels(**labels).inc()

@@ -944,3 +944,43 @@ async def test_collections_lists_the_served_collection(client: httpx.AsyncClient
     assert body["served"] == COLLECTION
     [served] = body["collections"]
     assert (served["name"], served["spec"]["space"], served["points"]) == (COLLECTION, SPACE, len(DOCS))
+
+
+async def test_a_client_leaving_mid_body_is_not_counted_as_a_server_error(
+    settings: Settings, state: ServingState
+) -> None:
+    app = create_app(settings, state)
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"query": "che', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/search",
+        "raw_path": b"/search",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"40")],
+        "root_path": "",
+        "scheme": "http",
+        "server": ("t", 80),
+        "client": ("c", 1),
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+    async with running(app) as client:
+        await app(scope, receive, send)
+        metrics = (await client.get("/metrics")).text
+    assert not any(m["type"] == "http.response.start" for m in sent)
+    assert 'medsearch_http_requests_total{route="/search",status="499"} 1.0' in metrics
+    assert 'status="500"' not in metrics
