@@ -1,4 +1,4 @@
-"""One access-log record per HTTP request, tied to a request id the client can quote.
+"""One record per HTTP request: a request id the client can quote, an access-log line, its metrics.
 
 The id comes from the client's ``X-Request-ID`` when it is a plain token (so a gateway's id follows the
 request through), otherwise a fresh one; either way it is returned in the response header. The
@@ -18,7 +18,7 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import CLIENT_CLOSED, RouteTemplates
+from service.metrics import CLIENT_CLOSED, RouteTemplates, ServiceMetrics
 
 REQUEST_ID_HEADER = "x-request-id"
 # Echoed into headers and logs: plain tokens only, so a client cannot inject log lines or headers.
@@ -37,9 +37,14 @@ def request_id_from(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp, routes: RouteTemplates) -> None:
+class RequestRecordMiddleware:
+    """Per HTTP request, once: its id (header), its access-log record and its Prometheus count and
+    latency, all labelled with the same status and route template, including requests rejected by
+    middleware further in and clients that leave before any response (499)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, routes: RouteTemplates) -> None:
         self.app = app
+        self.metrics = metrics
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -48,7 +53,7 @@ class AccessLogMiddleware:
             return
         request_id = request_id_from(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        status = CLIENT_CLOSED
+        status = CLIENT_CLOSED  # until a response starts: the client may leave before one is sent
         start = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
@@ -65,14 +70,19 @@ class AccessLogMiddleware:
                 status = 500
             raise
         finally:
+            seconds = time.perf_counter() - start
+            route = self.routes.label(scope)
+            labels = {"route": route, "status": str(status)}
+            self.metrics.requests.labels(**labels).inc()
+            self.metrics.request_latency.labels(**labels).observe(seconds)
             access_logger.info(
                 "request",
                 extra={
                     "request_id": request_id,
                     "method": scope["method"],
-                    "route": self.routes.label(scope),
+                    "route": route,
                     "status": status,
-                    "latency_ms": round((time.perf_counter() - start) * 1000, 3),
+                    "latency_ms": round(seconds * 1000, 3),
                 },
             )
 

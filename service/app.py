@@ -12,12 +12,12 @@ import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service.access_log import AccessLogMiddleware
+from service.access_log import RequestRecordMiddleware
 from service.auth import ApiKeys
 from service.batcher import EncodeBatcher
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
-from service.metrics import RequestMetricsMiddleware, RouteTemplates, ServiceMetrics
+from service.metrics import RouteTemplates, ServiceMetrics
 from service.routes import health, search
 from service.state import ServingState, load_state
 from settings import Settings
@@ -91,11 +91,10 @@ def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI
     for prefix in (API_PREFIX, ""):
         app.include_router(search.router, prefix=prefix)
         app.include_router(health.router, prefix=prefix)
-    # Added last = outermost: requests rejected by the body limit are counted too.
+    # Inside the request record (added last, outermost), so 413s are counted and logged too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
     paths = [str(getattr(route, "path", "")) for route in (*search.router.routes, *health.router.routes)]
     routes = RouteTemplates([prefix + path for prefix in (API_PREFIX, "") for path in paths])
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=routes)
     if settings.cors_origins:
         # Off unless origins are named: a browser page elsewhere must not read patient results.
         app.add_middleware(
@@ -105,5 +104,6 @@ def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
-    app.add_middleware(AccessLogMiddleware, routes=routes)  # outermost: every response gets its id
+    # Outermost: every response gets its id, and requests rejected further in are counted and logged.
+    app.add_middleware(RequestRecordMiddleware, metrics=metrics, routes=routes)
     return app

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -13,7 +11,7 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.routing import compile_path
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 # Query encoding and ANN search sit in the millisecond range; the default buckets start at 5 ms.
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -94,36 +92,3 @@ class RouteTemplates:
             if pattern.match(path):
                 return template
         return UNMATCHED_ROUTE
-
-
-class RequestMetricsMiddleware:
-    """Counts and times every HTTP request, including those rejected by middleware further in."""
-
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, routes: RouteTemplates) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.routes = routes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = CLIENT_CLOSED  # until a response starts: the client may leave before one is sent
-        start = time.perf_counter()
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        except BaseException:
-            if status == CLIENT_CLOSED:
-                status = 500
-            raise
-        finally:
-            labels = {"route": self.routes.label(scope), "status": str(status)}
-            self.metrics.requests.labels(**labels).inc()
-            self.metrics.request_latency.labels(**labels).observe(time.perf_counter() - start)
