@@ -63,6 +63,8 @@ def temporary_index(vectors: Vectors, manifest: ModelManifest) -> Iterator[Dense
                         for doc_id, row in zip(ids, rows, strict=True)
                     ],
                 )
+            # Searched as the service searches: HNSW once the graph is built.
+            store.optimize(COLLECTION)
             yield DenseIndex(store, COLLECTION)
         finally:
             store.close()

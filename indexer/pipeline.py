@@ -204,6 +204,8 @@ def index_files(
                             log.write(d.source, error, id=d.doc_id)
                 if on_progress:
                     on_progress(done, summary.indexed)
+        if summary.indexed:
+            store.optimize(collection)
     finally:
         log.close()
         summary.seconds = time.perf_counter() - started

@@ -25,4 +25,6 @@ def open_configured_store(settings: Settings) -> VectorStore:
     from store.factory import open_store
 
     api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-    return open_store(settings.qdrant_url, settings.store_path, api_key, settings.qdrant_timeout_s)
+    return open_store(
+        settings.qdrant_url, settings.store_path, api_key, settings.qdrant_timeout_s, settings.hnsw_ef
+    )

@@ -169,7 +169,9 @@ def load_state(settings: Settings) -> ServingState:
     manifest = _read_query_manifest(settings)
     api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
     try:
-        store = open_store(settings.qdrant_url, settings.store_path, api_key, settings.qdrant_timeout_s)
+        store = open_store(
+            settings.qdrant_url, settings.store_path, api_key, settings.qdrant_timeout_s, settings.hnsw_ef
+        )
     except (StoreError, ValueError) as exc:
         raise StartupError(f"cannot open the vector store at {_store_location(settings)}: {exc}") from exc
     try:

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     qdrant_api_key: SecretStr | None = None
     qdrant_path: Path | None = Field(default=None, description="Embedded store data; default HOME/qdrant.")
     qdrant_timeout_s: float = 5.0
+    hnsw_ef: int = Field(
+        default=256, ge=1, description="HNSW candidates per search: higher is closer to exact, slower."
+    )
 
     host: str = "127.0.0.1"
     port: int = 8000

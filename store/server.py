@@ -35,8 +35,8 @@ SPEC_KEY = "medsearch"
 UPSERT_BATCH = 256
 # Answers worth retrying: the server is overloaded, restarting, or behind a failing proxy.
 _RETRYABLE_STATUS = {408, 429}
-# HNSW candidate list per search; Qdrant's default (ef_construct = 100) loses recall on some queries.
-DEFAULT_HNSW_EF = 128
+# HNSW candidate list per search (see store/edge.py for the measurement behind the value).
+DEFAULT_HNSW_EF = 256
 
 
 def store_error(action: str, exc: Exception) -> StoreError:
@@ -183,6 +183,10 @@ class ServerStore:
                 search_params=self._params,
             )
         return [schema.hit_of(p.payload, p.score) for p in response.points]
+
+    def optimize(self, name: str) -> None:
+        # The server's own optimizer indexes segments in the background; nothing to trigger.
+        self._spec(name)
 
     def close(self) -> None:
         with self._call("close"):
