@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from indexer.reader import Document, Rejected, count_lines, read_documents
 from models.encoder import Encoder
 from store.base import CollectionSpec, DocumentPoint, StoreError, VectorStore
+from store.filters import parse_date
 
 
 class IndexingError(RuntimeError):
@@ -54,32 +55,74 @@ def content_hash(doc: Document, encoder_fingerprint: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def collection_spec(encoder: Encoder, keyword_fields: Sequence[str]) -> CollectionSpec:
+@dataclass(frozen=True)
+class FilterFields:
+    """Metadata keys declared for filtering, by the type their values must have."""
+
+    keyword: tuple[str, ...] = ()
+    integer: tuple[str, ...] = ()
+    date: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, spec: CollectionSpec) -> FilterFields:
+        return cls(spec.keyword_fields, spec.integer_fields, spec.date_fields)
+
+    def problem(self, metadata: Mapping[str, object]) -> str | None:
+        """Why this document's metadata cannot be filtered as declared (None: it can).
+
+        Qdrant would store a wrongly typed value without indexing it, and the document would then
+        silently fail every filter on that key; the line is rejected instead.
+        """
+        for key in self.keyword:
+            if key in metadata and not isinstance(metadata[key], str):
+                return f"metadata.{key} must be a string (declared keyword field), got {metadata[key]!r}"
+        for key in self.integer:
+            value = metadata.get(key)
+            if key in metadata and (not isinstance(value, int) or isinstance(value, bool)):
+                return f"metadata.{key} must be an integer (declared integer field), got {value!r}"
+        for key in self.date:
+            if key in metadata:
+                try:
+                    parse_date(metadata[key])
+                except ValueError as exc:
+                    return f"metadata.{key} (declared date field): {exc}"
+        return None
+
+
+def collection_spec(encoder: Encoder, fields: FilterFields) -> CollectionSpec:
     manifest = encoder.manifest
     if manifest.role != "document":
         raise IndexingError(f"{manifest.name} is a {manifest.role} encoder; index with a document encoder")
+    declared = [*fields.keyword, *fields.integer, *fields.date]
+    repeated = sorted({key for key in declared if declared.count(key) > 1})
+    if repeated:
+        raise IndexingError(f"metadata fields declared with more than one type: {repeated}")
     return CollectionSpec(
         dim=manifest.dim,
         space=manifest.space,
         encoder=manifest.name,
         encoder_fingerprint=manifest.fingerprint,
-        keyword_fields=tuple(sorted(set(keyword_fields))),
+        keyword_fields=tuple(sorted(set(fields.keyword))),
+        integer_fields=tuple(sorted(set(fields.integer))),
+        date_fields=tuple(sorted(set(fields.date))),
     )
 
 
 def prepare_collection(
-    store: VectorStore, collection: str, encoder: Encoder, keyword_fields: Sequence[str] | None
+    store: VectorStore, collection: str, encoder: Encoder, fields: FilterFields | None
 ) -> CollectionSpec:
-    """Create the collection, or check that an existing one holds this encoder's vectors."""
+    """Create the collection, or check that an existing one holds this encoder's vectors.
+
+    ``fields`` None keeps an existing collection's declared filter fields."""
     existing = store.get_collection(collection)
-    if existing is not None and keyword_fields is None:
-        keyword_fields = existing.keyword_fields
-    spec = collection_spec(encoder, keyword_fields or ())
+    if fields is None:
+        fields = FilterFields.of(existing) if existing is not None else FilterFields()
+    spec = collection_spec(encoder, fields)
     if existing is not None and existing != spec:
         raise IndexingError(
             f"collection {collection!r} holds vectors of {existing.encoder} (space {existing.space!r}, "
-            f"keyword fields {list(existing.keyword_fields)}); this run would write {spec.encoder} "
-            f"(space {spec.space!r}, keyword fields {list(spec.keyword_fields)}). "
+            f"filter fields {list(existing.filter_fields())}); this run would write {spec.encoder} "
+            f"(space {spec.space!r}, filter fields {list(spec.filter_fields())}). "
             "Index into a new collection (MEDSEARCH_COLLECTION) instead."
         )
     if existing is None:
@@ -130,7 +173,11 @@ class _RejectLog:
 
 
 def _accept(
-    chunk: list[Document | Rejected], seen: dict[str, str], summary: IndexSummary, log: _RejectLog
+    chunk: list[Document | Rejected],
+    seen: dict[str, str],
+    fields: FilterFields,
+    summary: IndexSummary,
+    log: _RejectLog,
 ) -> list[Document]:
     """The chunk's valid documents; rejected lines and repeated ids are recorded, not indexed."""
     docs: list[Document] = []
@@ -138,6 +185,8 @@ def _accept(
         if isinstance(item, Document) and item.doc_id in seen:
             reason = f"duplicate id {item.doc_id!r} (first at {seen[item.doc_id]})"
             item = Rejected(item.path, item.line, reason, "")
+        elif isinstance(item, Document) and (problem := fields.problem(item.metadata)) is not None:
+            item = Rejected(item.path, item.line, problem, "")
         if isinstance(item, Rejected):
             summary.rejected.append(item)
             log.write(f"{item.path}:{item.line}", item.reason, line=item.raw)
@@ -153,7 +202,7 @@ def index_files(
     store: VectorStore,
     collection: str,
     *,
-    keyword_fields: Sequence[str] | None = None,
+    fields: FilterFields | None = None,
     chunk_size: int = 64,
     batch_size: int = 16,
     rejects_path: Path | None = None,
@@ -166,7 +215,8 @@ def index_files(
     ``chunk_size`` documents are read, encoded (the encoder sorts them by length into ``batch_size``
     batches) and upserted together.
     """
-    prepare_collection(store, collection, encoder, keyword_fields)
+    spec = prepare_collection(store, collection, encoder, fields)
+    declared = FilterFields.of(spec)
     fingerprint = encoder.manifest.fingerprint
     summary = IndexSummary()
     seen: dict[str, str] = {}
@@ -177,7 +227,7 @@ def index_files(
         for path in paths:
             for chunk in _batches(read_documents(path), chunk_size):
                 done += len(chunk)
-                docs = _accept(chunk, seen, summary, log)
+                docs = _accept(chunk, seen, declared, summary, log)
                 hashes = {d.doc_id: content_hash(d, fingerprint) for d in docs}
                 stored = store.content_hashes(collection, list(hashes)) if docs else {}
                 todo = [d for d in docs if stored.get(d.doc_id) != hashes[d.doc_id]]

@@ -14,10 +14,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medsearch.cli_support import fail, model_dir, open_configured_store
 from settings import Settings
+
+if TYPE_CHECKING:
+    from indexer.pipeline import FilterFields
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,19 @@ def cmd_models_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def declared_fields(args: argparse.Namespace) -> FilterFields | None:
+    """The filter fields named on the command line; None (keep the collection's) when none are."""
+    from indexer.pipeline import FilterFields
+
+    if not (args.keyword_field or args.integer_field or args.date_field):
+        return None
+    return FilterFields(
+        keyword=tuple(args.keyword_field or ()),
+        integer=tuple(args.integer_field or ()),
+        date=tuple(args.date_field or ()),
+    )
+
+
 def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
@@ -181,7 +197,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
                 encoder,
                 store,
                 collection,
-                keyword_fields=args.keyword_field,
+                fields=declared_fields(args),
                 batch_size=args.batch_size,
                 rejects_path=rejects,
                 on_progress=lambda done, _indexed: bar.update(done - bar.n),
@@ -234,7 +250,19 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "--keyword-field",
         action="append",
         metavar="KEY",
-        help="metadata key to index for filtering (repeatable)",
+        help="metadata key holding strings, indexed for exact-match filters (repeatable)",
+    )
+    parser.add_argument(
+        "--integer-field",
+        action="append",
+        metavar="KEY",
+        help="metadata key holding integers, indexed for match and range filters (repeatable)",
+    )
+    parser.add_argument(
+        "--date-field",
+        action="append",
+        metavar="KEY",
+        help="metadata key holding ISO 8601 dates, indexed for range filters (repeatable)",
     )
     index.add_argument("--batch-size", type=int, default=16)
     index.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

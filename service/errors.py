@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service.metrics import ServiceMetrics
+from service.schemas import FILTER_FORMS
 from store.base import StoreError, StoreUnavailable
 
 logger = logging.getLogger("medsearch.service")
@@ -76,7 +77,8 @@ class ErrorKind:
 
 
 def _field_path(loc: Sequence[Any]) -> str:
-    parts = [str(p) for p in loc]
+    # The filter's form tag (pydantic puts the union's tag into the path) is not a field the client wrote.
+    parts = [str(p) for i, p in enumerate(loc) if not (p in FILTER_FORMS and i and loc[i - 1] == "filter")]
     if len(parts) > 1 and parts[0] == "body":
         parts = parts[1:]
     return ".".join(parts)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from store.base import CollectionSpec
+from store.filters import Filter
 
 MAX_TOP_K = 100
 # Far above any real question (the query encoders read 64-512 tokens), low enough that an oversized
@@ -14,6 +15,25 @@ MAX_TOP_K = 100
 MAX_QUERY_CHARS = 2048
 MAX_FILTER_KEYS = 16
 MAX_BATCH = 32  # queries per /search/batch or texts per /embed: one encoder batch
+
+
+def _filter_form(value: Any) -> str:
+    if isinstance(value, Filter):
+        return "conditions"
+    if isinstance(value, dict) and CLAUSES & set(value):
+        return "conditions"
+    return "matches"
+
+
+# Two spellings of one filter, told apart by their keys rather than tried in turn, so a mistake is
+# reported once, against the form the client meant.
+CLAUSES = {"must", "should", "must_not"}
+FILTER_FORMS = ("conditions", "matches")
+SearchFilter = Annotated[
+    Annotated[Filter, Tag("conditions")]
+    | Annotated[dict[str, str | int], Field(max_length=MAX_FILTER_KEYS), Tag("matches")],
+    Discriminator(_filter_form),
+]
 
 
 class SearchRequest(BaseModel):
@@ -27,11 +47,22 @@ class SearchRequest(BaseModel):
         examples=["chest pain radiating to the left arm"],
     )
     top_k: int = Field(default=10, ge=1, le=MAX_TOP_K, description="Number of hits to return.")
-    filter: dict[str, str] | None = Field(
+    filter: SearchFilter | None = Field(
         default=None,
-        max_length=MAX_FILTER_KEYS,
-        description="Exact metadata matches; keys must be keyword fields of the collection (see /info).",
-        examples=[{"department": "cardiology"}],
+        description=(
+            "Metadata conditions on the collection's declared fields (keyword, integer and date fields; "
+            "see /info): `must` (all), `should` (at least one), `must_not` (none), each a list of "
+            "`{key, match | any | range}`. Short form: an object of exact matches, "
+            '`{"department": "心血管科"}` meaning all of them must match.'
+        ),
+        examples=[
+            {"department": "心血管科"},
+            {
+                "must": [{"key": "department", "any": ["心血管科", "cardiology"]}],
+                "should": [{"key": "year", "range": {"gte": 2020}}],
+                "must_not": [{"key": "updated", "range": {"lt": "2015-01-01"}}],
+            },
+        ],
     )
 
     score_threshold: float | None = Field(

@@ -7,11 +7,14 @@ space is refused before it can return garbage.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from store.filters import FilterLike
 
 # Fixed namespace: the same document id maps to the same point id in every deployment, so a rerun
 # of the indexer overwrites instead of duplicating.
@@ -42,6 +45,15 @@ class CollectionSpec(BaseModel):
     keyword_fields: tuple[str, ...] = Field(
         default=(), description="metadata keys indexed for exact-match filtering"
     )
+    integer_fields: tuple[str, ...] = Field(
+        default=(), description="metadata keys holding integers, indexed for match and range filters"
+    )
+    date_fields: tuple[str, ...] = Field(
+        default=(), description="metadata keys holding ISO 8601 dates, indexed for range filters"
+    )
+
+    def filter_fields(self) -> tuple[str, ...]:
+        return (*self.keyword_fields, *self.integer_fields, *self.date_fields)
 
 
 class DocumentPoint(BaseModel):
@@ -85,11 +97,12 @@ class VectorStore(Protocol):
         name: str,
         vector: np.ndarray,
         top_k: int,
-        filters: Mapping[str, str] | None = None,
+        filters: FilterLike | None = None,
         score_threshold: float | None = None,
     ) -> list[Hit]:
-        """Nearest points by cosine; ``filters`` are exact matches on metadata keyword fields; points
-        scoring below ``score_threshold`` are left out by the engine."""
+        """Nearest points by cosine, restricted by ``filters`` (a Filter, or a mapping of exact
+        matches) on the collection's declared fields; points scoring below ``score_threshold`` are
+        left out by the engine."""
         ...
 
     def optimize(self, name: str) -> None:

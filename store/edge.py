@@ -29,9 +29,10 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import qdrant_edge as qe
@@ -39,6 +40,7 @@ from pydantic import ValidationError
 
 from store import schema
 from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, point_id
+from store.filters import Condition, Filter, FilterLike, checked_filter, field_kinds, parse_date
 
 SPEC_FILE = "collection.json"
 SHARD_DIR = "shard"
@@ -76,6 +78,41 @@ def _engine_error(action: str, exc: Exception) -> StoreError:
     if "WouldBlock" in str(exc):
         return StoreUnavailable(f"{message} (the data directory is in use by another process)")
     return StoreError(message)
+
+
+_INDEX_TYPES = {
+    "keyword": qe.PayloadSchemaType.Keyword,
+    "integer": qe.PayloadSchemaType.Integer,
+    "date": qe.PayloadSchemaType.Datetime,
+}
+
+
+def _engine_condition(condition: Condition, kind: str) -> qe.FieldCondition:
+    key = schema.metadata_path(condition.key)
+    if condition.match is not None:
+        return qe.FieldCondition(key=key, match=qe.MatchValue(condition.match))
+    if condition.any is not None:
+        return qe.FieldCondition(key=key, match=qe.MatchAny(cast(list[str], list(condition.any))))
+    assert condition.range is not None
+    bounds = condition.range.bounds()
+    if kind == "date":
+        return qe.FieldCondition(
+            key=key, range=qe.RangeDateTime(**{k: parse_date(v).isoformat() for k, v in bounds.items()})
+        )
+    return qe.FieldCondition(key=key, range=qe.RangeFloat(**{k: float(v) for k, v in bounds.items()}))
+
+
+def _engine_filter(spec: CollectionSpec, where: Filter | None) -> qe.Filter | None:
+    if where is None:
+        return None
+    kinds = field_kinds(spec)
+
+    def conditions(clause: list[Condition]) -> list[qe.ConditionType] | None:
+        return [_engine_condition(c, kinds[c.key]) for c in clause] or None
+
+    return qe.Filter(
+        must=conditions(where.must), should=conditions(where.should), must_not=conditions(where.must_not)
+    )
 
 
 @dataclass(frozen=True)
@@ -179,18 +216,13 @@ class EdgeStore:
         name: str,
         vector: np.ndarray,
         top_k: int,
-        filters: Mapping[str, str] | None = None,
+        filters: FilterLike | None = None,
         score_threshold: float | None = None,
     ) -> list[Hit]:
         schema.check_top_k(top_k)
         coll = self._collection(name)
         query = schema.query_vector(coll.spec, vector)
-        conditions = schema.filter_conditions(coll.spec, filters)
-        where = (
-            qe.Filter(must=[qe.FieldCondition(key=k, match=qe.MatchValue(v)) for k, v in conditions])
-            if conditions
-            else None
-        )
+        where = _engine_filter(coll.spec, checked_filter(coll.spec, filters))
         request = qe.QueryRequest(
             limit=top_k,
             query=qe.Query.Nearest(query),
@@ -269,11 +301,9 @@ class EdgeStore:
         try:
             shard = qe.EdgeShard.create(str(staging / SHARD_DIR), config)
             try:
-                for key in spec.keyword_fields:
+                for key, kind in field_kinds(spec).items():
                     shard.update(
-                        qe.UpdateOperation.create_field_index(
-                            schema.metadata_path(key), qe.PayloadSchemaType.Keyword
-                        )
+                        qe.UpdateOperation.create_field_index(schema.metadata_path(key), _INDEX_TYPES[kind])
                     )
                 shard.flush()
             finally:

@@ -16,6 +16,7 @@ from store.base import CollectionSpec, DocumentPoint, Hit, StoreError
 # Payload keys fetched when only the content hashes are needed (no text, no vectors).
 HASH_FIELDS = ["doc_id", "content_hash"]
 METADATA_KEY = "metadata"
+FIELD_LISTS = ("keyword_fields", "integer_fields", "date_fields")
 
 
 def metadata_path(key: str) -> str:
@@ -76,32 +77,16 @@ def check_top_k(top_k: int) -> None:
         raise ValueError(f"top_k must be positive, got {top_k}")
 
 
-def filter_conditions(spec: CollectionSpec, filters: Mapping[str, str] | None) -> list[tuple[str, str]]:
-    """(payload path, value) per filter; keys without a keyword index are refused.
-
-    An un-indexed key would work on small data and silently degrade into a full scan on large data
-    (or match nothing after a typo), so it is an error in both backends.
-    """
-    if not filters:
-        return []
-    unknown = sorted(set(filters) - set(spec.keyword_fields))
-    if unknown:
-        raise StoreError(
-            f"cannot filter on {unknown}: not keyword fields of this collection "
-            f"(indexed: {sorted(spec.keyword_fields)})"
-        )
-    return [(metadata_path(key), value) for key, value in sorted(filters.items())]
-
-
 def spec_difference(stored: CollectionSpec, requested: CollectionSpec) -> str | None:
     """Human-readable difference between two specs, None when they describe the same collection.
 
-    keyword_fields compare as a set: their order does not change what is indexed.
+    Field lists compare as sets: their order does not change what is indexed.
     """
     old = stored.model_dump()
     new = requested.model_dump()
-    old["keyword_fields"] = sorted(set(old["keyword_fields"]))
-    new["keyword_fields"] = sorted(set(new["keyword_fields"]))
+    for key in FIELD_LISTS:
+        old[key] = sorted(set(old[key]))
+        new[key] = sorted(set(new[key]))
     diffs = [f"{key}: stored {old[key]!r}, requested {new[key]!r}" for key in old if old[key] != new[key]]
     return "; ".join(diffs) or None
 

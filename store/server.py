@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from typing import cast
 
 import httpx
 import numpy as np
@@ -28,6 +29,7 @@ from qdrant_client.http.exceptions import ApiException, ResponseHandlingExceptio
 
 from store import schema
 from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, point_id
+from store.filters import Condition, Filter, FilterLike, checked_filter, field_kinds, parse_date
 
 MEMORY = ":memory:"
 SPEC_KEY = "medsearch"
@@ -57,6 +59,41 @@ def store_error(action: str, exc: Exception) -> StoreError:
 # parsing errors, local mode's ValueError (unknown collection, bad argument), and the RuntimeError
 # both modes raise once the client is closed.
 _CLIENT_ERRORS = (ApiException, httpx.HTTPError, OSError, ValueError, RuntimeError)
+
+
+_INDEX_TYPES = {
+    "keyword": models.PayloadSchemaType.KEYWORD,
+    "integer": models.PayloadSchemaType.INTEGER,
+    "date": models.PayloadSchemaType.DATETIME,
+}
+
+
+def _client_condition(condition: Condition, kind: str) -> models.FieldCondition:
+    key = schema.metadata_path(condition.key)
+    if condition.match is not None:
+        return models.FieldCondition(key=key, match=models.MatchValue(value=condition.match))
+    if condition.any is not None:
+        return models.FieldCondition(key=key, match=models.MatchAny(any=cast(list[str], list(condition.any))))
+    assert condition.range is not None
+    bounds = condition.range.bounds()
+    if kind == "date":
+        return models.FieldCondition(
+            key=key, range=models.DatetimeRange(**{k: parse_date(v) for k, v in bounds.items()})
+        )
+    return models.FieldCondition(key=key, range=models.Range(**{k: float(v) for k, v in bounds.items()}))
+
+
+def _client_filter(spec: CollectionSpec, where: Filter | None) -> models.Filter | None:
+    if where is None:
+        return None
+    kinds = field_kinds(spec)
+
+    def conditions(clause: list[Condition]) -> list[models.Condition] | None:
+        return [_client_condition(c, kinds[c.key]) for c in clause] or None
+
+    return models.Filter(
+        must=conditions(where.must), should=conditions(where.should), must_not=conditions(where.must_not)
+    )
 
 
 class ServerStore:
@@ -157,20 +194,13 @@ class ServerStore:
         name: str,
         vector: np.ndarray,
         top_k: int,
-        filters: Mapping[str, str] | None = None,
+        filters: FilterLike | None = None,
         score_threshold: float | None = None,
     ) -> list[Hit]:
         schema.check_top_k(top_k)
         spec = self._spec(name)
         query = schema.query_vector(spec, vector)
-        conditions = schema.filter_conditions(spec, filters)
-        where = (
-            models.Filter(
-                must=[models.FieldCondition(key=k, match=models.MatchValue(value=v)) for k, v in conditions]
-            )
-            if conditions
-            else None
-        )
+        where = _client_filter(spec, checked_filter(spec, filters))
         with self._call(f"search {name!r}"):
             response = self._client.query_points(
                 name,
@@ -223,11 +253,9 @@ class ServerStore:
     def _ensure_indexes(self, name: str, spec: CollectionSpec) -> None:
         with self._call(f"read payload indexes of {name!r}"):
             present = set(self._client.get_collection(name).payload_schema)
-        for key in spec.keyword_fields:
+        for key, kind in field_kinds(spec).items():
             path = schema.metadata_path(key)
             if path in present:
                 continue
             with self._call(f"create payload index {path!r} on {name!r}"):
-                self._client.create_payload_index(
-                    name, path, field_schema=models.PayloadSchemaType.KEYWORD, wait=True
-                )
+                self._client.create_payload_index(name, path, field_schema=_INDEX_TYPES[kind], wait=True)

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.pipeline import IndexingError, index_files
+from indexer.pipeline import FilterFields, IndexingError, index_files
 from indexer.reader import Document, Rejected, read_documents
 from models.encoder import load_encoder
 from store.base import DocumentPoint, StoreUnavailable, VectorStore
 from store.factory import open_store
+from store.filters import Condition, Filter, Range
 
 GOOD = [
     {"_id": "d1", "title": "", "text": "高血压病人可以口服党参", "metadata": {"department": "心血管科"}},
@@ -71,7 +72,7 @@ def test_reader_reports_file_and_line_for_each_bad_line(tmp_path: Path) -> None:
 
 def test_index_search_and_rerun_skips_unchanged(tmp_path: Path, encoder, store: VectorStore) -> None:
     corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
-    first = index_files([corpus], encoder, store, "c", keyword_fields=["department"])
+    first = index_files([corpus], encoder, store, "c", fields=FilterFields(keyword=("department",)))
     assert (first.indexed, first.skipped, first.ok) == (3, 0, True)
     assert store.count("c") == 3
     spec = store.get_collection("c")
@@ -173,3 +174,41 @@ def test_point_vectors_match_the_encoder(tmp_path: Path, encoder, store: VectorS
     assert hit.score == pytest.approx(1.0, abs=1e-4)
     assert hit.metadata == {"department": "心血管科"}
     assert np.isfinite(hit.score)
+
+
+def test_declared_filter_fields_are_typed_and_filterable(tmp_path: Path, encoder, store: VectorStore) -> None:
+    rows = [
+        {
+            "_id": "a",
+            "text": "高血压",
+            "metadata": {"year": 2019, "updated": "2024-05-01", "dept": "心血管科"},
+        },
+        {"_id": "b", "text": "感冒", "metadata": {"year": 2023, "updated": "2024-05-01T08:00:00Z"}},
+        {"_id": "c", "text": "糖尿病", "metadata": {"year": "2021"}},
+        {"_id": "d", "text": "哮喘", "metadata": {"updated": "yesterday"}},
+        {"_id": "e", "text": "头痛", "metadata": {"dept": 7}},
+        {"_id": "f", "text": "发烧"},
+    ]
+    corpus = write_jsonl(tmp_path / "typed.jsonl", rows)
+    fields = FilterFields(keyword=("dept",), integer=("year",), date=("updated",))
+    summary = index_files([corpus], encoder, store, "c", fields=fields)
+    assert summary.indexed == 3
+    assert [(r.line, r.reason.split(" ")[0]) for r in summary.rejected] == [
+        (3, "metadata.year"),
+        (4, "metadata.updated"),
+        (5, "metadata.dept"),
+    ]
+    spec = store.get_collection("c")
+    assert spec is not None and (spec.keyword_fields, spec.integer_fields, spec.date_fields) == (
+        ("dept",),
+        ("year",),
+        ("updated",),
+    )
+    recent = Filter(must=[Condition(key="year", range=Range(gte=2020))])
+    assert [h.doc_id for h in store.search("c", encoder.encode(["感冒"])[0], 10, filters=recent)] == ["b"]
+    # A rerun without declarations keeps the collection's; a conflicting declaration is refused.
+    assert index_files([corpus], encoder, store, "c").skipped == 3
+    with pytest.raises(IndexingError, match="filter fields"):
+        index_files([corpus], encoder, store, "c", fields=FilterFields(keyword=("dept", "year")))
+    with pytest.raises(IndexingError, match="more than one type"):
+        index_files([corpus], encoder, store, "d", fields=FilterFields(keyword=("year",), integer=("year",)))

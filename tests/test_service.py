@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from service.state import ServingState, StartupError, load_state
 from settings import Settings
 from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, VectorStore
 from store.factory import open_store
+from store.filters import FilterLike
 
 OPENAPI_SNAPSHOT = Path(__file__).with_name("openapi.json")
 REGENERATE = (
@@ -119,7 +120,7 @@ class SwitchableStore:
         name: str,
         vector: np.ndarray,
         top_k: int,
-        filters: Mapping[str, str] | None = None,
+        filters: FilterLike | None = None,
         score_threshold: float | None = None,
     ) -> list[Hit]:
         self._check()
@@ -136,6 +137,7 @@ def doc_spec(space: str = SPACE, dim: int = DIM) -> CollectionSpec:
         encoder="hash-document",
         encoder_fingerprint="f" * 64,
         keyword_fields=("department",),
+        integer_fields=("year",),
     )
 
 
@@ -284,10 +286,42 @@ async def test_unknown_filter_key_is_422_listing_allowed_fields(client: httpx.As
     response = await client.post("/search", json={"query": QUERY, "filter": {"department_x": "cardiology"}})
     assert response.status_code == 422
     error = response.json()
-    assert error["message"] == "filter.department_x: not a filterable field; allowed: ['department']"
-    assert error["details"] == [
-        {"field": "filter.department_x", "message": "not a filterable field; allowed: ['department']"}
-    ]
+    reason = "'department_x' is not a filterable field; declared: ['department', 'year']"
+    assert error["message"] == f"filter.department_x: {reason}"
+    assert error["details"] == [{"field": "filter.department_x", "message": reason}]
+
+
+async def test_filter_with_must_should_must_not(client: httpx.AsyncClient) -> None:
+    where = {
+        "must_not": [{"key": "department", "match": "cardiology"}],
+        "should": [{"key": "department", "any": ["neurology", "dermatology"]}],
+    }
+    response = await client.post("/search", json={"query": QUERY, "top_k": 10, "filter": where})
+    assert response.status_code == 200, response.text
+    assert [h["id"] for h in response.json()["hits"]] == ["migraine"]
+    only_not = {"must_not": [{"key": "department", "match": "cardiology"}]}
+    response = await client.post("/search", json={"query": QUERY, "top_k": 10, "filter": only_not})
+    assert sorted(h["id"] for h in response.json()["hits"]) == ["asthma", "migraine"]
+
+
+@pytest.mark.parametrize(
+    ("where", "field", "message"),
+    [
+        ({"must": [{"key": "year", "range": {"gte": "2020"}}]}, "filter.must.0", "compares with int"),
+        ({"should": [{"key": "department", "range": {"gt": 1}}]}, "filter.should.0", "keyword field"),
+        ({"must": [{"key": "year"}]}, "filter.must.0", "exactly one of match, any, range"),
+        ({"must": [{"key": "year", "match": 1}], "maybe": []}, "filter.maybe", "Extra inputs"),
+        ({"must": [{"key": "year", "range": {}}]}, "filter.must.0", "at least one of"),
+    ],
+)
+async def test_filter_the_collection_cannot_apply_is_422_naming_the_condition(
+    client: httpx.AsyncClient, where: dict[str, object], field: str, message: str
+) -> None:
+    response = await client.post("/search", json={"query": QUERY, "filter": where})
+    assert response.status_code == 422, response.text
+    details = response.json()["details"]
+    assert details[0]["field"] == field
+    assert message in details[0]["message"]
 
 
 async def test_body_over_limit_is_413(settings: Settings, state: ServingState) -> None:
@@ -413,7 +447,7 @@ class RefusingStore(SwitchableStore):
         name: str,
         vector: np.ndarray,
         top_k: int,
-        filters: Mapping[str, str] | None = None,
+        filters: FilterLike | None = None,
         score_threshold: float | None = None,
     ) -> list[Hit]:
         raise StoreError("Qdrant answered 400: internal detail at 10.0.0.7")

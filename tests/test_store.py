@@ -10,7 +10,7 @@ import http.server
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pytest
 from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, VectorStore
 from store.edge import SPEC_FILE, STAGING_PREFIX, EdgeStore
 from store.factory import open_store
+from store.filters import Condition, Filter, Range
 from store.server import SPEC_KEY, ServerStore
 
 # qdrant-client's local mode warns that payload indexes are no-ops there; the server path still
@@ -36,6 +37,8 @@ SPEC = CollectionSpec(
     encoder="tiny-doc",
     encoder_fingerprint="fp-1",
     keyword_fields=("department", "lang"),
+    integer_fields=("year",),
+    date_fields=("updated",),
 )
 
 
@@ -52,7 +55,13 @@ def make_points(n: int = 300, seed: int = 0) -> list[DocumentPoint]:
             vector=vectors[i].tolist(),
             title=f"标题 {i}",
             text=f"正文 {i}",
-            metadata={"department": DEPARTMENTS[i % 3], "lang": LANGS[i % 2], "year": 2000 + i % 7},
+            metadata={
+                "department": DEPARTMENTS[i % 3],
+                "lang": LANGS[i % 2],
+                "year": 2000 + i % 7,
+                "updated": f"2024-0{1 + i % 9}-15" if i % 2 else f"2024-0{1 + i % 9}-15T08:30:00Z",
+                "code": f"c{i % 5}",
+            },
             content_hash=f"hash-{i}",
         )
         for i in range(n)
@@ -177,8 +186,71 @@ def test_filter_value_without_matches_returns_nothing(loaded: Loaded) -> None:
 
 def test_filter_on_unindexed_key_is_refused(loaded: Loaded) -> None:
     store, _ = loaded
-    with pytest.raises(StoreError, match="year"):
-        store.search(NAME, np.ones(DIM), 5, filters={"year": "2001"})
+    with pytest.raises(StoreError, match="code"):
+        store.search(NAME, np.ones(DIM), 5, filters={"code": "c1"})
+
+
+def _month(p: DocumentPoint) -> int:
+    return int(str(p.metadata["updated"])[5:7])
+
+
+# (filter, the same test in Python over the points' metadata)
+RICH_FILTERS: list[tuple[Filter, Callable[[DocumentPoint], bool]]] = [
+    (
+        Filter(must=[Condition(key="year", range=Range(gte=2002, lt=2005))]),
+        lambda p: 2002 <= int(p.metadata["year"]) < 2005,  # type: ignore[call-overload]
+    ),
+    (
+        Filter(
+            must=[Condition(key="department", any=["儿科", "神经内科"])],
+            must_not=[Condition(key="year", match=2003)],
+        ),
+        lambda p: p.metadata["department"] in ("儿科", "神经内科") and p.metadata["year"] != 2003,
+    ),
+    (
+        Filter(
+            should=[
+                Condition(key="lang", match="en"),
+                Condition(key="updated", range=Range(lt="2024-03-01")),
+            ]
+        ),
+        lambda p: p.metadata["lang"] == "en" or _month(p) < 3,
+    ),
+    (
+        # Dates compare as instants: a date alone is its midnight, date-times keep their zone.
+        Filter(must=[Condition(key="updated", range=Range(gte="2024-05-15", lte="2024-07-15T08:30:00Z"))]),
+        lambda p: 5 <= _month(p) <= 7,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", range(len(RICH_FILTERS)))
+def test_must_should_must_not_on_keyword_integer_and_date_fields(loaded: Loaded, case: int) -> None:
+    store, points = loaded
+    where, keep = RICH_FILTERS[case]
+    kept = [p for p in points if keep(p)]
+    assert 0 < len(kept) < len(points)
+    query = unit(np.random.default_rng(case), 1)[0]
+    hits = store.search(NAME, query, len(points), filters=where)
+    assert {h.doc_id for h in hits} == {p.doc_id for p in kept}
+    assert_same_ranking(ids_scores(hits)[:10], brute_force(kept, query, 10))
+
+
+@pytest.mark.parametrize(
+    ("where", "named"),
+    [
+        (Filter(must=[Condition(key="department", range=Range(gt=1))]), "keyword field"),
+        (Filter(must=[Condition(key="year", match="2001")]), "int values"),
+        (Filter(should=[Condition(key="updated", match="2024-01-15")]), "range of ISO 8601"),
+        (Filter(must_not=[Condition(key="updated", range=Range(gt="last week"))]), "ISO 8601"),
+        (Filter(must=[Condition(key="lang", match="en"), Condition(key="code", match="c1")]), "must.1"),
+    ],
+)
+def test_filters_the_collection_cannot_apply_are_refused(loaded: Loaded, where: Filter, named: str) -> None:
+    store, _ = loaded
+    with pytest.raises(StoreError, match=named) as info:
+        store.search(NAME, np.ones(DIM), 5, filters=where)
+    assert not isinstance(info.value, StoreUnavailable)
 
 
 def test_top_k_larger_than_collection_returns_all(store: VectorStore) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 
 import anyio.to_thread
 import numpy as np
@@ -27,6 +26,7 @@ from service.schemas import (
 )
 from service.state import ServingState
 from store.base import CollectionSpec, Hit, StoreUnavailable
+from store.filters import Filter, FilterLike, as_filter, filter_problems
 
 logger = logging.getLogger("medsearch.service")
 
@@ -43,22 +43,24 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
-def checked_filter(filters: Mapping[str, str] | None, spec: CollectionSpec) -> dict[str, str] | None:
-    """The filter, if every key is one of the collection's keyword fields; else InvalidRequest."""
-    if not filters:
-        return None
-    allowed = sorted(spec.keyword_fields)
-    for key in filters:
-        if key not in spec.keyword_fields:
-            raise InvalidRequest(f"filter.{key}", f"not a filterable field; allowed: {allowed}")
-    return dict(filters)
+def checked_filter(value: FilterLike | None, spec: CollectionSpec) -> Filter | None:
+    """The filter in full form if the collection can apply it; else InvalidRequest naming the
+    condition (``filter.must.0``) or, in the short form, the key (``filter.department``)."""
+    problems = filter_problems(spec, value)
+    if problems:
+        path, message = problems[0]
+        full = as_filter(value)
+        if not isinstance(value, Filter) and full is not None:
+            path = full.must[int(path.split(".")[1])].key
+        raise InvalidRequest(f"filter.{path}", message)
+    return as_filter(value)
 
 
 def _search(
     state: ServingState,
     vector: np.ndarray,
     request: SearchRequest,
-    filters: dict[str, str] | None,
+    filters: Filter | None,
     metrics: ServiceMetrics,
 ) -> list[Hit]:
     with metrics.search_latency.time():
@@ -75,6 +77,11 @@ def _hit(hit: Hit, with_text: bool) -> SearchHit:
     )
 
 
+def _filter_keys(value: FilterLike | None) -> list[str]:
+    full = as_filter(value)
+    return [] if full is None else sorted({c.key for clause in full.clauses().values() for c in clause})
+
+
 def _log_search(state: ServingState, request: SearchRequest, hits: int, took_ms: float) -> None:
     if state.settings.log_queries:
         logger.info(
@@ -85,7 +92,7 @@ def _log_search(state: ServingState, request: SearchRequest, hits: int, took_ms:
         logger.debug(
             "search top_k=%d filter_keys=%s hits=%d took_ms=%.1f",
             request.top_k,
-            sorted(request.filter or {}),
+            _filter_keys(request.filter),
             hits,
             took_ms,
         )
