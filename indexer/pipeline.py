@@ -18,6 +18,7 @@ from indexer.reader import Document, Rejected, count_lines, read_documents
 from models.encoder import Encoder
 from store.base import CollectionSpec, DocumentPoint, StoreError, VectorStore
 from store.filters import parse_date
+from store.sparse import Bm25Encoder, Bm25Spec, measure_spec
 
 
 class IndexingError(RuntimeError):
@@ -108,22 +109,41 @@ def collection_spec(encoder: Encoder, fields: FilterFields) -> CollectionSpec:
     )
 
 
+def _describe(spec: CollectionSpec) -> str:
+    bm25 = "with BM25 vectors" if spec.sparse is not None else "no BM25 vectors"
+    return f"{spec.encoder} (space {spec.space!r}, filter fields {list(spec.filter_fields())}, {bm25})"
+
+
 def prepare_collection(
-    store: VectorStore, collection: str, encoder: Encoder, fields: FilterFields | None
+    store: VectorStore,
+    collection: str,
+    encoder: Encoder,
+    fields: FilterFields | None,
+    sparse: bool | None = None,
+    measure_bm25: Callable[[], Bm25Spec] | None = None,
 ) -> CollectionSpec:
     """Create the collection, or check that an existing one holds this encoder's vectors.
 
-    ``fields`` None keeps an existing collection's declared filter fields."""
+    ``fields`` / ``sparse`` None keep an existing collection's choice. A new collection with BM25
+    vectors takes its average document length from ``measure_bm25`` (a pass over the input)."""
     existing = store.get_collection(collection)
     if fields is None:
         fields = FilterFields.of(existing) if existing is not None else FilterFields()
-    spec = collection_spec(encoder, fields)
+    if sparse is None:
+        sparse = existing is not None and existing.sparse is not None
+    bm25 = None
+    if sparse:
+        if existing is not None and existing.sparse is not None:
+            bm25 = existing.sparse
+        elif measure_bm25 is not None:
+            bm25 = measure_bm25()
+        else:
+            raise IndexingError("a collection with BM25 vectors needs its corpus to measure their lengths")
+    spec = collection_spec(encoder, fields).model_copy(update={"sparse": bm25})
     if existing is not None and existing != spec:
         raise IndexingError(
-            f"collection {collection!r} holds vectors of {existing.encoder} (space {existing.space!r}, "
-            f"filter fields {list(existing.filter_fields())}); this run would write {spec.encoder} "
-            f"(space {spec.space!r}, filter fields {list(spec.filter_fields())}). "
-            "Index into a new collection (MEDSEARCH_COLLECTION) instead."
+            f"collection {collection!r} holds vectors of {_describe(existing)}; this run would write "
+            f"{_describe(spec)}. Index into a new collection (MEDSEARCH_COLLECTION) instead."
         )
     if existing is None:
         store.create_collection(collection, spec)
@@ -203,6 +223,7 @@ def index_files(
     collection: str,
     *,
     fields: FilterFields | None = None,
+    sparse: bool | None = None,
     chunk_size: int = 64,
     batch_size: int = 16,
     rejects_path: Path | None = None,
@@ -215,8 +236,21 @@ def index_files(
     ``chunk_size`` documents are read, encoded (the encoder sorts them by length into ``batch_size``
     batches) and upserted together.
     """
-    spec = prepare_collection(store, collection, encoder, fields)
+    spec = prepare_collection(
+        store,
+        collection,
+        encoder,
+        fields,
+        sparse,
+        lambda: measure_spec(
+            document_text(item)
+            for path in paths
+            for item in read_documents(path)
+            if isinstance(item, Document)
+        ),
+    )
     declared = FilterFields.of(spec)
+    bm25 = Bm25Encoder(spec.sparse) if spec.sparse is not None else None
     fingerprint = encoder.manifest.fingerprint
     summary = IndexSummary()
     seen: dict[str, str] = {}
@@ -242,6 +276,7 @@ def index_files(
                             text=d.text,
                             metadata=d.metadata,
                             content_hash=hashes[d.doc_id],
+                            sparse=bm25.document(document_text(d)) if bm25 is not None else None,
                         )
                         for d, v in zip(todo, vectors, strict=True)
                     ]

@@ -198,6 +198,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
                 store,
                 collection,
                 fields=declared_fields(args),
+                sparse=True if args.sparse == "bm25" else None,
                 batch_size=args.batch_size,
                 rejects_path=rejects,
                 on_progress=lambda done, _indexed: bar.update(done - bar.n),
@@ -251,6 +252,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         action="append",
         metavar="KEY",
         help="metadata key holding strings, indexed for exact-match filters (repeatable)",
+    )
+    parser.add_argument(
+        "--sparse",
+        choices=["bm25"],
+        help="also store BM25 vectors (Qdrant's BM25, IDF by the engine) for hybrid search; "
+        "a new collection measures the corpus' average length first",
     )
     parser.add_argument(
         "--integer-field",

@@ -72,6 +72,16 @@ class SearchRequest(BaseModel):
         description="Leave out hits whose cosine score is below this (applied by the store).",
         examples=[0.5],
     )
+    mode: Literal["dense", "hybrid"] = Field(
+        default="dense",
+        description=(
+            "dense: the query encoder's vector alone. hybrid: dense and BM25 candidates fused by "
+            "reciprocal rank in Qdrant (needs a collection indexed with --sparse bm25; see /info). "
+            "Hybrid favours exact terms (drug names, codes); on cmedqa-im it ranks below dense, so it "
+            "is opt-in. Scores are then RRF scores, not cosines."
+        ),
+        examples=["dense", "hybrid"],
+    )
     with_text: bool = Field(
         default=True, description="Return each hit's title and text; false returns ids, scores and metadata."
     )

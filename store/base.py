@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from store.sparse import Bm25Spec, SparseVector
+
 if TYPE_CHECKING:
     from store.filters import FilterLike
 
@@ -51,6 +53,10 @@ class CollectionSpec(BaseModel):
     date_fields: tuple[str, ...] = Field(
         default=(), description="metadata keys holding ISO 8601 dates, indexed for range filters"
     )
+    sparse: Bm25Spec | None = Field(
+        default=None,
+        description="BM25 vectors beside the dense ones (hybrid search); None: dense only",
+    )
 
     def filter_fields(self) -> tuple[str, ...]:
         return (*self.keyword_fields, *self.integer_fields, *self.date_fields)
@@ -65,6 +71,7 @@ class DocumentPoint(BaseModel):
     text: str
     metadata: dict[str, object] = Field(default_factory=dict)
     content_hash: str = Field(description="sha256 of what was encoded; lets reruns skip unchanged docs")
+    sparse: SparseVector | None = Field(default=None, description="BM25 vector, when the collection has them")
 
 
 class Hit(BaseModel):
@@ -99,10 +106,15 @@ class VectorStore(Protocol):
         top_k: int,
         filters: FilterLike | None = None,
         score_threshold: float | None = None,
+        sparse: SparseVector | None = None,
     ) -> list[Hit]:
         """Nearest points by cosine, restricted by ``filters`` (a Filter, or a mapping of exact
         matches) on the collection's declared fields; points scoring below ``score_threshold`` are
-        left out by the engine."""
+        left out by the engine.
+
+        With ``sparse`` (a BM25 query vector; the collection must hold BM25 vectors): hybrid search,
+        the dense and the BM25 candidates fused by reciprocal rank (scores are then RRF scores, and
+        ``score_threshold`` applies to the dense candidates' cosine)."""
         ...
 
     def optimize(self, name: str) -> None:

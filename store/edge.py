@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from store import schema
 from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, point_id
 from store.filters import Condition, Filter, FilterLike, checked_filter, field_kinds, parse_date
+from store.sparse import BM25_VECTOR, SparseVector
 
 SPEC_FILE = "collection.json"
 SHARD_DIR = "shard"
@@ -100,6 +101,16 @@ def _engine_condition(condition: Condition, kind: str) -> qe.FieldCondition:
             key=key, range=qe.RangeDateTime(**{k: parse_date(v).isoformat() for k, v in bounds.items()})
         )
     return qe.FieldCondition(key=key, range=qe.RangeFloat(**{k: float(v) for k, v in bounds.items()}))
+
+
+def _vectors(point: DocumentPoint) -> qe.Vector:
+    if point.sparse is None:
+        return list(point.vector)
+    return {"": list(point.vector), BM25_VECTOR: _engine_sparse(point.sparse)}
+
+
+def _engine_sparse(vector: SparseVector) -> qe.SparseVector:
+    return qe.SparseVector(vector.indices, vector.values)
 
 
 def _engine_filter(spec: CollectionSpec, where: Filter | None) -> qe.Filter | None:
@@ -205,7 +216,7 @@ class EdgeStore:
             return
         coll = self._collection(name)
         schema.check_points(coll.spec, points)
-        batch = [qe.Point(point_id(p.doc_id), list(p.vector), schema.payload_of(p)) for p in points]
+        batch = [qe.Point(point_id(p.doc_id), _vectors(p), schema.payload_of(p)) for p in points]
         try:
             coll.shard.update(qe.UpdateOperation.upsert_points(batch))
         except Exception as exc:
@@ -218,20 +229,45 @@ class EdgeStore:
         top_k: int,
         filters: FilterLike | None = None,
         score_threshold: float | None = None,
+        sparse: SparseVector | None = None,
     ) -> list[Hit]:
         schema.check_top_k(top_k)
         coll = self._collection(name)
         query = schema.query_vector(coll.spec, vector)
         where = _engine_filter(coll.spec, checked_filter(coll.spec, filters))
-        request = qe.QueryRequest(
-            limit=top_k,
-            query=qe.Query.Nearest(query),
-            filter=where,
-            with_payload=True,
-            with_vector=False,
-            score_threshold=score_threshold,
-            params=self._params,
-        )
+        if sparse is None:
+            request = qe.QueryRequest(
+                limit=top_k,
+                query=qe.Query.Nearest(query),
+                filter=where,
+                with_payload=True,
+                with_vector=False,
+                score_threshold=score_threshold,
+                params=self._params,
+            )
+        else:
+            schema.check_hybrid(coll.spec)
+            depth = schema.prefetch_depth(top_k)
+            request = qe.QueryRequest(
+                limit=top_k,
+                prefetches=[
+                    qe.Prefetch(
+                        limit=depth,
+                        query=qe.Query.Nearest(query),
+                        filter=where,
+                        score_threshold=score_threshold,
+                        params=self._params,
+                    ),
+                    qe.Prefetch(
+                        limit=depth,
+                        query=qe.Query.Nearest(_engine_sparse(sparse), using=BM25_VECTOR),
+                        filter=where,
+                    ),
+                ],
+                query=qe.Fusion.Rrf(k=schema.RRF_K),  # type: ignore[arg-type]  # stub lacks the variant
+                with_payload=True,
+                with_vector=False,
+            )
         try:
             points = coll.shard.query(request)
         except Exception as exc:
@@ -296,7 +332,11 @@ class EdgeStore:
 
     def _build(self, staging: Path, spec: CollectionSpec) -> None:
         config = qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=spec.dim, distance=qe.Distance.Cosine), hnsw_config=HNSW
+            vectors=qe.EdgeVectorParams(size=spec.dim, distance=qe.Distance.Cosine),
+            sparse_vectors=(
+                {BM25_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if spec.sparse else None
+            ),
+            hnsw_config=HNSW,
         )
         try:
             shard = qe.EdgeShard.create(str(staging / SHARD_DIR), config)

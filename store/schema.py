@@ -12,11 +12,15 @@ from typing import Any
 import numpy as np
 
 from store.base import CollectionSpec, DocumentPoint, Hit, StoreError
+from store.sparse import Bm25Spec
 
 # Payload keys fetched when only the content hashes are needed (no text, no vectors).
 HASH_FIELDS = ["doc_id", "content_hash"]
 METADATA_KEY = "metadata"
 FIELD_LISTS = ("keyword_fields", "integer_fields", "date_fields")
+# Reciprocal rank fusion: the constant of Cormack et al. (2009), and how deep each list is read.
+RRF_K = 60
+HYBRID_PREFETCH = 100
 
 
 def metadata_path(key: str) -> str:
@@ -70,6 +74,22 @@ def check_points(spec: CollectionSpec, points: Sequence[DocumentPoint]) -> None:
             )
         if not np.all(np.isfinite(p.vector)):
             raise StoreError(f"document {p.doc_id!r} has NaN or infinity in its vector")
+        if (p.sparse is None) != (spec.sparse is None):
+            wanted = "needs a BM25 vector" if spec.sparse is not None else "holds no BM25 vectors"
+            raise StoreError(f"document {p.doc_id!r}: the collection {wanted}")
+
+
+def check_hybrid(spec: CollectionSpec) -> Bm25Spec:
+    if spec.sparse is None:
+        raise StoreError(
+            "hybrid search needs BM25 vectors; this collection has none (index it with --sparse bm25)"
+        )
+    return spec.sparse
+
+
+def prefetch_depth(top_k: int) -> int:
+    """Candidates each side of a hybrid search contributes before fusion."""
+    return max(HYBRID_PREFETCH, top_k)
 
 
 def check_top_k(top_k: int) -> None:

@@ -30,6 +30,7 @@ from qdrant_client.http.exceptions import ApiException, ResponseHandlingExceptio
 from store import schema
 from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, point_id
 from store.filters import Condition, Filter, FilterLike, checked_filter, field_kinds, parse_date
+from store.sparse import BM25_VECTOR, SparseVector
 
 MEMORY = ":memory:"
 SPEC_KEY = "medsearch"
@@ -81,6 +82,16 @@ def _client_condition(condition: Condition, kind: str) -> models.FieldCondition:
             key=key, range=models.DatetimeRange(**{k: parse_date(v) for k, v in bounds.items()})
         )
     return models.FieldCondition(key=key, range=models.Range(**{k: float(v) for k, v in bounds.items()}))
+
+
+def _vectors(point: DocumentPoint) -> models.VectorStruct:
+    if point.sparse is None:
+        return list(point.vector)
+    return {"": list(point.vector), BM25_VECTOR: _client_sparse(point.sparse)}
+
+
+def _client_sparse(vector: SparseVector) -> models.SparseVector:
+    return models.SparseVector(indices=vector.indices, values=vector.values)
 
 
 def _client_filter(spec: CollectionSpec, where: Filter | None) -> models.Filter | None:
@@ -148,10 +159,16 @@ class ServerStore:
     def create_collection(self, name: str, spec: CollectionSpec) -> None:
         stored = self.get_collection(name)
         if stored is None:
+            sparse = (
+                {BM25_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)}
+                if spec.sparse
+                else None
+            )
             with self._call(f"create collection {name!r}"):
                 self._client.create_collection(
                     name,
                     vectors_config=models.VectorParams(size=spec.dim, distance=models.Distance.COSINE),
+                    sparse_vectors_config=sparse,
                     metadata={SPEC_KEY: spec.model_dump(mode="json")},
                 )
             stored = self.get_collection(name)
@@ -183,7 +200,7 @@ class ServerStore:
         schema.check_points(self._spec(name), points)
         for start in range(0, len(points), UPSERT_BATCH):
             batch = [
-                models.PointStruct(id=point_id(p.doc_id), vector=list(p.vector), payload=schema.payload_of(p))
+                models.PointStruct(id=point_id(p.doc_id), vector=_vectors(p), payload=schema.payload_of(p))
                 for p in points[start : start + UPSERT_BATCH]
             ]
             with self._call(f"upsert into {name!r}"):
@@ -196,22 +213,47 @@ class ServerStore:
         top_k: int,
         filters: FilterLike | None = None,
         score_threshold: float | None = None,
+        sparse: SparseVector | None = None,
     ) -> list[Hit]:
         schema.check_top_k(top_k)
         spec = self._spec(name)
         query = schema.query_vector(spec, vector)
         where = _client_filter(spec, checked_filter(spec, filters))
+        if sparse is not None:
+            schema.check_hybrid(spec)
         with self._call(f"search {name!r}"):
-            response = self._client.query_points(
-                name,
-                query=query,
-                query_filter=where,
-                limit=top_k,
-                with_payload=True,
-                with_vectors=False,
-                score_threshold=score_threshold,
-                search_params=self._params,
-            )
+            if sparse is None:
+                response = self._client.query_points(
+                    name,
+                    query=query,
+                    query_filter=where,
+                    limit=top_k,
+                    with_payload=True,
+                    with_vectors=False,
+                    score_threshold=score_threshold,
+                    search_params=self._params,
+                )
+            else:
+                depth = schema.prefetch_depth(top_k)
+                response = self._client.query_points(
+                    name,
+                    prefetch=[
+                        models.Prefetch(
+                            query=query,
+                            filter=where,
+                            limit=depth,
+                            score_threshold=score_threshold,
+                            params=self._params,
+                        ),
+                        models.Prefetch(
+                            query=_client_sparse(sparse), using=BM25_VECTOR, filter=where, limit=depth
+                        ),
+                    ],
+                    query=models.RrfQuery(rrf=models.Rrf(k=schema.RRF_K)),
+                    limit=top_k,
+                    with_payload=True,
+                    with_vectors=False,
+                )
         return [schema.hit_of(p.payload, p.score) for p in response.points]
 
     def optimize(self, name: str) -> None:

@@ -13,6 +13,7 @@ from models.encoder import load_encoder
 from store.base import DocumentPoint, StoreUnavailable, VectorStore
 from store.factory import open_store
 from store.filters import Condition, Filter, Range
+from store.sparse import Bm25Encoder
 
 GOOD = [
     {"_id": "d1", "title": "", "text": "高血压病人可以口服党参", "metadata": {"department": "心血管科"}},
@@ -212,3 +213,23 @@ def test_declared_filter_fields_are_typed_and_filterable(tmp_path: Path, encoder
         index_files([corpus], encoder, store, "c", fields=FilterFields(keyword=("dept", "year")))
     with pytest.raises(IndexingError, match="more than one type"):
         index_files([corpus], encoder, store, "d", fields=FilterFields(keyword=("year",), integer=("year",)))
+
+
+def test_sparse_bm25_index_serves_hybrid_search(tmp_path: Path, encoder, store: VectorStore) -> None:
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
+    summary = index_files([corpus], encoder, store, "c", sparse=True)
+    assert summary.indexed == 3
+    spec = store.get_collection("c")
+    assert spec is not None and spec.sparse is not None
+    assert 2 <= spec.sparse.avg_len <= 10  # measured on the three short documents
+    bm25 = Bm25Encoder(spec.sparse)
+    away = -encoder.encode(["党参"])[0]
+    assert store.search("c", away, 1, sparse=bm25.query("党参"))[0].doc_id == "d1"
+    # Reruns keep the collection's BM25 spec (the average length is not re-measured).
+    assert index_files([corpus], encoder, store, "c").skipped == 3
+    assert store.get_collection("c") == spec
+    with pytest.raises(IndexingError, match="no BM25 vectors"):
+        index_files([corpus], encoder, store, "c", sparse=False)
+    index_files([corpus], encoder, store, "dense-only")
+    with pytest.raises(IndexingError, match="with BM25 vectors"):
+        index_files([corpus], encoder, store, "dense-only", sparse=True)

@@ -32,6 +32,7 @@ from settings import Settings
 from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, VectorStore
 from store.factory import open_store
 from store.filters import FilterLike
+from store.sparse import Bm25Encoder, SparseVector, measure_spec
 
 OPENAPI_SNAPSHOT = Path(__file__).with_name("openapi.json")
 REGENERATE = (
@@ -48,6 +49,9 @@ DOCS = {
     "asthma": ("Asthma", "wheezing and shortness of breath at night", "pulmonology"),
     "angina": ("Stable angina", "chest tightness on exertion relieved by rest", "cardiology"),
 }
+
+
+DOCUMENT_TEXTS = [text for _, text, _ in DOCS.values()]
 
 
 class HashEncoder:
@@ -122,9 +126,14 @@ class SwitchableStore:
         top_k: int,
         filters: FilterLike | None = None,
         score_threshold: float | None = None,
+        sparse: SparseVector | None = None,
     ) -> list[Hit]:
         self._check()
-        return self.inner.search(name, vector, top_k, filters, score_threshold)
+        return self.inner.search(name, vector, top_k, filters, score_threshold, sparse)
+
+    def optimize(self, name: str) -> None:
+        self._check()
+        self.inner.optimize(name)
 
     def close(self) -> None:
         self.inner.close()
@@ -138,13 +147,16 @@ def doc_spec(space: str = SPACE, dim: int = DIM) -> CollectionSpec:
         encoder_fingerprint="f" * 64,
         keyword_fields=("department",),
         integer_fields=("year",),
+        sparse=measure_spec(DOCUMENT_TEXTS),
     )
 
 
 def build_collection(store: VectorStore, encoder: HashEncoder, spec: CollectionSpec | None = None) -> None:
     """Index DOCS with vectors of their text, so a query equal to a text finds that document first."""
-    store.create_collection(COLLECTION, spec or doc_spec())
-    vectors = encoder.encode([text for _, text, _ in DOCS.values()])
+    spec = spec or doc_spec()
+    store.create_collection(COLLECTION, spec)
+    vectors = encoder.encode(DOCUMENT_TEXTS)
+    bm25 = Bm25Encoder(spec.sparse) if spec.sparse is not None else None
     store.upsert(
         COLLECTION,
         [
@@ -155,6 +167,7 @@ def build_collection(store: VectorStore, encoder: HashEncoder, spec: CollectionS
                 text=text,
                 metadata={"department": department},
                 content_hash=hashlib.sha256(text.encode()).hexdigest(),
+                sparse=bm25.document(text) if bm25 is not None else None,
             )
             for (doc_id, (title, text, department)), vector in zip(DOCS.items(), vectors, strict=True)
         ],
@@ -289,6 +302,33 @@ async def test_unknown_filter_key_is_422_listing_allowed_fields(client: httpx.As
     reason = "'department_x' is not a filterable field; declared: ['department', 'year']"
     assert error["message"] == f"filter.department_x: {reason}"
     assert error["details"] == [{"field": "filter.department_x", "message": reason}]
+
+
+async def test_hybrid_mode_fuses_dense_and_bm25(client: httpx.AsyncClient) -> None:
+    # The hash encoder's vectors carry no meaning: only BM25 can find "aura" in the migraine text.
+    dense = await client.post("/search", json={"query": "aura", "top_k": 4})
+    hybrid = await client.post("/search", json={"query": "aura", "top_k": 4, "mode": "hybrid"})
+    assert hybrid.status_code == 200, hybrid.text
+    dense_ids = [h["id"] for h in dense.json()["hits"]]
+    hits = hybrid.json()["hits"]
+    assert hits[0]["id"] == "migraine"
+    assert hits[0]["score"] == pytest.approx(1 / 60 + 1 / (60 + dense_ids.index("migraine")), rel=1e-4)
+    batch = await client.post("/search/batch", json={"queries": [{"query": "aura", "mode": "hybrid"}]})
+    assert batch.json()["results"][0]["hits"][0]["id"] == "migraine"
+
+
+async def test_hybrid_on_a_dense_only_collection_is_422(settings: Settings, tmp_path: Path) -> None:
+    edge = open_store(None, settings.store_path)
+    build_collection(edge, HashEncoder(), doc_spec().model_copy(update={"sparse": None}))
+    state = ServingState(settings=settings, encoder=HashEncoder(), store=edge)
+    async with running(create_app(settings, state)) as client:
+        response = await client.post("/search", json={"query": QUERY, "mode": "hybrid"})
+        assert response.status_code == 422
+        assert response.json()["details"][0]["field"] == "mode"
+        assert "--sparse bm25" in response.json()["message"]
+        assert (await client.post("/search", json={"query": QUERY, "mode": "dense"})).status_code == 200
+        bad = await client.post("/search", json={"query": QUERY, "mode": "sparse"})
+        assert bad.status_code == 422 and bad.json()["details"][0]["field"] == "mode"
 
 
 async def test_filter_with_must_should_must_not(client: httpx.AsyncClient) -> None:
@@ -449,6 +489,7 @@ class RefusingStore(SwitchableStore):
         top_k: int,
         filters: FilterLike | None = None,
         score_threshold: float | None = None,
+        sparse: SparseVector | None = None,
     ) -> list[Hit]:
         raise StoreError("Qdrant answered 400: internal detail at 10.0.0.7")
 

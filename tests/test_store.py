@@ -22,6 +22,7 @@ from store.edge import SPEC_FILE, STAGING_PREFIX, EdgeStore
 from store.factory import open_store
 from store.filters import Condition, Filter, Range
 from store.server import SPEC_KEY, ServerStore
+from store.sparse import Bm25Encoder, measure_spec
 
 # qdrant-client's local mode warns that payload indexes are no-ops there; the server path still
 # creates them, which is the point of running the same code.
@@ -560,3 +561,72 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
     assert isinstance(open_store("https://qdrant.example:6333", tmp_path, api_key="k"), ServerStore)
     with pytest.raises(ValueError, match="unsupported"):
         open_store("qdrant.example:6333", tmp_path)
+
+
+# --- hybrid: dense + BM25 fused by reciprocal rank ------------------------------------------------
+
+HYBRID_TEXTS = [
+    "高血压病人可以口服党参吗",
+    "感冒发烧多喝水，注意休息",
+    "阿莫西林 500mg 胶囊用于细菌感染",
+    "糖尿病患者饮食要控制糖分",
+    "布洛芬缓释胶囊可以缓解头痛",
+    "儿童哮喘夜间咳嗽加重",
+]
+
+
+def _hybrid_points(bm25: Bm25Encoder) -> list[DocumentPoint]:
+    vectors = unit(np.random.default_rng(11), len(HYBRID_TEXTS))
+    return [
+        DocumentPoint(
+            doc_id=f"h-{i}",
+            vector=vectors[i].tolist(),
+            text=text,
+            metadata={"department": DEPARTMENTS[i % 3], "lang": "zh"},
+            content_hash=f"h{i}",
+            sparse=bm25.document(text),
+        )
+        for i, text in enumerate(HYBRID_TEXTS)
+    ]
+
+
+def test_hybrid_search_finds_exact_terms_the_dense_side_misses(tmp_path: Path) -> None:
+    bm25_spec = measure_spec(HYBRID_TEXTS)
+    assert 2 <= bm25_spec.avg_len <= 10
+    bm25 = Bm25Encoder(bm25_spec)
+    spec = SPEC.model_copy(update={"sparse": bm25_spec})
+    points = _hybrid_points(bm25)
+    # A dense query far from every document: only the BM25 side can put 阿莫西林 first.
+    away = -np.mean([p.vector for p in points], axis=0)
+    answers = []
+    for backend in ("edge", "server"):
+        store = _open(backend, tmp_path / backend)
+        store.create_collection(NAME, spec)
+        assert store.get_collection(NAME) == spec
+        store.upsert(NAME, points)
+        hits = store.search(NAME, away, 3, sparse=bm25.query("阿莫西林"))
+        assert hits[0].doc_id == "h-2"
+        dense = [h.doc_id for h in store.search(NAME, away, 6)]
+        assert dense[0] != "h-2"
+        # Reciprocal rank fusion (Qdrant ranks from 0): first on the BM25 side, wherever on the dense.
+        assert hits[0].score == pytest.approx(1 / 60 + 1 / (60 + dense.index("h-2")), rel=1e-4)
+        # Filters apply to both sides before fusion.
+        filtered = store.search(
+            NAME, away, 6, filters={"department": "心血管科"}, sparse=bm25.query("阿莫西林")
+        )
+        assert {h.doc_id for h in filtered} == {"h-0", "h-3"}
+        answers.append(ids_scores(store.search(NAME, away, 6, sparse=bm25.query("胶囊 头痛"))))
+        store.close()
+    assert_same_ranking(answers[0], answers[1])
+
+
+def test_hybrid_needs_bm25_vectors_on_both_sides(store: VectorStore) -> None:
+    bm25 = Bm25Encoder(measure_spec(HYBRID_TEXTS))
+    store.create_collection(NAME, SPEC)
+    points = _hybrid_points(bm25)
+    with pytest.raises(StoreError, match="holds no BM25"):
+        store.upsert(NAME, points[:1])
+    store.upsert(NAME, [p.model_copy(update={"sparse": None}) for p in points])
+    with pytest.raises(StoreError, match="--sparse bm25") as info:
+        store.search(NAME, np.ones(DIM), 3, sparse=bm25.query("阿莫西林"))
+    assert not isinstance(info.value, StoreUnavailable)

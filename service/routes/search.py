@@ -56,6 +56,15 @@ def checked_filter(value: FilterLike | None, spec: CollectionSpec) -> Filter | N
     return as_filter(value)
 
 
+def checked_mode(request: SearchRequest, spec: CollectionSpec) -> None:
+    if request.mode == "hybrid" and spec.sparse is None:
+        raise InvalidRequest(
+            "mode",
+            "hybrid needs BM25 vectors and the collection has none; "
+            "use mode 'dense' or reindex with --sparse bm25",
+        )
+
+
 def _search(
     state: ServingState,
     vector: np.ndarray,
@@ -64,7 +73,10 @@ def _search(
     metrics: ServiceMetrics,
 ) -> list[Hit]:
     with metrics.search_latency.time():
-        return state.store.search(state.collection, vector, request.top_k, filters, request.score_threshold)
+        sparse = state.bm25_query(request.query) if request.mode == "hybrid" else None
+        return state.store.search(
+            state.collection, vector, request.top_k, filters, request.score_threshold, sparse
+        )
 
 
 def _hit(hit: Hit, with_text: bool) -> SearchHit:
@@ -109,6 +121,8 @@ async def _search_all(
         with anyio.fail_after(deadline):
             spec = await anyio.to_thread.run_sync(state.serving_spec)
             filters = [checked_filter(r.filter, spec) for r in requests]
+            for r in requests:
+                checked_mode(r, spec)
             vectors = await batcher.encode([r.query for r in requests])
             found = []
             for request, vector, where in zip(requests, vectors, filters, strict=True):
