@@ -93,13 +93,14 @@ async def search_run(
     *,
     top_k: int = SERVICE_TOP_K,
     concurrency: int = DEFAULT_CONCURRENCY,
+    mode: str = "dense",
 ) -> Run:
-    """qid -> {doc id: score} from POST /search, ``concurrency`` requests in flight."""
+    """qid -> {doc id: score} from POST /search in ``mode``, ``concurrency`` requests in flight."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(qid: str, text: str) -> tuple[str, dict[str, float]]:
         async with gate:
-            response = await client.post("/search", json={"query": text, "top_k": top_k})
+            response = await client.post("/search", json={"query": text, "top_k": top_k, "mode": mode})
         if response.status_code != 200:
             raise ServiceError(
                 f"POST /search for query {qid!r} answered {response.status_code}: {_message(response)}"

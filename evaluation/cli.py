@@ -100,6 +100,8 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
         return fail(str(exc))
     if not split.queries:
         return fail(f"no query of {root / 'queries.jsonl'} has qrels in split {args.split!r}")
+    if args.mode != "dense" and not args.url:
+        return fail("--mode applies to a running service (--url); in process, hybrid is --config hybrid-rrf")
     if args.url:
         return _eval_service(args, settings, split, started)
     return _eval_in_process(args, settings, split, started)
@@ -215,7 +217,9 @@ def _eval_service(args: argparse.Namespace, settings: Settings, split: BeirSplit
         async with httpx.AsyncClient(base_url=args.url, timeout=args.timeout) as client:
             pair = await fetch_pair(client, len(corpus_ids))
             began = time.perf_counter()
-            run = await search_run(client, split.query_texts(), corpus_ids, concurrency=args.concurrency)
+            run = await search_run(
+                client, split.query_texts(), corpus_ids, concurrency=args.concurrency, mode=args.mode
+            )
             return pair, run, time.perf_counter() - began
 
     try:
@@ -223,8 +227,8 @@ def _eval_service(args: argparse.Namespace, settings: Settings, split: BeirSplit
     except (ServiceError, httpx.HTTPError) as exc:
         return fail(f"{args.url}: {exc}")
     result = ConfigResult(
-        configuration=pair.name,
-        kind=pair.kind,
+        configuration=pair.name if args.mode == "dense" else f"hybrid-rrf:{pair.name}",
+        kind=pair.kind if args.mode == "dense" else "hybrid-rrf",
         query_encoder=pair.query_encoder,
         query_fingerprint=pair.query_fingerprint,
         document_encoder=pair.document_encoder,
@@ -240,10 +244,11 @@ def _eval_service(args: argparse.Namespace, settings: Settings, split: BeirSplit
     run_info = {
         "mode": "service",
         "url": args.url,
+        "search_mode": args.mode,
         "collection": pair.collection,
         "tasks": ["retrieval"],
         "top_k": 100,
-        "configurations": [pair.name],
+        "configurations": [result.configuration],
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -285,5 +290,8 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--document-model", help="document encoder of the default pair (default: settings)")
     ev.add_argument("--url", help="evaluate a running service (black-box), e.g. http://127.0.0.1:8000")
     ev.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight with --url")
+    ev.add_argument(
+        "--mode", choices=["dense", "hybrid"], default="dense", help="search mode with --url (hybrid: + BM25)"
+    )
     ev.add_argument("--timeout", type=float, default=30.0, help="seconds per request with --url")
     ev.set_defaults(func=cmd_eval)

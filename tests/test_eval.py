@@ -286,7 +286,9 @@ def serving_state(
 ) -> Iterator[ServingState]:
     """The real service state: the corpus indexed by the CLI's pipeline, the ONNX query encoder."""
     store = open_store(None, settings.store_path)
-    summary = index_files([dataset / "corpus.jsonl"], load_encoder(tiny_bert), store, settings.collection)
+    summary = index_files(
+        [dataset / "corpus.jsonl"], load_encoder(tiny_bert), store, settings.collection, sparse=True
+    )
     assert summary.ok and summary.indexed == len(CORPUS)
     state = ServingState(settings=settings, encoder=load_encoder(tiny_onnx), store=store)
     yield state
@@ -320,6 +322,12 @@ def test_black_box_matches_in_process(dataset: Path, service_url: str, tmp_path:
         assert served[BERT_PAIR][key] == pytest.approx(local[BERT_PAIR][key], abs=1e-6), key
     assert served[BERT_PAIR]["document_fingerprint"] == local[BERT_PAIR]["document_fingerprint"]
     assert served["dataset"]["fingerprint"] == local["dataset"]["fingerprint"]
+    hybrid = run_eval([str(dataset), "--url", service_url, "--mode", "hybrid"], tmp_path / "hybrid.json")
+    assert hybrid["run"]["search_mode"] == "hybrid"
+    fused = hybrid[f"hybrid-rrf:{BERT_PAIR}"]
+    assert fused["kind"] == "hybrid-rrf"
+    # The tiny corpus' queries share words with their documents: BM25 in the fusion can only help.
+    assert fused["ndcg@10"] >= served[BERT_PAIR]["ndcg@10"]
 
 
 def test_black_box_refuses_options_it_cannot_measure(
