@@ -253,19 +253,19 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         metavar="KEY",
         help="metadata key holding strings, indexed for exact-match filters (repeatable)",
     )
-    parser.add_argument(
+    index.add_argument(
         "--sparse",
         choices=["bm25"],
         help="also store BM25 vectors (Qdrant's BM25, IDF by the engine) for hybrid search; "
         "a new collection measures the corpus' average length first",
     )
-    parser.add_argument(
+    index.add_argument(
         "--integer-field",
         action="append",
         metavar="KEY",
         help="metadata key holding integers, indexed for match and range filters (repeatable)",
     )
-    parser.add_argument(
+    index.add_argument(
         "--date-field",
         action="append",
         metavar="KEY",

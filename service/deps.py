@@ -11,15 +11,17 @@ from service.metrics import ServiceMetrics
 from service.state import ServingState
 
 
-def get_state(request: Request) -> ServingState:
+# Async on purpose: FastAPI runs a plain ``def`` dependency on the thread pool, a hop per request
+# for an attribute read.
+async def get_state(request: Request) -> ServingState:
     return cast(ServingState, request.app.state.serving)
 
 
-def get_batcher(request: Request) -> EncodeBatcher:
+async def get_batcher(request: Request) -> EncodeBatcher:
     return cast(EncodeBatcher, request.app.state.batcher)
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return cast(ServiceMetrics, request.app.state.metrics)
 
 

@@ -1,14 +1,19 @@
 """What the running service holds: settings, the query encoder, the store and the collection's spec.
 
 The collection spec is re-read from the store by every readiness probe (and by a search when no
-compatible spec is known), so the service recovers from a store outage, or from a store that was
-down at start-up, without a restart.
+compatible spec is known, at most once per back-off interval), so the service recovers from a store
+outage, or from a store that was down at start-up, without a restart. Readiness also opens the
+collection (a count), so "ready" means a search would work: a shard locked by another process or a
+collection that cannot be opened is not ready.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+
+import anyio
 
 from models.encoder import Encoder, load_encoder
 from models.manifest import ManifestError, ModelManifest, read_manifest
@@ -23,6 +28,8 @@ logger = logging.getLogger("medsearch.service")
 BUILD_MODELS = "`medsearch models build`"
 BUILD_INDEX = "`medsearch index ...`"
 WARM_UP_TEXT = "warm-up"
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 5.0
 
 
 class StartupError(RuntimeError):
@@ -56,6 +63,13 @@ class ServingState:
     problem: str | None = None
     warmed: bool = False
     store_reachable: bool = True
+    # Searches' store calls run on these threads only: a hanging store holds at most this many, and
+    # probes (on anyio's default pool) still answer.
+    store_calls: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(8))
+    # While no servable spec is known, searches re-check the store at most once per back-off interval.
+    _retry_at: float = field(default=0.0, repr=False)
+    _backoff_s: float = field(default=0.0, repr=False)
+    _last_failure: Exception | None = field(default=None, repr=False)
 
     @property
     def collection(self) -> str:
@@ -73,10 +87,14 @@ class ServingState:
     def refresh(self) -> Readiness:
         """Re-read the collection spec from the store and re-check it (blocking: run off the loop)."""
         reasons: list[str] = []
+        # A fresh look at the store supersedes whatever searches were told during the back-off.
+        self._retry_at = 0.0
         if not self.warmed:
             reasons.append("query encoder not loaded")
         try:
             spec = self.store.get_collection(self.collection)
+            if spec is not None:
+                self.store.count(self.collection)  # opens the collection, as a search would
         except StoreUnavailable as exc:
             self._note_store(reachable=False, exc=exc)
             reasons.append("vector store unreachable")
@@ -95,19 +113,42 @@ class ServingState:
             reasons.append(self.problem)
         return Readiness(not reasons, tuple(reasons))
 
+    def known_spec(self) -> CollectionSpec | None:
+        """The compatible spec if one is known (no store call: safe on the event loop)."""
+        return self.spec if self.problem is None else None
+
     def serving_spec(self) -> CollectionSpec:
         """The compatible collection spec, re-checked with the store when none is known.
 
-        Raises StoreUnavailable when the store does not answer, NotReady for any other reason.
+        Raises StoreUnavailable when the store does not answer, NotReady for any other reason. After
+        a failed check, searches get the same answer without a store call until the back-off
+        interval (doubling from BACKOFF_MIN_S to BACKOFF_MAX_S) has passed: an outage costs the
+        store one request per interval, not one per search.
         """
-        if self.spec is not None and self.problem is None:
-            return self.spec
+        known = self.known_spec()
+        if known is not None:
+            return known
+        if self._last_failure is not None and time.monotonic() < self._retry_at:
+            raise self._last_failure
         readiness = self.refresh()
+        failure: Exception | None = None
         if not self.store_reachable:
-            raise StoreUnavailable(f"the store did not answer for collection {self.collection!r}")
-        if not readiness.ready or self.spec is None:
-            raise NotReady(readiness.reasons)
-        return self.spec
+            failure = StoreUnavailable(f"the store did not answer for collection {self.collection!r}")
+        elif not readiness.ready or self.spec is None:
+            failure = NotReady(readiness.reasons)
+        if failure is None:
+            self._backoff_s, self._last_failure = 0.0, None
+            assert self.spec is not None
+            return self.spec
+        self._backoff_s = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, self._backoff_s * 2))
+        self._retry_at = time.monotonic() + self._backoff_s
+        self._last_failure = failure
+        raise failure
+
+    def spec_stale(self) -> None:
+        """The store refused a search (e.g. the collection was deleted): re-read the spec next time."""
+        self.spec = None
+        self.problem = None
 
     def bm25_query(self, text: str) -> SparseVector:
         """The BM25 query vector of ``text`` for the served collection (which must have BM25 vectors)."""
@@ -119,8 +160,7 @@ class ServingState:
 
     def store_failed(self, exc: StoreUnavailable) -> None:
         """A search could not reach the store: the collection may come back different, so re-check it."""
-        self.spec = None
-        self.problem = None
+        self.spec_stale()
         self._note_store(reachable=False, exc=exc)
 
     def close(self) -> None:
@@ -189,7 +229,14 @@ def load_state(settings: Settings) -> ServingState:
     except BaseException:
         store.close()
         raise
-    return ServingState(settings=settings, encoder=encoder, store=store, spec=spec, store_reachable=reachable)
+    return ServingState(
+        settings=settings,
+        encoder=encoder,
+        store=store,
+        spec=spec,
+        store_reachable=reachable,
+        store_calls=anyio.CapacityLimiter(settings.store_concurrency),
+    )
 
 
 def _initial_spec(

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     qdrant_api_key: SecretStr | None = None
     qdrant_path: Path | None = Field(default=None, description="Embedded store data; default HOME/qdrant.")
     qdrant_timeout_s: float = 5.0
+    store_concurrency: int = Field(
+        default=8, ge=1, description="Searches in flight to the store; a hanging store holds no more threads."
+    )
     hnsw_ef: int = Field(
         default=256, ge=1, description="HNSW candidates per search: higher is closer to exact, slower."
     )

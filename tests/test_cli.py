@@ -35,6 +35,23 @@ def test_index_reports_bad_lines_by_file_and_line_and_exits_1(
     assert "indexed 0, skipped 1" in capsys.readouterr().out
 
 
+def test_index_declares_typed_filter_fields_and_bm25(home: Path, tiny_bert: Path) -> None:
+    from store.factory import open_store
+
+    corpus = home / "corpus.jsonl"
+    row = {"id": "a", "text": "高血压", "metadata": {"dept": "心内", "year": 2020, "seen": "2024-05-01"}}
+    corpus.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    args = ["--keyword-field", "dept", "--integer-field", "year", "--date-field", "seen", "--sparse", "bm25"]
+    assert main(["index", str(corpus), "--model", str(tiny_bert), "--collection", "c", *args]) == 0
+    store = open_store(None, home / "qdrant")
+    try:
+        spec = store.get_collection("c")
+    finally:
+        store.close()
+    assert spec is not None and spec.sparse is not None
+    assert (spec.keyword_fields, spec.integer_fields, spec.date_fields) == (("dept",), ("year",), ("seen",))
+
+
 def test_index_names_a_missing_input_file(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["index", str(home / "nope.jsonl")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err

@@ -90,8 +90,10 @@ class SwitchableStore:
     def __init__(self, inner: VectorStore, down: bool = False) -> None:
         self.inner = inner
         self.down = down
+        self.calls = 0
 
     def _check(self) -> None:
+        self.calls += 1
         if self.down:
             raise StoreUnavailable("connection refused (simulated)")
 
@@ -514,6 +516,44 @@ async def test_unexpected_errors_do_not_leak_internal_text(
         response = await client.post("/search", json={"query": QUERY})
     assert response.status_code == 502
     assert response.json() == {"error": "store_error", "message": "the vector store refused the request"}
+    # The refusal may mean the collection changed (e.g. deleted): its spec is re-read, not trusted.
+    assert refusing.spec is None
+
+
+async def test_searches_back_off_while_the_store_is_down(settings: Settings, store: SwitchableStore) -> None:
+    state = ServingState(settings=settings, encoder=HashEncoder(), store=store)
+    async with running(create_app(settings, state)) as client:
+        store.down = True
+        calls = store.calls
+        answers = [(await client.post("/search", json={"query": QUERY})).status_code for _ in range(20)]
+        assert answers == [503] * 20
+        # The first search reaches the store and fails; the next ones answer from the back-off.
+        assert store.calls - calls <= 3
+        store.down = False
+        assert (await client.get("/readyz")).status_code == 200  # a probe ends the back-off
+        assert (await client.post("/search", json={"query": QUERY})).status_code == 200
+
+
+async def test_readyz_opens_the_collection_so_a_locked_shard_is_not_ready(
+    settings: Settings, store: SwitchableStore
+) -> None:
+    store.close()  # the fixture's store would hold the shard itself
+    holder = open_store(None, settings.store_path)
+    holder.count(COLLECTION)  # another process (the indexer) holds the shard's lock
+    served = open_store(None, settings.store_path)
+    state = ServingState(settings=settings, encoder=HashEncoder(), store=served)
+    try:
+        async with running(create_app(settings, state)) as client:
+            response = await client.get("/readyz")
+            assert response.status_code == 503
+            assert response.json()["reasons"] == ["vector store unreachable"]
+            assert (await client.post("/search", json={"query": QUERY})).status_code == 503
+            holder.close()
+            assert (await client.get("/readyz")).status_code == 200
+            assert (await client.post("/search", json={"query": QUERY})).status_code == 200
+    finally:
+        holder.close()
+        served.close()
 
 
 # --- start-up -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from service.schemas import (
     SearchResponse,
 )
 from service.state import ServingState
-from store.base import CollectionSpec, Hit, StoreUnavailable
+from store.base import CollectionSpec, Hit, StoreError, StoreUnavailable
 from store.filters import Filter, FilterLike, as_filter, filter_problems
 
 logger = logging.getLogger("medsearch.service")
@@ -67,16 +67,22 @@ def checked_mode(request: SearchRequest, spec: CollectionSpec) -> None:
 
 def _search(
     state: ServingState,
-    vector: np.ndarray,
-    request: SearchRequest,
-    filters: Filter | None,
+    vectors: np.ndarray,
+    requests: list[SearchRequest],
+    filters: list[Filter | None],
     metrics: ServiceMetrics,
-) -> list[Hit]:
-    with metrics.search_latency.time():
-        sparse = state.bm25_query(request.query) if request.mode == "hybrid" else None
-        return state.store.search(
-            state.collection, vector, request.top_k, filters, request.score_threshold, sparse
-        )
+) -> list[list[Hit]]:
+    """Every search of a call on one worker thread (one hop, however many queries)."""
+    found = []
+    for request, vector, where in zip(requests, vectors, filters, strict=True):
+        with metrics.search_latency.time():
+            sparse = state.bm25_query(request.query) if request.mode == "hybrid" else None
+            found.append(
+                state.store.search(
+                    state.collection, vector, request.top_k, where, request.score_threshold, sparse
+                )
+            )
+    return found
 
 
 def _hit(hit: Hit, with_text: bool) -> SearchHit:
@@ -119,20 +125,23 @@ async def _search_all(
     deadline = state.settings.request_timeout_s
     try:
         with anyio.fail_after(deadline):
-            spec = await anyio.to_thread.run_sync(state.serving_spec)
+            spec = state.known_spec()
+            if spec is None:
+                spec = await anyio.to_thread.run_sync(state.serving_spec, limiter=state.store_calls)
             filters = [checked_filter(r.filter, spec) for r in requests]
             for r in requests:
                 checked_mode(r, spec)
             vectors = await batcher.encode([r.query for r in requests])
-            found = []
-            for request, vector, where in zip(requests, vectors, filters, strict=True):
-                try:
-                    found.append(
-                        await anyio.to_thread.run_sync(_search, state, vector, request, where, metrics)
-                    )
-                except StoreUnavailable as exc:
-                    state.store_failed(exc)
-                    raise
+            try:
+                found = await anyio.to_thread.run_sync(
+                    _search, state, vectors, requests, filters, metrics, limiter=state.store_calls
+                )
+            except StoreUnavailable as exc:
+                state.store_failed(exc)
+                raise
+            except StoreError:
+                state.spec_stale()
+                raise
     except TimeoutError as exc:
         raise DeadlineExceeded(deadline) from exc
     took_ms = (time.perf_counter() - start) * 1000
