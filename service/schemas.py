@@ -44,9 +44,9 @@ class SearchRequest(BaseModel):
         min_length=1,
         max_length=MAX_QUERY_CHARS,
         description="Free text. Text beyond the query encoder's token limit is truncated, not rejected.",
-        examples=["chest pain radiating to the left arm"],
+        examples=["高血压能吃党参吗", "chest pain radiating to the left arm"],
     )
-    top_k: int = Field(default=10, ge=1, le=MAX_TOP_K, description="Number of hits to return.")
+    top_k: int = Field(default=10, ge=1, le=MAX_TOP_K, description="Number of hits to return.", examples=[10])
     filter: SearchFilter | None = Field(
         default=None,
         description=(
@@ -83,7 +83,9 @@ class SearchRequest(BaseModel):
         examples=["dense", "hybrid"],
     )
     with_text: bool = Field(
-        default=True, description="Return each hit's title and text; false returns ids, scores and metadata."
+        default=True,
+        description="Return each hit's title and text; false returns ids, scores and metadata.",
+        examples=[True, False],
     )
 
     @field_validator("query")
@@ -117,20 +119,45 @@ class EmbedRequest(BaseModel):
 
 
 class SearchHit(BaseModel):
-    id: str = Field(description="The document id given at indexing time.")
-    score: float = Field(description="Cosine similarity; higher is closer.")
-    title: str | None = Field(description="None when the request set with_text to false.")
-    text: str | None = Field(description="None when the request set with_text to false.")
-    metadata: dict[str, Any]
+    id: str = Field(description="The document id given at indexing time.", examples=["cmedqa-a-1042"])
+    score: float = Field(
+        description="Cosine similarity (higher is closer); in hybrid mode the reciprocal-rank fusion score.",
+        examples=[0.8731],
+    )
+    title: str | None = Field(
+        description="None when the request set with_text to false.",
+        examples=["高血压用药", "Hypertension drugs"],
+    )
+    text: str | None = Field(
+        description="None when the request set with_text to false.",
+        examples=[
+            "高血压患者一般可以少量服用党参，但需监测血压。",
+            "Patients with hypertension should monitor ...",
+        ],
+    )
+    metadata: dict[str, Any] = Field(
+        description="The document's metadata as indexed.",
+        examples=[
+            {"department": "心血管科", "year": 2024},
+            {"department": "cardiology", "source": "ward notes"},
+        ],
+    )
 
 
 class SearchResponse(BaseModel):
-    hits: list[SearchHit]
-    took_ms: float = Field(description="Server time for encoding plus search.")
-    query_encoder: str
-    document_encoder: str
-    space: str
-    collection: str
+    hits: list[SearchHit] = Field(description="Best first.")
+    took_ms: float = Field(description="Server time for encoding plus search.", examples=[5.2])
+    query_encoder: str = Field(
+        description="The ONNX query encoder that encoded the query.",
+        examples=["multilingual-e5-small-onnx-int8"],
+    )
+    document_encoder: str = Field(
+        description="The encoder that produced the collection's vectors.", examples=["multilingual-e5-small"]
+    )
+    space: str = Field(description="The vector space both sides share.", examples=["multilingual-e5-small"])
+    collection: str = Field(
+        description="The collection searched (an alias on a server).", examples=["medsearch"]
+    )
 
 
 class BatchSearchResponse(BaseModel):
@@ -138,61 +165,116 @@ class BatchSearchResponse(BaseModel):
 
 
 class EmbedResponse(BaseModel):
-    vectors: list[list[float]] = Field(description="One unit vector per text, in request order.")
-    space: str = Field(description="Vector space: these compare only with vectors of the same space.")
-    encoder: str
-    dim: int
+    vectors: list[list[float]] = Field(
+        description="One unit vector per text, in request order.", examples=[[[0.0213, -0.0472, 0.0861]]]
+    )
+    space: str = Field(
+        description="Vector space: these compare only with vectors of the same space.",
+        examples=["multilingual-e5-small"],
+    )
+    encoder: str = Field(
+        description="The query encoder's name.", examples=["multilingual-e5-small-onnx-int8"]
+    )
+    dim: int = Field(description="Vector dimension.", examples=[384])
 
 
 class FieldError(BaseModel):
-    field: str
-    message: str
+    field: str = Field(
+        description="Path of the offending field in the body.", examples=["filter.must.0", "top_k"]
+    )
+    message: str = Field(
+        description="Why it was refused (never echoes the rejected value).",
+        examples=["Input should be less than or equal to 100", "'科室' is not a filterable field"],
+    )
 
 
 class ErrorResponse(BaseModel):
-    error: str = Field(description="Machine-readable kind, e.g. invalid_request, store_unavailable.")
-    message: str
-    details: list[FieldError] | None = None
-    reasons: list[str] | None = None
+    error: str = Field(
+        description="Machine-readable kind, e.g. invalid_request, store_unavailable.",
+        examples=["invalid_request", "store_unavailable"],
+    )
+    message: str = Field(
+        description="What went wrong, for people.",
+        examples=[
+            "filter.科室: '科室' is not a filterable field",
+            "the vector store is unreachable; retry later",
+        ],
+    )
+    details: list[FieldError] | None = Field(default=None, description="One entry per invalid field (422).")
+    reasons: list[str] | None = Field(
+        default=None,
+        description="Why the service is not ready (503).",
+        examples=[
+            ["vector store unreachable"],
+            ["collection '病历' not found; build it with `medsearch index ...`"],
+        ],
+    )
 
 
 class CollectionsResponse(BaseModel):
-    served: str = Field(description="The collection this service searches (MEDSEARCH_COLLECTION).")
+    served: str = Field(
+        description="The collection this service searches (MEDSEARCH_COLLECTION).", examples=["medsearch"]
+    )
     collections: list[CollectionInfo] = Field(description="The served collection, with its spec and size.")
 
 
 class HealthResponse(BaseModel):
-    status: str = "ok"
+    status: str = Field(default="ok", description="Always ok: the process answers.", examples=["ok"])
 
 
 class ReadyResponse(BaseModel):
-    ready: bool
-    reasons: list[str]
+    ready: bool = Field(description="A search would work now.", examples=[True])
+    reasons: list[str] = Field(
+        description="Why not ready; empty when ready.",
+        examples=[
+            [],
+            ["vector store unreachable"],
+            ["collection '病历' not found; build it with `medsearch index ...`"],
+        ],
+    )
 
 
 class QueryEncoderInfo(BaseModel):
-    name: str
-    space: str
-    fingerprint: str
-    quantization: str | None
-    dim: int
-    max_tokens: int
-    card: str = Field(description="Model card of the served pair (a repository path); empty if none.")
+    name: str = Field(
+        description="Directory name of the served query encoder.",
+        examples=["multilingual-e5-small-onnx-int8"],
+    )
+    space: str = Field(description="The space it encodes into.", examples=["multilingual-e5-small"])
+    fingerprint: str = Field(
+        description="sha256 of the encoder.",
+        examples=["acf93b1e98d9d62994582b5baa646b959111d448e63e4fdfd7ad49c679ccbc55"],
+    )
+    quantization: str | None = Field(
+        description="How the weights were quantized; None: float.",
+        examples=["int8-dynamic-matmul-per-channel"],
+    )
+    dim: int = Field(description="Vector dimension.", examples=[384])
+    max_tokens: int = Field(description="Longer queries are truncated to this many tokens.", examples=[512])
+    card: str = Field(
+        description="Model card of the served pair (a repository path); empty if none.",
+        examples=["docs/cards/care-embeddinggemma-300m.md"],
+    )
     figures: dict[str, float] = Field(
-        description="Measured quality of this encoder in its pair, from its card; empty if unmeasured."
+        description="Measured quality of this encoder in its pair, from its card; empty if unmeasured.",
+        examples=[{"cmedqa-im dev nDCG@10": 26.4}],
     )
 
 
 class CollectionInfo(BaseModel):
-    name: str
+    name: str = Field(description="Collection (or alias) name.", examples=["medsearch"])
     spec: CollectionSpec | None = Field(description="None while the store has not answered.")
-    points: int | None = Field(description="None when the store is unreachable.")
+    points: int | None = Field(description="None when the store is unreachable.", examples=[7244])
 
 
 class InfoResponse(BaseModel):
-    query_encoder: QueryEncoderInfo
-    collection: CollectionInfo
+    query_encoder: QueryEncoderInfo = Field(description="The served query encoder.")
+    collection: CollectionInfo = Field(description="The served collection.")
     pairing: Literal["symmetric", "asymmetric", "unknown"] = Field(
-        description="symmetric: the query encoder is an export of the collection's document encoder."
+        description="symmetric: the query encoder is an export of the collection's document encoder.",
+        examples=["symmetric", "asymmetric"],
     )
-    pairing_note: str
+    pairing_note: str = Field(
+        description="How queries and documents are paired, in words (English).",
+        json_schema_extra={"x-language": "en"},
+        examples=["Documents were encoded by 'multilingual-e5-small' ... Symmetric pair: ..."],
+    )

@@ -40,18 +40,31 @@ class CollectionSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    dim: int = Field(gt=0)
-    space: str
-    encoder: str = Field(description="Name of the document encoder that produced the vectors.")
-    encoder_fingerprint: str
+    dim: int = Field(gt=0, description="Vector dimension.", examples=[384])
+    space: str = Field(
+        description="Vector space the documents were encoded into; queries must be encoded into it too.",
+        examples=["multilingual-e5-small"],
+    )
+    encoder: str = Field(
+        description="Name of the document encoder that produced the vectors.",
+        examples=["multilingual-e5-small"],
+    )
+    encoder_fingerprint: str = Field(
+        description="sha256 of the document encoder (weights and what shapes a vector).",
+        examples=["f6b6c56905d97df7e7aa24a5237183dbc0c674d0522f43619419bbb89bf39987"],
+    )
     keyword_fields: tuple[str, ...] = Field(
-        default=(), description="metadata keys indexed for exact-match filtering"
+        default=(), description="metadata keys indexed for exact-match filtering", examples=[["department"]]
     )
     integer_fields: tuple[str, ...] = Field(
-        default=(), description="metadata keys holding integers, indexed for match and range filters"
+        default=(),
+        description="metadata keys holding integers, indexed for match and range filters",
+        examples=[["year"]],
     )
     date_fields: tuple[str, ...] = Field(
-        default=(), description="metadata keys holding ISO 8601 dates, indexed for range filters"
+        default=(),
+        description="metadata keys holding ISO 8601 dates, indexed for range filters",
+        examples=[["updated"]],
     )
     sparse: Bm25Spec | None = Field(
         default=None,

@@ -26,10 +26,12 @@ MAX_ANY = 64
 class Range(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    gt: Scalar | None = None
-    gte: Scalar | None = None
-    lt: Scalar | None = None
-    lte: Scalar | None = None
+    gt: Scalar | None = Field(default=None, description="greater than", examples=[2019, "2024-01-01"])
+    gte: Scalar | None = Field(
+        default=None, description="greater than or equal", examples=[2020, "2024-01-01T00:00:00Z"]
+    )
+    lt: Scalar | None = Field(default=None, description="less than", examples=[2025, "2025-01-01"])
+    lte: Scalar | None = Field(default=None, description="less than or equal", examples=[2024, "2024-12-31"])
 
     def bounds(self) -> dict[str, Scalar]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -40,13 +42,23 @@ class Condition(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    key: str = Field(min_length=1, max_length=128, description="A filterable metadata field (see /info).")
-    match: Scalar | None = Field(default=None, description="Exact value (keyword or integer fields).")
+    key: str = Field(
+        min_length=1,
+        max_length=128,
+        description="A filterable metadata field (see /info).",
+        examples=["department", "year"],
+    )
+    match: Scalar | None = Field(
+        default=None,
+        description="Exact value (keyword or integer fields).",
+        examples=["心血管科", "cardiology", 2024],
+    )
     any: list[Scalar] | None = Field(
         default=None,
         min_length=1,
         max_length=MAX_ANY,
         description="Matches if the field equals any of these.",
+        examples=[["心血管科", "神经内科"], ["cardiology", "neurology"]],
     )
     range: Range | None = Field(
         default=None, description="Bounds for integer fields, or ISO 8601 dates for date fields."
@@ -67,9 +79,17 @@ class Filter(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    must: list[Condition] = Field(default_factory=list, max_length=MAX_CONDITIONS)
-    should: list[Condition] = Field(default_factory=list, max_length=MAX_CONDITIONS)
-    must_not: list[Condition] = Field(default_factory=list, max_length=MAX_CONDITIONS)
+    must: list[Condition] = Field(
+        default_factory=list, max_length=MAX_CONDITIONS, description="Conditions that must all hold."
+    )
+    should: list[Condition] = Field(
+        default_factory=list,
+        max_length=MAX_CONDITIONS,
+        description="At least one of these must hold (ignored when empty).",
+    )
+    must_not: list[Condition] = Field(
+        default_factory=list, max_length=MAX_CONDITIONS, description="None of these may hold."
+    )
 
     @classmethod
     def exact(cls, matches: Mapping[str, Scalar]) -> Filter:

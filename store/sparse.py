@@ -27,11 +27,17 @@ class Bm25Spec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    kind: Literal["bm25"] = "bm25"
-    tokenizer: Literal["multilingual"] = "multilingual"
-    k: float = Field(default=1.2, gt=0, description="term-frequency saturation")
-    b: float = Field(default=0.75, ge=0, le=1, description="length normalization")
-    avg_len: float = Field(gt=0, description="average document length in tokens, measured at creation")
+    kind: Literal["bm25"] = Field(default="bm25", description="sparse scheme", examples=["bm25"])
+    tokenizer: Literal["multilingual"] = Field(
+        default="multilingual",
+        description="Qdrant's multilingual tokenizer (Chinese word segmentation, Latin words)",
+        examples=["multilingual"],
+    )
+    k: float = Field(default=1.2, gt=0, description="term-frequency saturation", examples=[1.2])
+    b: float = Field(default=0.75, ge=0, le=1, description="length normalization", examples=[0.75])
+    avg_len: float = Field(
+        gt=0, description="average document length in tokens, measured at creation", examples=[58.3]
+    )
 
 
 class SparseVector(BaseModel):

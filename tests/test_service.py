@@ -1099,3 +1099,46 @@ async def test_a_client_leaving_mid_body_is_not_counted_as_a_server_error(
     assert not any(m["type"] == "http.response.start" for m in sent)
     assert 'medsearch_http_requests_total{route="/search",status="499"} 1.0' in metrics
     assert 'status="500"' not in metrics
+
+
+def _has_cjk(value: object) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in json.dumps(value, ensure_ascii=False))
+
+
+def _has_latin_words(value: object, at_least: int = 1) -> bool:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    words = [w for w in text.replace('"', " ").split() if len(w) > 2 and w.isascii() and w.isalpha()]
+    return len(words) >= at_least
+
+
+def _refers_to_a_model(prop: dict[str, Any]) -> bool:
+    options = prop.get("anyOf", [prop])
+    kinds = [o.get("items", o) for o in options if o.get("type") != "null"]
+    return bool(kinds) and all("$ref" in k for k in kinds)
+
+
+def test_openapi_describes_every_field_with_examples_in_chinese_and_english() -> None:
+    """Every property of every body has a description and examples; those holding text (strings,
+    or objects and lists of them) have a Chinese and an English example."""
+    schemas = live_openapi()["components"]["schemas"]
+    missing = []
+    for model, schema in schemas.items():
+        if model in {"HTTPValidationError", "ValidationError"}:
+            continue  # FastAPI's own, never returned (every error uses ErrorResponse)
+        for name, prop in schema.get("properties", {}).items():
+            where = f"{model}.{name}"
+            if not prop.get("description"):
+                missing.append(f"{where}: no description")
+            if _refers_to_a_model(prop):
+                continue  # described field by field in its own schema
+            examples = prop.get("examples")
+            if not examples:
+                missing.append(f"{where}: no examples")
+                continue
+            # Prose (Chinese, or several English words) must come in both languages; identifiers need not.
+            # Server-written English (x-language: en) is exempt.
+            prose = [e for e in examples if _has_cjk(e) or _has_latin_words(e, at_least=2)]
+            bilingual = any(map(_has_cjk, examples)) and any(map(_has_latin_words, examples))
+            if prose and not bilingual and prop.get("x-language") != "en":
+                missing.append(f"{where}: needs a Chinese and an English example")
+    assert missing == []
