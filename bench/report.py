@@ -55,15 +55,17 @@ def service_table(service: ServiceBench) -> str:
         f"POST /search top_k={service.top_k}, closed loop, {service.duration_s:g} s per level; "
         f"query encoder `{encoder}`.",
         "",
-        "| concurrency | requests | errors | req/s | p50 ms | p95 ms | p99 ms | max RSS MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | requests | errors | req/s | p50 ms | p95 ms | p99 ms | max RSS MiB "
+        "| /healthz p50 / p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in service.levels:
         lat = level.latency
         cells = [_ms(lat.p50_ms), _ms(lat.p95_ms), _ms(lat.p99_ms)] if lat else ["-", "-", "-"]
+        probe = f"{_ms(level.healthz.p50_ms)} / {_ms(level.healthz.p99_ms)}" if level.healthz else "-"
         lines.append(
             f"| {level.concurrency} | {level.requests} | {level.errors} | {level.requests_per_s:.1f} | "
-            f"{' | '.join(cells)} | {_mib(level.max_rss_kib)} |"
+            f"{' | '.join(cells)} | {_mib(level.max_rss_kib)} | {probe} |"
         )
     lines.append("")
     if service.memory is not None:

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from bench.stats import LatencySummary, summarize
 
 Clock = Callable[[], float]
+PROBE_INTERVAL_S = 0.05
 
 
 class NotLoopback(ValueError):
@@ -40,6 +41,9 @@ class LoadLevel(BaseModel):
     latency: LatencySummary | None
     max_rss_kib: int | None = None
     samples_ms: list[float]
+    # GET /healthz every PROBE_INTERVAL_S on its own connection while the level ran: a probe that
+    # waits behind searches (event loop blocked, threads exhausted) shows here.
+    healthz: LatencySummary | None = None
 
 
 class MemoryPeak(BaseModel):
@@ -150,8 +154,10 @@ async def run_level(
     duration_s: float,
     top_k: int = 10,
     clock: Clock = time.perf_counter,
+    probe: httpx.AsyncClient | None = None,
 ) -> LoadLevel:
-    """``concurrency`` workers POST /search in closed loops until ``duration_s`` has passed."""
+    """``concurrency`` workers POST /search in closed loops until ``duration_s`` has passed; with
+    ``probe``, /healthz is timed on that client meanwhile."""
     if concurrency < 1 or duration_s <= 0 or not queries:
         raise ValueError("need concurrency >= 1, a positive duration and at least one query")
     latencies: list[float] = []
@@ -174,10 +180,26 @@ async def run_level(
             else:
                 errors[str(response.status_code)] += 1
 
+    probes: list[float] = []
+
+    async def prober(client: httpx.AsyncClient) -> None:
+        while clock() < deadline:
+            start = clock()
+            try:
+                ok = (await client.get("/healthz")).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                probes.append((clock() - start) * 1000)
+            else:
+                errors["healthz"] += 1
+            await asyncio.sleep(PROBE_INTERVAL_S)
+
     started = clock()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    tasks = [worker() for _ in range(concurrency)] + ([prober(probe)] if probe is not None else [])
+    await asyncio.gather(*tasks)
     seconds = clock() - started
-    requests = len(latencies) + sum(errors.values())
+    requests = len(latencies) + sum(n for kind, n in errors.items() if kind != "healthz")
     return LoadLevel(
         concurrency=concurrency,
         seconds=seconds,
@@ -187,6 +209,7 @@ async def run_level(
         requests_per_s=requests / seconds if seconds > 0 else 0.0,
         latency=summarize(latencies) if latencies else None,
         samples_ms=[round(x, 3) for x in latencies],
+        healthz=summarize(probes) if probes else None,
     )
 
 
@@ -227,7 +250,10 @@ async def measure_service(
         sampler = None
     # trust_env=False: a proxy from the environment must never carry loopback traffic elsewhere.
     limits = httpx.Limits(max_connections=max(levels), max_keepalive_connections=max(levels))
-    async with httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits, trust_env=False) as client:
+    async with (
+        httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits, trust_env=False) as client,
+        httpx.AsyncClient(base_url=base, timeout=timeout_s, trust_env=False) as probe,
+    ):
         info = await _service_info(client)
         for _ in range(warmup):
             await client.post("/search", json={"query": queries[0], "top_k": top_k})
@@ -239,7 +265,7 @@ async def measure_service(
                     on_level(concurrency)
                 if sampler is not None:
                     sampler.level_max_rss_kib = 0
-                level = await run_level(client, queries, concurrency, duration_s, top_k)
+                level = await run_level(client, queries, concurrency, duration_s, top_k, probe=probe)
                 if sampler is not None:
                     sampler.sample()
                     level.max_rss_kib = sampler.level_max_rss_kib

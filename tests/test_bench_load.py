@@ -38,6 +38,7 @@ class EveryThirdSearchFails:
 
     def __init__(self) -> None:
         self.searches = 0
+        self.probes = 0
         self.queries: list[str] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -53,6 +54,8 @@ class EveryThirdSearchFails:
             self.searches += 1
             self.queries.append(json.loads(body)["query"])
             status = 500 if self.searches % 3 == 0 else 200
+        elif scope["path"] == "/healthz":
+            self.probes += 1
         elif scope["path"] == "/info":
             payload = b'{"query_encoder": {"name": "fake"}}'
         await send(
@@ -98,6 +101,8 @@ async def test_counts_requests_and_errors_over_loopback() -> None:
     for level in result.levels:
         assert level.error_kinds == ({"500": level.errors} if level.errors else {})
         assert len(level.samples_ms) == level.requests - level.errors
+        assert level.healthz is not None  # probed on its own connection while the level ran
+    assert sum(level.healthz.count for level in result.levels if level.healthz) == app.probes > 0
         assert level.latency is not None and level.latency.count == len(level.samples_ms)
         assert level.requests_per_s == pytest.approx(level.requests / level.seconds)
     assert [level.concurrency for level in result.levels] == [1, 4]
