@@ -102,9 +102,9 @@ async def test_counts_requests_and_errors_over_loopback() -> None:
         assert level.error_kinds == ({"500": level.errors} if level.errors else {})
         assert len(level.samples_ms) == level.requests - level.errors
         assert level.healthz is not None  # probed on its own connection while the level ran
-    assert sum(level.healthz.count for level in result.levels if level.healthz) == app.probes > 0
         assert level.latency is not None and level.latency.count == len(level.samples_ms)
         assert level.requests_per_s == pytest.approx(level.requests / level.seconds)
+    assert sum(level.healthz.count for level in result.levels if level.healthz) == app.probes > 0
     assert [level.concurrency for level in result.levels] == [1, 4]
     assert result.info == {"query_encoder": {"name": "fake"}}
     # The queries rotate through the built-in list (in order while only one worker sends).
