@@ -71,9 +71,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @contextmanager
 def spawned_service(ready_timeout_s: float = 120.0) -> Iterator[SpawnedService]:
     """`medsearch serve` with this process's environment (so the same MEDSEARCH_* settings), on a
-    free loopback port; stopped (SIGINT, then kill) on exit. Query logging is forced off."""
+    free loopback port; stopped (SIGINT, then kill) on exit. Query logging is forced off, and so is
+    the query-vector cache: the benchmark cycles through a few dozen questions, which a cache would
+    answer without encoding after the first round, measuring the cache instead of the service."""
     port = free_port()
-    env = {**os.environ, "MEDSEARCH_LOG_QUERIES": "false"}
+    env = {**os.environ, "MEDSEARCH_LOG_QUERIES": "false", "MEDSEARCH_QUERY_CACHE_SIZE": "0"}
     command = [sys.executable, "-m", "medsearch.cli", "serve", "--host", HOST, "--port", str(port)]
     with tempfile.TemporaryDirectory(prefix="medsearch-bench-") as tmp:
         log = Path(tmp) / "serve.log"

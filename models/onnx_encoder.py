@@ -27,6 +27,9 @@ def build_session(model_path: Path, threads: int = 0) -> ort.InferenceSession:
         options.intra_op_num_threads = threads
     # One request runs one graph at a time; parallelism across requests comes from the server's threads.
     options.inter_op_num_threads = 1
+    # Worker threads would otherwise spin-wait after each run, burning the cores the event loop, the
+    # store and the other requests need (a 16-token query finishes long before the spin ends).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
 
 

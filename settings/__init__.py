@@ -39,7 +39,12 @@ class Settings(BaseSettings):
     log_queries: bool = Field(default=False, description="Log query text. Patient data: keep off.")
     batch_max_size: int = Field(default=32, ge=1, description="Most queries encoded in one encoder run.")
     batch_max_wait_ms: float = Field(
-        default=2.0, ge=0, description="How long a batch waits for more queries; 0: micro-batching off."
+        default=0.0,
+        ge=0,
+        description=(
+            "How long a batch lingers for more queries once the encoder is free; 0: a batch is what queued "
+            "during the previous run (natural batching). MEDSEARCH_BATCH_MAX_SIZE=1 turns batching off."
+        ),
     )
     queue_max_pending: int = Field(
         default=256, ge=1, description="Queries waiting for the encoder before requests get 429."
