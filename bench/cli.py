@@ -106,6 +106,7 @@ def run_service(args: argparse.Namespace) -> ServiceBench:
                 pid=pid,
                 spawned=spawned,
                 on_level=lambda c: _note(f"service: concurrency {c} for {args.duration:g} s"),
+                compare=(args.compare, args.compare_model, args.compare_prefix) if args.compare else None,
             )
         )
 
@@ -286,6 +287,16 @@ def _service_options(p: argparse.ArgumentParser) -> None:
         "--spawn", action="store_true", help="start `medsearch serve` for the run, stop it after"
     )
     p.add_argument("--pid", type=int, help="service pid for RSS (default: found by the URL's port)")
+    p.add_argument(
+        "--compare",
+        metavar="URL",
+        help="also load another embedding server's POST /embeddings (e.g. infinity-emb) with the same "
+        "queries and levels, and report the throughput ratio (ours searches too, theirs only encodes)",
+    )
+    p.add_argument("--compare-model", default="multilingual-e5-small-onnx-int8", help="model name there")
+    p.add_argument(
+        "--compare-prefix", default="query: ", help="query prompt the other server does not add (e5's)"
+    )
     p.add_argument(
         "--duration", type=_positive_float, default=10.0, help="seconds per concurrency level (default 10)"
     )

@@ -68,6 +68,8 @@ def service_table(service: ServiceBench) -> str:
             f"{' | '.join(cells)} | {_mib(level.max_rss_kib)} | {probe} |"
         )
     lines.append("")
+    if service.compared is not None:
+        lines += [*compared_table(service), ""]
     if service.memory is not None:
         lines.append(
             f"Service pid {service.memory.pid}: peak RSS (VmHWM) {_mib(service.memory.hwm_kib)} MiB, "
@@ -127,6 +129,30 @@ def indexer_table(bench: IndexerBench) -> str:
             f"{row.estimated_gflops:.1f} | {share} |"
         )
     return "\n".join(lines)
+
+
+def compared_table(service: ServiceBench) -> list[str]:
+    other = service.compared
+    assert other is not None
+    lines = [
+        f"Side by side: {other.url} POST /embeddings, model `{other.model}` (encode only, prefix "
+        f"{other.prefix!r}), same queries and levels. Ratio = our /search req/s over theirs.",
+        "",
+        "| concurrency | ours req/s | ours p50 ms | theirs req/s | theirs p50 ms | errors (theirs) | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ours = {level.concurrency: level for level in service.levels}
+    for theirs in other.levels:
+        mine = ours.get(theirs.concurrency)
+        if mine is None:
+            continue
+        ratio = mine.requests_per_s / theirs.requests_per_s if theirs.requests_per_s else float("nan")
+        p50 = [_ms(level.latency.p50_ms) if level.latency else "-" for level in (mine, theirs)]
+        lines.append(
+            f"| {theirs.concurrency} | {mine.requests_per_s:.1f} | {p50[0]} | {theirs.requests_per_s:.1f} "
+            f"| {p50[1]} | {theirs.errors} | {ratio:.2f}x |"
+        )
+    return lines
 
 
 def markdown(report: BenchReport) -> str:

@@ -13,7 +13,7 @@ import ipaddress
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +24,26 @@ from pydantic import BaseModel
 from bench.stats import LatencySummary, summarize
 
 Clock = Callable[[], float]
+# One request of a load level: (client, query text) -> the response.
+Send = Callable[[httpx.AsyncClient, str], Awaitable[httpx.Response]]
 PROBE_INTERVAL_S = 0.05
+
+
+def search_request(top_k: int) -> Send:
+    def send(client: httpx.AsyncClient, query: str) -> Awaitable[httpx.Response]:
+        return client.post("/search", json={"query": query, "top_k": top_k})
+
+    return send
+
+
+def embeddings_request(model: str, prefix: str) -> Send:
+    """OpenAI-style POST /embeddings (infinity, TEI and others); ``prefix`` is the query prompt the
+    other server does not add itself, so both sides encode the same text."""
+
+    def send(client: httpx.AsyncClient, query: str) -> Awaitable[httpx.Response]:
+        return client.post("/embeddings", json={"model": model, "input": [prefix + query]})
+
+    return send
 
 
 class NotLoopback(ValueError):
@@ -53,6 +72,15 @@ class MemoryPeak(BaseModel):
     samples: int
 
 
+class ComparedServer(BaseModel):
+    """Another embedding server measured with the same queries, levels and duration (encode only)."""
+
+    url: str
+    model: str
+    prefix: str
+    levels: list[LoadLevel]
+
+
 class ServiceBench(BaseModel):
     url: str
     spawned: bool
@@ -62,6 +90,7 @@ class ServiceBench(BaseModel):
     memory: MemoryPeak | None
     memory_note: str = ""
     info: dict[str, Any] | None = None
+    compared: ComparedServer | None = None
 
 
 def require_loopback(url: str) -> str:
@@ -155,9 +184,11 @@ async def run_level(
     top_k: int = 10,
     clock: Clock = time.perf_counter,
     probe: httpx.AsyncClient | None = None,
+    send: Send | None = None,
 ) -> LoadLevel:
-    """``concurrency`` workers POST /search in closed loops until ``duration_s`` has passed; with
-    ``probe``, /healthz is timed on that client meanwhile."""
+    """``concurrency`` workers POST /search (or ``send``) in closed loops until ``duration_s`` has
+    passed; with ``probe``, /healthz is timed on that client meanwhile."""
+    request = send or search_request(top_k)
     if concurrency < 1 or duration_s <= 0 or not queries:
         raise ValueError("need concurrency >= 1, a positive duration and at least one query")
     latencies: list[float] = []
@@ -170,7 +201,7 @@ async def run_level(
             query = queries[next(turn) % len(queries)]
             start = clock()
             try:
-                response = await client.post("/search", json={"query": query, "top_k": top_k})
+                response = await request(client, query)
             except httpx.HTTPError as exc:
                 errors[type(exc).__name__] += 1
                 continue
@@ -213,6 +244,32 @@ async def run_level(
     )
 
 
+async def measure_compared(
+    url: str,
+    model: str,
+    prefix: str,
+    queries: Sequence[str],
+    levels: Sequence[int],
+    duration_s: float,
+    timeout_s: float,
+    warmup: int,
+    on_level: Callable[[int], None] | None = None,
+) -> ComparedServer:
+    """The same closed-loop levels against another server's /embeddings (loopback only)."""
+    base = require_loopback(url)
+    send = embeddings_request(model, prefix)
+    limits = httpx.Limits(max_connections=max(levels), max_keepalive_connections=max(levels))
+    async with httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits, trust_env=False) as client:
+        for _ in range(warmup):
+            await send(client, queries[0])
+        results = []
+        for concurrency in levels:
+            if on_level is not None:
+                on_level(concurrency)
+            results.append(await run_level(client, queries, concurrency, duration_s, send=send))
+    return ComparedServer(url=base, model=model, prefix=prefix, levels=results)
+
+
 async def _service_info(client: httpx.AsyncClient) -> dict[str, Any] | None:
     try:
         response = await client.get("/info")
@@ -234,6 +291,7 @@ async def measure_service(
     pid: int | None = None,
     spawned: bool = False,
     on_level: Callable[[int], None] | None = None,
+    compare: tuple[str, str, str] | None = None,
 ) -> ServiceBench:
     """Run every concurrency level against ``url`` (loopback only), sampling ``pid``'s memory, or
     the memory of whichever process listens on the URL's port when ``pid`` is None."""
@@ -274,7 +332,11 @@ async def measure_service(
             if sampler is not None and sampling is not None:
                 sampler.stop.set()
                 await sampling
+    compared = None
+    if compare is not None:
+        compared = await measure_compared(*compare, queries, levels, duration_s, timeout_s, warmup, on_level)
     return ServiceBench(
+        compared=compared,
         url=base,
         spawned=spawned,
         duration_s=duration_s,

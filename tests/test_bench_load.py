@@ -39,6 +39,7 @@ class EveryThirdSearchFails:
     def __init__(self) -> None:
         self.searches = 0
         self.probes = 0
+        self.embedded: list[dict[str, Any]] = []
         self.queries: list[str] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -54,6 +55,8 @@ class EveryThirdSearchFails:
             self.searches += 1
             self.queries.append(json.loads(body)["query"])
             status = 500 if self.searches % 3 == 0 else 200
+        elif scope["path"] == "/embeddings":
+            self.embedded.append(json.loads(body))
         elif scope["path"] == "/healthz":
             self.probes += 1
         elif scope["path"] == "/info":
@@ -161,3 +164,23 @@ def test_memory_readings_come_from_proc() -> None:
     assert 0 < rss <= hwm
     assert read_memory_kib(2**22 + 12345) is None  # above pid_max: no such process
     assert find_pid_by_port(free_port()) is None
+
+
+async def test_compared_server_gets_the_same_levels_on_its_embeddings_endpoint() -> None:
+    from bench.report import compared_table
+
+    ours, theirs = EveryThirdSearchFails(), EveryThirdSearchFails()
+    with loopback_server(ours) as url, loopback_server(theirs) as other:
+        result = await measure_service(
+            url, QUESTIONS, levels=[1, 2], duration_s=0.2, warmup=0, compare=(other, "e5-int8", "query: ")
+        )
+    assert result.compared is not None
+    assert [level.concurrency for level in result.compared.levels] == [1, 2]
+    sent = theirs.embedded
+    assert len(sent) == sum(level.requests for level in result.compared.levels) > 0
+    assert all(body["model"] == "e5-int8" and body["input"][0].startswith("query: ") for body in sent)
+    assert {body["input"][0].removeprefix("query: ") for body in sent} <= set(QUESTIONS)
+    assert theirs.searches == 0
+    table = "\n".join(compared_table(result))
+    ratio = result.levels[0].requests_per_s / result.compared.levels[0].requests_per_s
+    assert f"| {ratio:.2f}x |" in table
