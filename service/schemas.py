@@ -246,7 +246,7 @@ class QueryEncoderInfo(BaseModel):
     )
     quantization: str | None = Field(
         description="How the weights were quantized; None: float.",
-        examples=["int8-dynamic-matmul-per-channel"],
+        examples=["int8-dynamic-matmul-per-channel+embeddings-int8-per-row"],
     )
     dim: int = Field(description="Vector dimension.", examples=[384])
     max_tokens: int = Field(description="Longer queries are truncated to this many tokens.", examples=[512])

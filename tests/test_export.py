@@ -94,7 +94,7 @@ def test_export_of_plain_hf_directory_derives_a_manifest(tiny_bert: Path, tmp_pa
 def test_int8_copy_keeps_space_and_stays_close(tiny_onnx: Path, tmp_path: Path) -> None:
     manifest, cosine = quantize_int8(tiny_onnx, tmp_path / "int8", progress=lambda _m: None)
     assert manifest.space == read_manifest(tiny_onnx).space
-    assert manifest.quantization == "int8-dynamic-matmul-per-channel"
+    assert manifest.quantization == "int8-dynamic-matmul-per-channel+embeddings-int8-per-row"
     assert cosine > 0.95
     verify_manifest(tmp_path / "int8")
 
