@@ -68,6 +68,23 @@ def service_table(service: ServiceBench) -> str:
             f"{' | '.join(cells)} | {_mib(level.max_rss_kib)} | {probe} |"
         )
     lines.append("")
+    timed = [level for level in service.levels if level.breakdown is not None]
+    if timed:
+        lines += [
+            "Where the time goes (means from the service's /metrics over each level):",
+            "",
+            "| concurrency | encoder runs | queries/run | encode ms/run | search ms | in app ms "
+            "| outside app ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for level in timed:
+            b = level.breakdown
+            assert b is not None
+            lines.append(
+                f"| {level.concurrency} | {b.encoder_runs} | {b.mean_batch:.1f} | {_ms(b.encode_ms_per_run)} "
+                f"| {_ms(b.search_ms)} | {_ms(b.server_ms)} | {_ms(b.outside_ms)} |"
+            )
+        lines.append("")
     if service.compared is not None:
         lines += [*compared_table(service), ""]
     if service.memory is not None:

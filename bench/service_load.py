@@ -63,6 +63,7 @@ class LoadLevel(BaseModel):
     # GET /healthz every PROBE_INTERVAL_S on its own connection while the level ran: a probe that
     # waits behind searches (event loop blocked, threads exhausted) shows here.
     healthz: LatencySummary | None = None
+    breakdown: TimeBreakdown | None = None
 
 
 class MemoryPeak(BaseModel):
@@ -70,6 +71,69 @@ class MemoryPeak(BaseModel):
     hwm_kib: int  # VmHWM at the end: the process's peak resident set since it started
     max_sampled_rss_kib: int  # highest VmRSS seen while the levels ran
     samples: int
+
+
+class TimeBreakdown(BaseModel):
+    """Where a level's time went, from the service's own /metrics (sums and counts over the level)."""
+
+    encoder_runs: int
+    mean_batch: float  # queries per encoder run
+    encode_ms_per_run: float  # tokenize + ONNX run of one batch
+    search_ms: float  # one store search (HNSW + payload)
+    server_ms: float  # a /search inside the app (middleware to response)
+    outside_ms: float  # client-measured mean minus server_ms: HTTP, uvicorn, the load generator
+
+
+# (metric family, sample suffix, label filter) -> value, read from the exposition text.
+Totals = dict[str, float]
+
+
+def read_totals(text: str) -> Totals:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: Totals = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.endswith(("_sum", "_count")):
+                continue
+            route = sample.labels.get("route")
+            if route is not None and (not route.endswith("/search") or sample.labels.get("status") != "200"):
+                continue
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def breakdown(before: Totals, after: Totals, client_mean_ms: float) -> TimeBreakdown | None:
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    runs = delta("medsearch_encode_duration_seconds_count")
+    searches = delta("medsearch_search_duration_seconds_count")
+    requests = delta("medsearch_http_request_duration_seconds_count")
+    if runs <= 0 or searches <= 0 or requests <= 0:
+        return None
+    server_ms = delta("medsearch_http_request_duration_seconds_sum") / requests * 1000
+    return TimeBreakdown(
+        encoder_runs=int(runs),
+        mean_batch=delta("medsearch_encode_batch_size_sum") / runs,
+        encode_ms_per_run=delta("medsearch_encode_duration_seconds_sum") / runs * 1000,
+        search_ms=delta("medsearch_search_duration_seconds_sum") / searches * 1000,
+        server_ms=server_ms,
+        outside_ms=client_mean_ms - server_ms,
+    )
+
+
+async def _totals(client: httpx.AsyncClient) -> Totals | None:
+    try:
+        response = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None  # e.g. /metrics behind an admin key: the breakdown is left out
+    try:
+        return read_totals(response.text)
+    except ValueError:
+        return None  # not a Prometheus exposition
 
 
 class ComparedServer(BaseModel):
@@ -323,7 +387,11 @@ async def measure_service(
                     on_level(concurrency)
                 if sampler is not None:
                     sampler.level_max_rss_kib = 0
+                before = await _totals(probe)
                 level = await run_level(client, queries, concurrency, duration_s, top_k, probe=probe)
+                after = await _totals(probe)
+                if before is not None and after is not None and level.latency is not None:
+                    level.breakdown = breakdown(before, after, level.latency.mean_ms)
                 if sampler is not None:
                     sampler.sample()
                     level.max_rss_kib = sampler.level_max_rss_kib

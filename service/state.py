@@ -269,7 +269,7 @@ def _initial_spec(
 def _load_encoder(settings: Settings) -> Encoder:
     model_dir = settings.models_path / settings.query_model
     try:
-        return load_encoder(model_dir, threads=settings.threads)
+        return load_encoder(model_dir, threads=settings.query_threads)
     except ManifestError as exc:
         raise StartupError(f"{exc}; rebuild it with {BUILD_MODELS}") from exc
     except Exception as exc:

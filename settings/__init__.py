@@ -34,10 +34,24 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    threads: int = Field(default=0, ge=0, description="Encoder intra-op threads; 0 = runtime default.")
+    threads: int = Field(
+        default=0, ge=0, description="Encoder threads of batch jobs (index, eval); 0 = runtime default."
+    )
+    query_threads: int = Field(
+        default=1,
+        ge=0,
+        description=(
+            "Query encoder threads in the service. 1 leaves the other cores to HTTP, the store and the "
+            "next batch (batching supplies the parallelism); 0 = runtime default (all cores)."
+        ),
+    )
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
     log_queries: bool = Field(default=False, description="Log query text. Patient data: keep off.")
-    batch_max_size: int = Field(default=32, ge=1, description="Most queries encoded in one encoder run.")
+    batch_max_size: int = Field(
+        default=16,
+        ge=1,
+        description="Most queries in one encoder run (smaller runs shorten the wait of a late arrival).",
+    )
     batch_max_wait_ms: float = Field(
         default=0.0,
         ge=0,

@@ -184,3 +184,42 @@ async def test_compared_server_gets_the_same_levels_on_its_embeddings_endpoint()
     table = "\n".join(compared_table(result))
     ratio = result.levels[0].requests_per_s / result.compared.levels[0].requests_per_s
     assert f"| {ratio:.2f}x |" in table
+
+
+def test_breakdown_reads_the_level_from_metrics_deltas() -> None:
+    from bench.service_load import breakdown, read_totals
+
+    def exposition(
+        runs: int, batch: int, encode_s: float, searches: int, search_s: float, req_s: float
+    ) -> str:
+        search = '{route="/v1/search",status="200"}'
+        return "\n".join(
+            [
+                "# TYPE medsearch_encode_duration_seconds histogram",
+                f"medsearch_encode_duration_seconds_count {runs}",
+                f"medsearch_encode_duration_seconds_sum {encode_s}",
+                "# TYPE medsearch_encode_batch_size histogram",
+                f"medsearch_encode_batch_size_count {runs}",
+                f"medsearch_encode_batch_size_sum {batch}",
+                "# TYPE medsearch_search_duration_seconds histogram",
+                f"medsearch_search_duration_seconds_count {searches}",
+                f"medsearch_search_duration_seconds_sum {search_s}",
+                "# TYPE medsearch_http_request_duration_seconds histogram",
+                f"medsearch_http_request_duration_seconds_count{search} {searches}",
+                f"medsearch_http_request_duration_seconds_sum{search} {req_s}",
+                'medsearch_http_request_duration_seconds_count{route="/healthz",status="200"} 99',
+                'medsearch_http_request_duration_seconds_sum{route="/healthz",status="200"} 99.0',
+                "",
+            ]
+        )
+
+    before = read_totals(exposition(2, 2, 0.02, 2, 0.002, 0.04))
+    after = read_totals(exposition(12, 42, 0.52, 42, 0.042, 0.84))
+    b = breakdown(before, after, client_mean_ms=25.0)
+    assert b is not None
+    assert (b.encoder_runs, b.mean_batch) == (10, 4.0)
+    assert b.encode_ms_per_run == pytest.approx(50.0)
+    assert b.search_ms == pytest.approx(1.0)
+    assert b.server_ms == pytest.approx(20.0)  # /healthz is not counted
+    assert b.outside_ms == pytest.approx(5.0)
+    assert breakdown(after, after, 25.0) is None
