@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import RouteTemplates, ServiceMetrics
 from service.routes import health, search
-from service.state import ServingState, load_state
+from service.state import ServingState, StartupError, load_state
 from settings import Settings
 
 logger = logging.getLogger("medsearch.service")
@@ -44,6 +45,31 @@ _NO_TELEMETRY: dict[str, Any] = (
 )
 
 
+async def watch_collection(state: ServingState, interval_s: float) -> None:
+    """Re-read the served collection's spec every ``interval_s`` (0: never).
+
+    This is the hot reload: when the name the service searches is an alias and a reindex moves it
+    to a new collection, searches follow at once (the store resolves the alias per request) and this
+    picks up the new collection's spec within one interval, refusing it (503) if it is in another
+    space. Requests in flight keep the spec they started with; none is dropped.
+    """
+    if interval_s <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval_s)
+        before = state.spec
+        await anyio.to_thread.run_sync(state.refresh)
+        if state.spec is not None and before is not None and state.spec != before:
+            logger.info(
+                "collection %r changed: documents of %r (%s) now; were %r (%s)",
+                state.collection,
+                state.spec.encoder,
+                state.spec.encoder_fingerprint[:12],
+                before.encoder,
+                before.encoder_fingerprint[:12],
+            )
+
+
 def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI:
     """Build the app. Without ``state`` the lifespan loads it from ``settings`` (and closes it on
     shutdown); a given ``state`` belongs to the caller. Either way one encode warms the encoder
@@ -59,7 +85,13 @@ def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        serving = state if state is not None else await anyio.to_thread.run_sync(load_state, settings)
+        try:
+            serving = state if state is not None else await anyio.to_thread.run_sync(load_state, settings)
+        except StartupError as exc:
+            # The same one line as `medsearch serve` prints, for servers that start the app themselves
+            # (uvicorn --factory, gunicorn): the traceback they add after it is theirs.
+            logger.error("cannot start: %s", exc)
+            raise
         batcher = EncodeBatcher(
             serving.encoder,
             metrics,
@@ -73,7 +105,11 @@ def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI
             app.state.serving = serving
             app.state.batcher = batcher
             batcher.start()
-            yield
+            watcher = asyncio.create_task(watch_collection(serving, settings.spec_refresh_s))
+            try:
+                yield
+            finally:
+                watcher.cancel()
         finally:
             await batcher.stop()  # queued queries are answered before the store closes
             if state is None:

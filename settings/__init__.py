@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     qdrant_api_key: SecretStr | None = None
     qdrant_path: Path | None = Field(default=None, description="Embedded store data; default HOME/qdrant.")
     qdrant_timeout_s: float = 5.0
+    spec_refresh_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds between re-reads of the collection's spec (alias switches); 0: never.",
+    )
     store_concurrency: int = Field(
         default=8, ge=1, description="Searches in flight to the store; a hanging store holds no more threads."
     )

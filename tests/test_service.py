@@ -32,6 +32,7 @@ from settings import Settings
 from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, VectorStore
 from store.factory import open_store
 from store.filters import FilterLike
+from store.server import ServerStore
 from store.sparse import Bm25Encoder, SparseVector, measure_spec
 
 OPENAPI_SNAPSHOT = Path(__file__).with_name("openapi.json")
@@ -157,23 +158,24 @@ def build_collection(store: VectorStore, encoder: HashEncoder, spec: CollectionS
     """Index DOCS with vectors of their text, so a query equal to a text finds that document first."""
     spec = spec or doc_spec()
     store.create_collection(COLLECTION, spec)
-    vectors = encoder.encode(DOCUMENT_TEXTS)
+    store.upsert(COLLECTION, _points(spec, encoder))
+
+
+def _points(spec: CollectionSpec, encoder: HashEncoder | None = None) -> list[DocumentPoint]:
+    vectors = (encoder or HashEncoder(spec.space, spec.dim)).encode(DOCUMENT_TEXTS)
     bm25 = Bm25Encoder(spec.sparse) if spec.sparse is not None else None
-    store.upsert(
-        COLLECTION,
-        [
-            DocumentPoint(
-                doc_id=doc_id,
-                vector=vector.tolist(),
-                title=title,
-                text=text,
-                metadata={"department": department},
-                content_hash=hashlib.sha256(text.encode()).hexdigest(),
-                sparse=bm25.document(text) if bm25 is not None else None,
-            )
-            for (doc_id, (title, text, department)), vector in zip(DOCS.items(), vectors, strict=True)
-        ],
-    )
+    return [
+        DocumentPoint(
+            doc_id=doc_id,
+            vector=vector.tolist(),
+            title=title,
+            text=text,
+            metadata={"department": department},
+            content_hash=hashlib.sha256(text.encode()).hexdigest(),
+            sparse=bm25.document(text) if bm25 is not None else None,
+        )
+        for (doc_id, (title, text, department)), vector in zip(DOCS.items(), vectors, strict=True)
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -1142,3 +1144,75 @@ def test_openapi_describes_every_field_with_examples_in_chinese_and_english() ->
             if prose and not bilingual and prop.get("x-language") != "en":
                 missing.append(f"{where}: needs a Chinese and an English example")
     assert missing == []
+
+
+# --- hot reload -----------------------------------------------------------------------------------
+
+
+def _alias(store: ServerStore, alias: str, collection: str) -> None:
+    from qdrant_client import models
+
+    store._client.update_collection_aliases(  # the reindex job's switch, as a Qdrant server does it
+        change_aliases_operations=[
+            models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)
+            )
+        ]
+    )
+
+
+async def test_alias_switch_is_picked_up_without_dropping_requests(settings: Settings) -> None:
+    server = ServerStore(":memory:")
+    blue, green = "medsearch-v1", "medsearch-v2"
+    for name, fingerprint in ((blue, "b" * 64), (green, "c" * 64)):
+        spec = doc_spec().model_copy(update={"encoder_fingerprint": fingerprint})
+        server.create_collection(name, spec)
+        server.upsert(name, [p.model_copy(update={"doc_id": f"{name}:{p.doc_id}"}) for p in _points(spec)])
+    _alias(server, COLLECTION, blue)
+    state = ServingState(settings=settings, encoder=HashEncoder(), store=server)
+    fast = settings.model_copy(update={"spec_refresh_s": 0.05})
+    statuses: list[int] = []
+    async with running(create_app(fast, state)) as client:
+
+        async def search() -> str:
+            response = await client.post("/search", json={"query": QUERY, "top_k": 1})
+            statuses.append(response.status_code)
+            return str(response.json()["hits"][0]["id"]) if response.status_code == 200 else ""
+
+        assert (await search()).startswith(blue)
+        _alias(server, COLLECTION, green)
+        seen = [await search() for _ in range(20)]
+        await asyncio.sleep(0.2)
+        info = (await client.get("/info")).json()
+        assert info["collection"]["spec"]["encoder_fingerprint"] == "c" * 64
+        assert seen[-1].startswith(green)
+    assert statuses == [200] * len(statuses)
+
+
+async def test_alias_moved_to_another_space_stops_serving(settings: Settings) -> None:
+    server = ServerStore(":memory:")
+    server.create_collection("same", doc_spec())
+    server.upsert("same", _points(doc_spec()))
+    other = doc_spec(space="other-space")
+    server.create_collection("other", other)
+    _alias(server, COLLECTION, "same")
+    state = ServingState(settings=settings, encoder=HashEncoder(), store=server)
+    fast = settings.model_copy(update={"spec_refresh_s": 0.05})
+    async with running(create_app(fast, state)) as client:
+        assert (await client.post("/search", json={"query": QUERY})).status_code == 200
+        _alias(server, COLLECTION, "other")
+        await asyncio.sleep(0.3)
+        refused = await client.post("/search", json={"query": QUERY})
+        assert refused.status_code == 503 and "'other-space'" in refused.json()["message"]
+
+
+async def test_lifespan_start_up_failure_is_the_same_one_line_as_serve(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(settings)  # no models built in this home
+    with pytest.raises(StartupError) as info, caplog.at_level(logging.ERROR, logger="medsearch.service"):
+        async with app.router.lifespan_context(app):
+            pass
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "medsearch.service"]
+    assert [r.getMessage() for r in errors] == [f"cannot start: {info.value}"]
+    assert "medsearch models build" in str(info.value)
