@@ -20,6 +20,7 @@ It applies three small runtime patches before handing over to infinity's own CLI
    onnxruntime SessionOptions threads (infinity itself passes no session options, so ORT
    defaults apply: intra_op = #physical cores, inter_op sequential).
 """
+
 import os
 import sys
 from pathlib import Path
@@ -29,9 +30,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
 
-import numpy as np  # noqa: E402
-import infinity_emb.transformer.embedder.optimum as inf_opt  # noqa: E402
-from infinity_emb.log_handler import logger  # noqa: E402
+import infinity_emb.transformer.embedder.optimum as inf_opt
+from infinity_emb.log_handler import logger
 
 # --- patch 1: relative onnx file name for local model dirs --------------------------
 _orig_get_onnx_files = inf_opt.get_onnx_files
@@ -82,7 +82,7 @@ def _init(self, *, engine_args):
     if self._prepooled:
         self._ort_inputs = set(self.model.input_names)
         self.pooling = lambda emb, _mask: emb  # graph already mean-pools
-        logger.info(f"[patch] ONNX outputs {outs}: using pre-pooled 'embedding', inputs {sorted(self._ort_inputs)}")
+        logger.info(f"[patch] ONNX outputs {outs}: pre-pooled 'embedding', inputs {sorted(self._ort_inputs)}")
 
 
 def _encode_core(self, onnx_input):
