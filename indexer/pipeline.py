@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from indexer.reader import Document, Rejected, count_lines, read_documents
@@ -19,6 +20,8 @@ from models.encoder import Encoder
 from store.base import CollectionSpec, DocumentPoint, StoreError, VectorStore
 from store.filters import parse_date
 from store.sparse import Bm25Encoder, Bm25Spec, measure_spec
+
+REJECTED_SAMPLES = 20
 
 
 class IndexingError(RuntimeError):
@@ -29,18 +32,26 @@ class IndexingError(RuntimeError):
 class IndexSummary:
     indexed: int = 0
     skipped: int = 0
+    # The first REJECTED_SAMPLES rejected lines (without their text) and the count of all: the rest
+    # are in the rejects file, so memory does not grow with a bad input.
     rejected: list[Rejected] = field(default_factory=list)
+    rejected_count: int = 0
     failed: list[str] = field(default_factory=list)  # doc ids whose batch the store refused
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.rejected and not self.failed
+        return not self.rejected_count and not self.failed
+
+    def reject(self, item: Rejected) -> None:
+        self.rejected_count += 1
+        if len(self.rejected) < REJECTED_SAMPLES:
+            self.rejected.append(replace(item, raw=""))
 
     def describe(self) -> str:
         rate = self.indexed / self.seconds if self.seconds > 0 else 0.0
         return (
-            f"indexed {self.indexed}, skipped {self.skipped} (unchanged), rejected {len(self.rejected)}, "
+            f"indexed {self.indexed}, skipped {self.skipped} (unchanged), rejected {self.rejected_count}, "
             f"failed {len(self.failed)} in {self.seconds:.1f} s ({rate:.1f} docs/s)"
         )
 
@@ -177,24 +188,59 @@ def _upsert_with_retry(
 
 
 class _RejectLog:
-    """Where rejected lines and failed documents go, so nothing is lost: one JSON object per line."""
+    """Where rejected lines and failed documents go, so nothing is lost: one JSON object per line.
 
-    def __init__(self, path: Path | None) -> None:
-        self._fh = path.open("w", encoding="utf-8") if path else None
+    The file holds patient text: it is created readable by its owner only, and every record is on
+    disk before the run goes on (a killed run keeps what it rejected). It is never one of the inputs.
+    """
+
+    def __init__(self, path: Path | None, inputs: Sequence[Path]) -> None:
+        self._fh = None
+        if path is None:
+            return
+        for source in inputs:
+            if path.exists() and source.exists() and path.samefile(source):
+                raise IndexingError(f"--rejects {path} is one of the inputs; writing it would empty {source}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+        except OSError as exc:
+            raise IndexingError(f"cannot write the rejects file {path}: {exc}") from exc
+        self._fh = os.fdopen(fd, "w", encoding="utf-8")
 
     def write(self, source: str, reason: str, **extra: str) -> None:
         if self._fh:
             record = {"source": source, "reason": reason, **extra}
             self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
 
     def close(self) -> None:
         if self._fh:
             self._fh.close()
 
 
+class _SeenIds:
+    """Ids met so far in this run, each with one int for where (file number and line): the ids are
+    the unavoidable cost of finding duplicates, a "path:line" string per id is not."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self._paths = list(paths)
+        self._where: dict[str, int] = {}
+
+    def add(self, doc: Document) -> None:
+        self._where[doc.doc_id] = self._paths.index(doc.path) << 32 | doc.line
+
+    def first(self, doc_id: str) -> str | None:
+        where = self._where.get(doc_id)
+        if where is None:
+            return None
+        return f"{self._paths[where >> 32]}:{where & 0xFFFFFFFF}"
+
+
 def _accept(
     chunk: list[Document | Rejected],
-    seen: dict[str, str],
+    seen: _SeenIds,
     fields: FilterFields,
     summary: IndexSummary,
     log: _RejectLog,
@@ -202,16 +248,16 @@ def _accept(
     """The chunk's valid documents; rejected lines and repeated ids are recorded, not indexed."""
     docs: list[Document] = []
     for item in chunk:
-        if isinstance(item, Document) and item.doc_id in seen:
-            reason = f"duplicate id {item.doc_id!r} (first at {seen[item.doc_id]})"
+        if isinstance(item, Document) and (first := seen.first(item.doc_id)) is not None:
+            reason = f"duplicate id {item.doc_id!r} (first at {first})"
             item = Rejected(item.path, item.line, reason, "")
         elif isinstance(item, Document) and (problem := fields.problem(item.metadata)) is not None:
             item = Rejected(item.path, item.line, problem, "")
         if isinstance(item, Rejected):
-            summary.rejected.append(item)
+            summary.reject(item)
             log.write(f"{item.path}:{item.line}", item.reason, line=item.raw)
             continue
-        seen[item.doc_id] = item.source
+        seen.add(item)
         docs.append(item)
     return docs
 
@@ -253,9 +299,9 @@ def index_files(
     bm25 = Bm25Encoder(spec.sparse) if spec.sparse is not None else None
     fingerprint = encoder.manifest.fingerprint
     summary = IndexSummary()
-    seen: dict[str, str] = {}
+    seen = _SeenIds(paths)
     started = time.perf_counter()
-    log = _RejectLog(rejects_path)
+    log = _RejectLog(rejects_path, paths)
     done = 0
     try:
         for path in paths:

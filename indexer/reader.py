@@ -45,11 +45,15 @@ def parse_line(raw: str, path: Path, line: int) -> Document | Rejected:
     if not isinstance(obj, dict):
         return Rejected(path, line, f"expected a JSON object, got {type(obj).__name__}", raw)
     doc_id = obj.get("_id", obj.get("id"))
-    if isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
-        return Rejected(path, line, "field 'id' (or '_id') is missing or not a string", raw)
-    doc_id = str(doc_id).strip()
+    # Ids are taken exactly as written: turning 1 into "1" or " 1" into "1" would make different
+    # documents (in this file or across runs) overwrite one another without a word.
+    if not isinstance(doc_id, str):
+        found = "nothing" if doc_id is None else f"{type(doc_id).__name__} {json.dumps(doc_id)}"
+        return Rejected(path, line, f"field 'id' (or '_id') must be a string, got {found}", raw)
     if not doc_id:
         return Rejected(path, line, "field 'id' is empty", raw)
+    if doc_id != doc_id.strip():
+        return Rejected(path, line, f"field 'id' {doc_id!r} has leading or trailing whitespace", raw)
     text = obj.get("text")
     if not isinstance(text, str) or not text.strip():
         return Rejected(path, line, "field 'text' is missing, empty or not a string", raw)

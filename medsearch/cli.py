@@ -138,6 +138,7 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_models_export(args: argparse.Namespace, settings: Settings) -> int:
     from models.export import ExportParityError, export_query_encoder, quantize_int8
+    from models.manifest import ManifestError
 
     out = Path(args.out) if args.out else settings.models_path / f"{Path(args.src).name}-onnx"
     try:
@@ -148,7 +149,7 @@ def cmd_models_export(args: argparse.Namespace, settings: Settings) -> int:
         if args.int8:
             q, cosine = quantize_int8(out, out.with_name(out.name + "-int8"))
             print(f"quantized {q.name} (min cosine vs fp32 {cosine:.4f})")
-    except (ExportParityError, OSError, ValueError) as exc:
+    except (ExportParityError, ManifestError, OSError, ValueError) as exc:
         return fail(str(exc))
     return 0
 
@@ -216,7 +217,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
         )
     if not summary.ok:
         where = f"; all listed in {rejects}" if rejects else "; rerun with --rejects FILE to keep them"
-        print(f"{len(summary.rejected)} lines rejected{where}", file=sys.stderr)
+        print(f"{summary.rejected_count} lines rejected{where}", file=sys.stderr)
         return 1
     return 0
 

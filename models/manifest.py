@@ -132,7 +132,16 @@ def verify_manifest(model_dir: Path) -> ModelManifest:
 
 
 def replace_model_dir(built: Path, target: Path) -> None:
-    """Swap a finished build into place so readers never see a half-written model directory."""
+    """Swap a finished build into place so readers never see a half-written model directory.
+
+    Only a model directory (one with a manifest) is replaced: ``--out var/models`` or any other
+    directory of someone's files is refused, never deleted.
+    """
+    if target.exists() and not (target / MANIFEST_FILE).is_file():
+        raise ManifestError(
+            f"refusing to replace {target}: it exists and is not a model directory (no {MANIFEST_FILE}); "
+            "choose a new output directory"
+        )
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -128,3 +128,17 @@ def test_pairing_is_symmetric_only_for_the_exported_document_encoder(
     other = spec.model_copy(update={"encoder_fingerprint": "0" * 64})
     assert pairing(read_manifest(tiny_onnx), other) == "asymmetric"
     assert pairing(read_manifest(tiny_onnx), None) == "unknown"
+
+
+def test_replacing_a_directory_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
+    from models.manifest import ManifestError, replace_model_dir
+
+    models = tmp_path / "models"
+    (models / "other-model").mkdir(parents=True)
+    (models / "other-model" / "weights.bin").write_bytes(b"precious")
+    built = tmp_path / "built"
+    built.mkdir()
+    with pytest.raises(ManifestError, match="not a model directory"):
+        replace_model_dir(built, models)  # e.g. `medsearch models export --out var/models`
+    assert (models / "other-model" / "weights.bin").read_bytes() == b"precious"
+    assert built.is_dir()

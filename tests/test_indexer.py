@@ -233,3 +233,53 @@ def test_sparse_bm25_index_serves_hybrid_search(tmp_path: Path, encoder, store: 
     index_files([corpus], encoder, store, "dense-only")
     with pytest.raises(IndexingError, match="with BM25 vectors"):
         index_files([corpus], encoder, store, "dense-only", sparse=True)
+
+
+def test_ids_are_taken_exactly_as_written(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "ids.jsonl",
+        [
+            {"id": "1", "text": "a"},
+            {"id": 1, "text": "b"},
+            {"id": " 1", "text": "c"},
+            {"_id": "1 ", "text": "d"},
+            {"id": True, "text": "e"},
+        ],
+    )
+    items = list(read_documents(path))
+    assert isinstance(items[0], Document) and items[0].doc_id == "1"
+    reasons = [i.reason for i in items[1:] if isinstance(i, Rejected)]
+    assert len(reasons) == 4
+    assert "must be a string, got int 1" in reasons[0]
+    assert "whitespace" in reasons[1] and "whitespace" in reasons[2]
+    assert "got bool true" in reasons[3]
+
+
+def test_rejects_file_is_private_durable_and_never_an_input(
+    tmp_path: Path, encoder, store: VectorStore
+) -> None:
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [GOOD[0], "{broken", *(f"[{i}]" for i in range(24))])
+    before = corpus.read_bytes()
+    with pytest.raises(IndexingError, match="one of the inputs"):
+        index_files([corpus], encoder, store, "c", rejects_path=tmp_path / "." / "corpus.jsonl")
+    assert corpus.read_bytes() == before  # not emptied
+    rejects = tmp_path / "rejects.jsonl"
+    rejects.write_text("stale\n")
+    rejects.chmod(0o644)
+    summary = index_files([corpus], encoder, store, "c", rejects_path=rejects)
+    assert (rejects.stat().st_mode & 0o777) == 0o600
+    lines = rejects.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 25 and "stale" not in lines
+    # Memory stays flat with a bad input: 20 samples without their text, the count of all.
+    assert summary.rejected_count == 25 and len(summary.rejected) == 20
+    assert all(r.raw == "" for r in summary.rejected)
+    assert not summary.ok
+
+
+def test_duplicate_ids_name_the_first_file_and_line(tmp_path: Path, encoder, store: VectorStore) -> None:
+    first = write_jsonl(tmp_path / "a.jsonl", [GOOD[1], GOOD[0]])
+    second = write_jsonl(tmp_path / "b.jsonl", [GOOD[0]])
+    summary = index_files([first, second], encoder, store, "c")
+    (duplicate,) = summary.rejected
+    assert (duplicate.path, duplicate.line) == (second, 1)
+    assert duplicate.reason == f"duplicate id 'd1' (first at {first}:2)"
