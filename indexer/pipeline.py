@@ -14,14 +14,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
 
 from indexer.reader import Document, Rejected, count_lines, read_documents
 from models.encoder import Encoder
-from store.base import CollectionSpec, DocumentPoint, StoreError, VectorStore
+from store.base import CollectionSpec, DocumentPoint, StoreError, StoreUnavailable, VectorStore
 from store.filters import parse_date
 from store.sparse import Bm25Encoder, Bm25Spec, measure_spec
 
 REJECTED_SAMPLES = 20
+T = TypeVar("T")
 
 
 class IndexingError(RuntimeError):
@@ -156,8 +160,9 @@ def prepare_collection(
             f"collection {collection!r} holds vectors of {_describe(existing)}; this run would write "
             f"{_describe(spec)}. Index into a new collection (MEDSEARCH_COLLECTION) instead."
         )
-    if existing is None:
-        store.create_collection(collection, spec)
+    # Also for an existing collection: creating is idempotent and completes one whose creation was
+    # interrupted (a server collection without its payload indexes).
+    store.create_collection(collection, spec)
     return spec
 
 
@@ -172,19 +177,46 @@ def _batches(items: Iterable[Document | Rejected], size: int) -> Iterator[list[D
         yield batch
 
 
-def _upsert_with_retry(
-    store: VectorStore, collection: str, points: list[DocumentPoint], attempts: int, backoff_s: float
-) -> str | None:
-    """Upsert; return None on success or the last error message after ``attempts`` tries."""
-    for attempt in range(1, attempts + 1):
-        try:
-            store.upsert(collection, points)
-            return None
-        except StoreError as exc:
-            if attempt == attempts:
-                return f"{type(exc).__name__}: {exc}"
-            time.sleep(backoff_s * 2 ** (attempt - 1))
-    return None
+@dataclass(frozen=True)
+class Retry:
+    """Store calls are retried when the store was unreachable (StoreUnavailable), with exponential
+    back-off; a refusal (any other StoreError) would fail the same way again and is not retried."""
+
+    attempts: int = 3
+    backoff_s: float = 0.5
+
+    def __call__(self, call: Callable[[], T]) -> T:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return call()
+            except StoreUnavailable:
+                if attempt == self.attempts:
+                    raise
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+
+def _encode_isolating(encoder: Encoder, texts: list[str], batch_size: int) -> list[np.ndarray | str]:
+    """A vector per text, or why that text could not be encoded.
+
+    A batch the encoder refuses is encoded again one text at a time, so one bad document fails
+    alone instead of taking its batch with it on every rerun; a non-finite vector is a failure of
+    its own document.
+    """
+    results: list[np.ndarray | str]
+    try:
+        results = list(encoder.encode(texts, batch_size=batch_size))
+    except Exception:  # which document broke the batch is found one by one
+        results = []
+        for text in texts:
+            try:
+                results.append(encoder.encode([text], batch_size=1)[0])
+            except Exception as exc:
+                results.append(f"encoder error: {type(exc).__name__}: {str(exc)[:200]}")
+    return [
+        v if isinstance(v, str) or np.all(np.isfinite(v)) else "encoder produced NaN or infinity"
+        for v in results
+    ]
 
 
 class _RejectLog:
@@ -262,6 +294,68 @@ def _accept(
     return docs
 
 
+@dataclass
+class _ChunkWriter:
+    """Documents -> unchanged ones skipped -> encoded -> upserted, each failure isolated to the
+    documents it concerns and reported (summary.failed and the rejects file), never dropped."""
+
+    encoder: Encoder
+    store: VectorStore
+    collection: str
+    bm25: Bm25Encoder | None
+    batch_size: int
+    retry: Retry
+    summary: IndexSummary
+    log: _RejectLog
+
+    def fail(self, docs: Sequence[Document], reason: str) -> None:
+        self.summary.failed.extend(d.doc_id for d in docs)
+        for d in docs:
+            self.log.write(d.source, reason, id=d.doc_id)
+
+    def write(self, docs: list[Document]) -> None:
+        if not docs:
+            return
+        fingerprint = self.encoder.manifest.fingerprint
+        hashes = {d.doc_id: content_hash(d, fingerprint) for d in docs}
+        try:
+            stored = self.retry(lambda: self.store.content_hashes(self.collection, list(hashes)))
+        except StoreError as exc:
+            self.fail(docs, f"{type(exc).__name__}: {exc}")
+            return
+        todo = [d for d in docs if stored.get(d.doc_id) != hashes[d.doc_id]]
+        self.summary.skipped += len(docs) - len(todo)
+        if not todo:
+            return
+        encoded = _encode_isolating(self.encoder, [document_text(d) for d in todo], self.batch_size)
+        written: list[Document] = []
+        points: list[DocumentPoint] = []
+        for d, vector in zip(todo, encoded, strict=True):
+            if isinstance(vector, str):
+                self.fail([d], vector)
+                continue
+            written.append(d)
+            points.append(
+                DocumentPoint(
+                    doc_id=d.doc_id,
+                    vector=vector.tolist(),
+                    title=d.title,
+                    text=d.text,
+                    metadata=d.metadata,
+                    content_hash=hashes[d.doc_id],
+                    sparse=self.bm25.document(document_text(d)) if self.bm25 is not None else None,
+                )
+            )
+        if not points:
+            return
+        try:
+            self.retry(lambda: self.store.upsert(self.collection, points))
+        except StoreError as exc:
+            self.fail(written, f"{type(exc).__name__}: {exc}")
+        else:
+            self.summary.indexed += len(points)
+
+
 def index_files(
     paths: Sequence[Path],
     encoder: Encoder,
@@ -273,8 +367,7 @@ def index_files(
     chunk_size: int = 64,
     batch_size: int = 16,
     rejects_path: Path | None = None,
-    upsert_attempts: int = 3,
-    backoff_s: float = 0.5,
+    retry: Retry = Retry(),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> IndexSummary:
     """Index every document of ``paths``. ``on_progress(done_lines, indexed)`` is called per chunk.
@@ -297,42 +390,18 @@ def index_files(
     )
     declared = FilterFields.of(spec)
     bm25 = Bm25Encoder(spec.sparse) if spec.sparse is not None else None
-    fingerprint = encoder.manifest.fingerprint
     summary = IndexSummary()
     seen = _SeenIds(paths)
     started = time.perf_counter()
     log = _RejectLog(rejects_path, paths)
+    writer = _ChunkWriter(encoder, store, collection, bm25, batch_size, retry, summary, log)
     done = 0
     try:
         for path in paths:
             for chunk in _batches(read_documents(path), chunk_size):
                 done += len(chunk)
                 docs = _accept(chunk, seen, declared, summary, log)
-                hashes = {d.doc_id: content_hash(d, fingerprint) for d in docs}
-                stored = store.content_hashes(collection, list(hashes)) if docs else {}
-                todo = [d for d in docs if stored.get(d.doc_id) != hashes[d.doc_id]]
-                summary.skipped += len(docs) - len(todo)
-                if todo:
-                    vectors = encoder.encode([document_text(d) for d in todo], batch_size=batch_size)
-                    points = [
-                        DocumentPoint(
-                            doc_id=d.doc_id,
-                            vector=v.tolist(),
-                            title=d.title,
-                            text=d.text,
-                            metadata=d.metadata,
-                            content_hash=hashes[d.doc_id],
-                            sparse=bm25.document(document_text(d)) if bm25 is not None else None,
-                        )
-                        for d, v in zip(todo, vectors, strict=True)
-                    ]
-                    error = _upsert_with_retry(store, collection, points, upsert_attempts, backoff_s)
-                    if error is None:
-                        summary.indexed += len(points)
-                    else:
-                        summary.failed.extend(d.doc_id for d in todo)
-                        for d in todo:
-                            log.write(d.source, error, id=d.doc_id)
+                writer.write(docs)
                 if on_progress:
                     on_progress(done, summary.indexed)
         if summary.indexed:

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.pipeline import FilterFields, IndexingError, index_files
+from indexer.pipeline import FilterFields, IndexingError, Retry, index_files
 from indexer.reader import Document, Rejected, read_documents
 from models.encoder import load_encoder
-from store.base import DocumentPoint, StoreUnavailable, VectorStore
+from store.base import DocumentPoint, StoreError, StoreUnavailable, VectorStore
 from store.factory import open_store
 from store.filters import Condition, Filter, Range
 from store.sparse import Bm25Encoder
@@ -126,7 +126,7 @@ class FlakyStore:
 def test_a_failed_batch_is_retried(tmp_path: Path, encoder, store: VectorStore) -> None:
     corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
     flaky = FlakyStore(store, failures=2)
-    summary = index_files([corpus], encoder, flaky, "c", upsert_attempts=3, backoff_s=0)  # type: ignore[arg-type]
+    summary = index_files([corpus], encoder, flaky, "c", retry=Retry(3, 0))  # type: ignore[arg-type]
     assert summary.ok and summary.indexed == 3
 
 
@@ -141,8 +141,7 @@ def test_a_batch_that_keeps_failing_is_reported_not_dropped(
         encoder,
         flaky,
         "c",
-        upsert_attempts=2,
-        backoff_s=0,  # type: ignore[arg-type]
+        retry=Retry(2, 0),  # type: ignore[arg-type]
         rejects_path=rejects,
     )
     assert not summary.ok and sorted(summary.failed) == ["d1", "d2", "d3"]
@@ -283,3 +282,84 @@ def test_duplicate_ids_name_the_first_file_and_line(tmp_path: Path, encoder, sto
     (duplicate,) = summary.rejected
     assert (duplicate.path, duplicate.line) == (second, 1)
     assert duplicate.reason == f"duplicate id 'd1' (first at {first}:2)"
+
+
+class PoisonedEncoder:
+    """The real encoder, except that a text containing a marker yields NaN or makes the batch raise."""
+
+    def __init__(self, inner, nan: str = "NAN-DOC", boom: str = "BOOM-DOC") -> None:
+        self.inner, self.nan, self.boom = inner, nan, boom
+        self.manifest = inner.manifest
+        self.calls = 0
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        self.calls += 1
+        if any(self.boom in t for t in texts):
+            raise RuntimeError("tokenizer exploded")
+        vectors = self.inner.encode(texts, batch_size=batch_size).copy()
+        for i, text in enumerate(texts):
+            if self.nan in text:
+                vectors[i] = np.nan
+        return vectors
+
+
+def test_one_bad_document_fails_alone_on_every_run(tmp_path: Path, encoder, store: VectorStore) -> None:
+    rows = [*GOOD, {"id": "nan", "text": "NAN-DOC here"}, {"id": "boom", "text": "BOOM-DOC here"}]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", rows)
+    rejects = tmp_path / "rejects.jsonl"
+    poisoned = PoisonedEncoder(encoder)
+    summary = index_files([corpus], poisoned, store, "c", rejects_path=rejects)  # type: ignore[arg-type]
+    assert summary.indexed == 3 and sorted(summary.failed) == ["boom", "nan"]
+    reasons = {json.loads(x)["id"]: json.loads(x)["reason"] for x in rejects.read_text().splitlines()}
+    assert reasons == {"nan": "encoder produced NaN or infinity", "boom": reasons["boom"]}
+    assert "tokenizer exploded" in reasons["boom"]
+    again = index_files([corpus], poisoned, store, "c")  # type: ignore[arg-type]
+    assert (again.indexed, again.skipped, sorted(again.failed)) == (0, 3, ["boom", "nan"])
+
+
+class CountingStore:
+    """Delegates; ``upsert_error`` / ``lookup_failures`` make those calls fail; counts calls."""
+
+    def __init__(self, inner: VectorStore, upsert_error: Exception | None = None, lookup_failures: int = 0):
+        self.inner, self.upsert_error, self.lookup_failures = inner, upsert_error, lookup_failures
+        self.upserts = self.lookups = self.creates = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def create_collection(self, name: str, spec) -> None:
+        self.creates += 1
+        self.inner.create_collection(name, spec)
+
+    def content_hashes(self, name: str, doc_ids: Sequence[str]) -> dict[str, str]:
+        self.lookups += 1
+        if self.lookup_failures > 0:
+            self.lookup_failures -= 1
+            raise StoreUnavailable("timed out")
+        return self.inner.content_hashes(name, doc_ids)
+
+    def upsert(self, name: str, points: Sequence[DocumentPoint]) -> None:
+        self.upserts += 1
+        if self.upsert_error is not None:
+            raise self.upsert_error
+        self.inner.upsert(name, points)
+
+
+def test_refusals_are_not_retried_and_lookups_are(tmp_path: Path, encoder, store: VectorStore) -> None:
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
+    refusing = CountingStore(store, upsert_error=StoreError("payload too large"))
+    summary = index_files([corpus], encoder, refusing, "c", retry=Retry(3, 0))  # type: ignore[arg-type]
+    assert refusing.upserts == 1 and sorted(summary.failed) == ["d1", "d2", "d3"]
+    flaky_lookup = CountingStore(store, lookup_failures=2)
+    summary = index_files([corpus], encoder, flaky_lookup, "c", retry=Retry(3, 0))  # type: ignore[arg-type]
+    assert summary.ok and summary.indexed == 3 and flaky_lookup.lookups == 3
+
+
+def test_every_run_completes_the_collection(tmp_path: Path, encoder, store: VectorStore) -> None:
+    # An interrupted creation (e.g. a server collection without its payload indexes) is repaired by
+    # the next run, because every run asks the store to create the collection (idempotent).
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
+    counting = CountingStore(store)
+    index_files([corpus], encoder, counting, "c")  # type: ignore[arg-type]
+    index_files([corpus], encoder, counting, "c")  # type: ignore[arg-type]
+    assert counting.creates == 2
