@@ -2,7 +2,9 @@
 
 Point ids are UUID5 of the document id, so a rerun overwrites rather than duplicates; documents whose
 content hash is already stored are skipped without encoding, so a rerun over an indexed corpus takes
-seconds. A batch the store refuses is retried, then reported; it is never silently dropped.
+seconds. A store that cannot be reached is retried with back-off; whatever still fails (a refusal,
+a document the encoder cannot encode) is reported per document, never silently dropped, and never
+takes the rest of its batch with it.
 """
 
 from __future__ import annotations
