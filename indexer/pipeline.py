@@ -23,7 +23,7 @@ import numpy as np
 from indexer.reader import Document, Rejected, count_lines, read_documents
 from models.encoder import Encoder
 from store.base import CollectionSpec, DocumentPoint, StoreError, StoreUnavailable, VectorStore
-from store.filters import parse_date
+from store.filters import FieldKind, field_kinds, metadata_problem
 from store.sparse import Bm25Encoder, Bm25Spec, measure_spec
 
 REJECTED_SAMPLES = 20
@@ -84,27 +84,6 @@ class FilterFields:
     @classmethod
     def of(cls, spec: CollectionSpec) -> FilterFields:
         return cls(spec.keyword_fields, spec.integer_fields, spec.date_fields)
-
-    def problem(self, metadata: Mapping[str, object]) -> str | None:
-        """Why this document's metadata cannot be filtered as declared (None: it can).
-
-        Qdrant would store a wrongly typed value without indexing it, and the document would then
-        silently fail every filter on that key; the line is rejected instead.
-        """
-        for key in self.keyword:
-            if key in metadata and not isinstance(metadata[key], str):
-                return f"metadata.{key} must be a string (declared keyword field), got {metadata[key]!r}"
-        for key in self.integer:
-            value = metadata.get(key)
-            if key in metadata and (not isinstance(value, int) or isinstance(value, bool)):
-                return f"metadata.{key} must be an integer (declared integer field), got {value!r}"
-        for key in self.date:
-            if key in metadata:
-                try:
-                    parse_date(metadata[key])
-                except ValueError as exc:
-                    return f"metadata.{key} (declared date field): {exc}"
-        return None
 
 
 def collection_spec(encoder: Encoder, fields: FilterFields) -> CollectionSpec:
@@ -275,7 +254,7 @@ class _SeenIds:
 def _accept(
     chunk: list[Document | Rejected],
     seen: _SeenIds,
-    fields: FilterFields,
+    kinds: Mapping[str, FieldKind],
     summary: IndexSummary,
     log: _RejectLog,
 ) -> list[Document]:
@@ -285,7 +264,7 @@ def _accept(
         if isinstance(item, Document) and (first := seen.first(item.doc_id)) is not None:
             reason = f"duplicate id {item.doc_id!r} (first at {first})"
             item = Rejected(item.path, item.line, reason, "")
-        elif isinstance(item, Document) and (problem := fields.problem(item.metadata)) is not None:
+        elif isinstance(item, Document) and (problem := metadata_problem(kinds, item.metadata)) is not None:
             item = Rejected(item.path, item.line, problem, "")
         if isinstance(item, Rejected):
             summary.reject(item)
@@ -390,7 +369,7 @@ def index_files(
             if isinstance(item, Document)
         ),
     )
-    declared = FilterFields.of(spec)
+    kinds = field_kinds(spec)
     bm25 = Bm25Encoder(spec.sparse) if spec.sparse is not None else None
     summary = IndexSummary()
     seen = _SeenIds(paths)
@@ -402,7 +381,7 @@ def index_files(
         for path in paths:
             for chunk in _batches(read_documents(path), chunk_size):
                 done += len(chunk)
-                docs = _accept(chunk, seen, declared, summary, log)
+                docs = _accept(chunk, seen, kinds, summary, log)
                 writer.write(docs)
                 if on_progress:
                     on_progress(done, summary.indexed)

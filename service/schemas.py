@@ -18,11 +18,8 @@ MAX_BATCH = 32  # queries per /search/batch or texts per /embed: one encoder bat
 
 
 def _filter_form(value: Any) -> str:
-    if isinstance(value, Filter):
-        return "conditions"
-    if isinstance(value, dict) and CLAUSES & set(value):
-        return "conditions"
-    return "matches"
+    full = isinstance(value, Filter) or (isinstance(value, dict) and bool(CLAUSES & set(value)))
+    return "conditions" if full else "matches"
 
 
 # Two spellings of one filter, told apart by their keys rather than tried in turn, so a mistake is

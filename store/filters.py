@@ -136,6 +136,32 @@ def parse_date(value: object) -> datetime:
         ) from None
 
 
+def value_problem(kind: FieldKind, value: object) -> str | None:
+    """Why ``value`` is not a value of a ``kind`` field (None: it is)."""
+    if kind == "date":
+        try:
+            parse_date(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    wanted = str if kind == "keyword" else int
+    if isinstance(value, wanted) and not isinstance(value, bool):
+        return None
+    return f"compares with {wanted.__name__} values, got {value!r}"
+
+
+def metadata_problem(kinds: Mapping[str, FieldKind], metadata: Mapping[str, object]) -> str | None:
+    """Why a document's metadata cannot be filtered as declared (None: it can).
+
+    Qdrant would store a wrongly typed value without indexing it, and the document would then
+    silently fail every filter on that key: the indexer rejects the document instead.
+    """
+    for key, kind in kinds.items():
+        if key in metadata and (problem := value_problem(kind, metadata[key])) is not None:
+            return f"metadata.{key} (declared {kind} field): {problem}"
+    return None
+
+
 def _condition_problem(condition: Condition, kinds: Mapping[str, FieldKind]) -> str | None:
     kind = kinds.get(condition.key)
     if kind is None:
@@ -148,20 +174,14 @@ def _condition_problem(condition: Condition, kinds: Mapping[str, FieldKind]) -> 
     if kind == "date":
         if condition.range is None:
             return f"date field {condition.key!r} takes a range of ISO 8601 dates, not match/any"
-        for bound in condition.range.bounds().values():
-            try:
-                parse_date(bound)
-            except ValueError as exc:
-                return str(exc)
-        return None
-    if condition.range is not None:
+        values = list(condition.range.bounds().values())
+    elif condition.range is not None:
         if kind != "integer":
             return f"range needs an integer or date field; {condition.key!r} is a keyword field"
         values = list(condition.range.bounds().values())
-    wanted = str if kind == "keyword" else int
     for value in values:
-        if not isinstance(value, wanted) or isinstance(value, bool):
-            return f"{kind} field {condition.key!r} compares with {wanted.__name__} values, got {value!r}"
+        if (problem := value_problem(kind, value)) is not None:
+            return f"{kind} field {condition.key!r}: {problem}"
     return None
 
 

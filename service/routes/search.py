@@ -46,14 +46,14 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 def checked_filter(value: FilterLike | None, spec: CollectionSpec) -> Filter | None:
     """The filter in full form if the collection can apply it; else InvalidRequest naming the
     condition (``filter.must.0``) or, in the short form, the key (``filter.department``)."""
-    problems = filter_problems(spec, value)
+    full = as_filter(value)
+    problems = filter_problems(spec, full)
     if problems:
         path, message = problems[0]
-        full = as_filter(value)
         if not isinstance(value, Filter) and full is not None:
             path = full.must[int(path.split(".")[1])].key
         raise InvalidRequest(f"filter.{path}", message)
-    return as_filter(value)
+    return full
 
 
 def checked_mode(request: SearchRequest, spec: CollectionSpec) -> None:
