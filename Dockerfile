@@ -1,35 +1,74 @@
 # syntax=docker/dockerfile:1
-# Two targets from one file:
-#   api     - the search service: onnxruntime + tokenizers, no torch (slim).
-#   indexer - model building and document encoding: adds torch (CPU) and transformers.
+# Targets from one file:
+#   api              the search service: onnxruntime + tokenizers, no torch; non-root; runs with a
+#                    read-only root filesystem (writes only /data and /tmp, both volumes).
+#   api-with-models  the api with its query encoder baked in (build arg QUERY_MODEL, from the named
+#                    build context `models`):
+#                      docker build --target api-with-models --build-context models=var/models \
+#                        --build-arg QUERY_MODEL=multilingual-e5-small-onnx-int8 -t medsearch-api .
+#   indexer          model building and document encoding: torch (CPU by default) + transformers.
+#                    CUDA: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 and run
+#                    with the NVIDIA container toolkit (docker run --gpus all ...); the indexer then
+#                    encodes in bf16 on the GPU by itself.
 # Weights are never fetched at run time: mount a models directory built by `medsearch models build`
-# at /data/models (or bake one in with a derived image).
+# at /data/models (or bake the query encoder in, above).
 
-FROM python:3.11-slim AS base
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    MEDSEARCH_HOME=/data MEDSEARCH_HOST=0.0.0.0
-RUN useradd --create-home --uid 10001 medsearch && mkdir -p /data && chown medsearch /data
-WORKDIR /app
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+
+# --- build: wheels of the product and of its dependencies, so no runtime stage needs a compiler ---
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+# Only what the package is made of: the image's files are exactly these (tests/test_images.py reads
+# this list and installs the same files with the same extras).
 COPY pyproject.toml README.md ./
 COPY settings ./settings
 COPY models ./models
 COPY store ./store
 COPY indexer ./indexer
 COPY service ./service
-COPY evaluation ./evaluation
 COPY medsearch ./medsearch
+RUN python -m venv /opt/api && /opt/api/bin/pip install --no-compile .
 
-FROM base AS api
-RUN pip install .
-USER medsearch
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN python -m venv /opt/indexer \
+    && /opt/indexer/bin/pip install --no-compile --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
+    && /opt/indexer/bin/pip install --no-compile '.[index]'
+
+# --- runtime base: a user, the data directory, no build tools ---
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    MEDSEARCH_HOME=/data MEDSEARCH_HOST=0.0.0.0 HOME=/tmp
+RUN useradd --no-create-home --uid 10001 --user-group medsearch \
+    && mkdir -p /data/models \
+    && chown -R medsearch:medsearch /data
+WORKDIR /data
+VOLUME ["/data", "/tmp"]
+
+FROM runtime AS api
+COPY --from=build /opt/api /opt/api
+ENV PATH=/opt/api/bin:$PATH
+USER 10001
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
-    CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz').status != 200)"
-CMD ["medsearch", "serve"]
-
-FROM base AS indexer
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 && pip install '.[index]'
-COPY data ./data
-USER medsearch
+# Liveness only: /healthz answers while the process can serve HTTP. Readiness (/readyz: encoder
+# loaded, collection reachable and compatible) is for load balancers and Kubernetes, not restarts.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["medsearch"]
-CMD ["index", "data/demo/corpus.jsonl", "--keyword-field", "department"]
+CMD ["serve"]
+
+FROM api AS api-with-models
+ARG QUERY_MODEL=multilingual-e5-small-onnx-int8
+# `models` is a named build context (--build-context models=DIR), which hadolint cannot see.
+# hadolint ignore=DL3022
+COPY --from=models --chown=10001:10001 ${QUERY_MODEL} /data/models/${QUERY_MODEL}
+ENV MEDSEARCH_QUERY_MODEL=${QUERY_MODEL}
+
+FROM runtime AS indexer
+COPY --from=build /opt/indexer /opt/indexer
+ENV PATH=/opt/indexer/bin:$PATH
+COPY --chown=10001:10001 data/demo /data/demo
+USER 10001
+ENTRYPOINT ["medsearch"]
+CMD ["index", "/data/demo/corpus.jsonl", "--keyword-field", "department"]

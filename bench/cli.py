@@ -16,6 +16,7 @@ from medsearch.cli_support import fail, model_dir
 from settings import Settings
 
 if TYPE_CHECKING:
+    from bench.precision import PrecisionBench
     from bench.query_latency import QueryEncoderBench
     from bench.service_load import ServiceBench
     from bench.throughput import IndexerBench
@@ -233,6 +234,70 @@ def run_indexer(args: argparse.Namespace, settings: Settings) -> IndexerBench:
     return IndexerBench(formula=FORMULA, peak=peak, rows=rows)
 
 
+# --- precision -----------------------------------------------------------------------------------
+
+
+def run_precision(args: argparse.Namespace, settings: Settings) -> PrecisionBench:
+    import torch
+
+    from bench.precision import GateFigures, Kind, PrecisionBench, compare_precisions
+    from bench.throughput import PeakProbe, matmul_peak
+    from indexer.pipeline import document_text
+    from indexer.reader import Document, read_documents
+    from models.hf_encoder import HFEncoder
+    from models.manifest import read_manifest
+    from models.precision import FAST_PATHS, fast_path_for, native_cpu_bf16
+    from models.precision_gate import GATE_BATCH_SIZE, GATE_TEXTS, check
+
+    corpus = Path(args.corpus)
+    if not corpus.is_file():
+        raise BenchSetupError(f"corpus {corpus} not found (pass --corpus FILE)")
+    path = model_dir(settings, args.document_model or settings.document_model)
+    manifest = read_manifest(path)
+    if manifest.format != "hf":
+        raise BenchSetupError(f"{path}: precision applies to transformers document encoders")
+    texts = []
+    for doc in read_documents(corpus):
+        if isinstance(doc, Document):
+            texts.append(document_text(doc))
+            if len(texts) == args.limit:
+                break
+    if not texts:
+        raise BenchSetupError(f"{corpus}: no documents")
+    encoder = HFEncoder(path, manifest, threads=settings.threads, device=args.device, precision="fp32")
+    fast = fast_path_for(args.precision, encoder.device, native_cpu_bf16())
+    if fast is None:
+        raise BenchSetupError("--precision fp32 leaves nothing to compare; pass auto, bf16 or int8")
+    kinds: tuple[Kind, ...] = ("fp32", fast)
+    peaks: dict[str, PeakProbe] = {}
+    for kind in kinds:
+        _note(f"precision: {kind} matmul peak probe on {args.device} ({args.probe_seconds:g} s)")
+        peaks[kind] = matmul_peak(args.probe_seconds, args.probe_size, args.device, kind)
+    _note(f"precision: building the {fast} path of {manifest.name}")
+    fast_model = FAST_PATHS[fast](encoder.model)
+    reference = encoder.encode(GATE_TEXTS, batch_size=GATE_BATCH_SIZE)
+    fp32_model, encoder.model = encoder.model, fast_model
+    gate = check(fast, reference, encoder.encode(GATE_TEXTS, batch_size=GATE_BATCH_SIZE))
+    encoder.model = fp32_model
+    _note(f"precision: {gate.summary()}")
+    _note(f"precision: {len(texts)} documents, {args.repeats} passes each, alternating")
+    rows = compare_precisions(encoder, fast_model, fast, texts, args.batch_size, args.repeats, peaks)
+    lengths = encoder.count_tokens(texts)
+    return PrecisionBench(
+        encoder=manifest.name,
+        device=str(encoder.device),
+        threads=torch.get_num_threads(),
+        corpus=str(corpus),
+        documents=len(texts),
+        tokens=sum(lengths),
+        max_tokens_seen=max(lengths),
+        batch_size=args.batch_size,
+        peaks=list(peaks.values()),
+        rows=rows,
+        gate=GateFigures(**vars(gate)),
+    )
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 
@@ -269,6 +334,8 @@ def run_parts(args: argparse.Namespace, settings: Settings, parts: tuple[str, ..
             sections["query_encoders"] = run_query_encoders(args, settings)
         if "indexer" in parts:
             sections["indexer"] = run_indexer(args, settings)
+        if "precision" in parts:
+            sections["precision"] = run_precision(args, settings)
     except (BenchSetupError, NotLoopback, SpawnError, InputLengthError, ManifestError, HTTPError) as exc:
         error = str(exc)
     except ModuleNotFoundError as exc:
@@ -343,6 +410,25 @@ def _indexer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-size", type=_positive_int, default=2048, help="matmul probe matrix size")
 
 
+def _precision_options(p: argparse.ArgumentParser) -> None:
+    from models.encoder import PRECISIONS
+
+    p.add_argument("--limit", type=_positive_int, default=256, help="first N corpus documents (default 256)")
+    p.add_argument(
+        "--precision",
+        choices=[c for c in PRECISIONS if c != "fp32"],
+        default="auto",
+        help="fast path compared with fp32 (auto: bf16 on CUDA or a CPU with native bf16, else int8)",
+    )
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed passes per precision (default 3)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--document-model", help="document encoder (default: settings)")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"JSONL corpus (default {DEFAULT_CORPUS})")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--probe-seconds", type=_positive_float, default=3.0, help="matmul peak probe length")
+    p.add_argument("--probe-size", type=_positive_int, default=2048, help="largest matmul probe size")
+
+
 def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     """Fill `medsearch bench` (the CLI creates the parser: this module loads only when it runs)."""
     bsub = bench.add_subparsers(dest="bench_command", required=True)
@@ -350,6 +436,10 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
         "service": ("load test a running (or --spawn'ed) service", (_service_options,)),
         "query": ("query-encoder latency by length, with the LLM-as-query ratio", (_query_options,)),
         "indexer": ("document-encoder throughput and FLOP rate against a matmul peak", (_indexer_options,)),
+        "precision": (
+            "document encoding in fp32 against a fast path (bf16/int8): docs/s, cosine, % of peak",
+            (_precision_options,),
+        ),
         "all": (
             "service, query and indexer benchmarks in one report",
             (_service_options, _query_options, _indexer_options),

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from bench.machine import MachineInfo
+from bench.precision import PrecisionBench, precision_table
 from bench.query_latency import QueryEncoderBench
 from bench.service_load import ServiceBench
 from bench.throughput import IndexerBench
@@ -21,6 +22,7 @@ class BenchReport(BaseModel):
     service: ServiceBench | None = None
     query_encoders: QueryEncoderBench | None = None
     indexer: IndexerBench | None = None
+    precision: PrecisionBench | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,8 @@ def markdown(report: BenchReport) -> str:
         parts += ["", query_table(report.query_encoders)]
     if report.indexer is not None:
         parts += ["", indexer_table(report.indexer)]
+    if report.precision is not None:
+        parts += ["", precision_table(report.precision)]
     return "\n".join(parts) + "\n"
 
 

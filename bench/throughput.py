@@ -9,7 +9,8 @@ FLOPs) per token each; L layers attending over S positions with d_attn = heads x
 the attention-weighted sum of V cost S * d_attn multiply-adds each per token. S is the input length
 (every input here is exactly S tokens, so there is no padding); no causal discount is taken, since
 SDPA with a padding mask computes the full S x S scores, and Gemma's sliding window (512) is wider
-than the lengths measured. The peak is the best rate of repeated float32 n x n matmuls (2 n^3 FLOPs).
+than the lengths measured. The peak is the best rate of repeated float32 n x n matmuls (2 n^3 FLOPs);
+``matmul_peak`` also measures bf16 and int8 peaks for bench/precision.py.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ FORMULA = "FLOPs/token = 2·P + 4·L·S·d_attn (P: non-embedding parameters, S:
 
 class PeakProbe(BaseModel):
     backend: str
+    kind: str = "fp32"
     device: str
     size: int
     threads: int
@@ -91,29 +93,65 @@ def attention_shape(config: Any) -> AttentionShape:
     return AttentionShape(layers=int(text.num_hidden_layers), width=heads * int(head_dim))
 
 
-def matmul_peak(seconds: float = 3.0, size: int = 2048, device: str = "cpu") -> PeakProbe:
-    """Best float32 ``size x size`` matmul rate over ``seconds`` (at least three products)."""
+def _product(kind: str, size: int, device: str) -> Callable[[], object]:
+    """One ``size x size`` by ``size x size`` product in ``kind`` arithmetic, as a callable."""
     import torch
 
     target = torch.device(device)
-    a = torch.randn(size, size, dtype=torch.float32, device=target)
-    b = torch.randn(size, size, dtype=torch.float32, device=target)
+    if kind == "int8":
+        if target.type != "cpu":
+            raise ValueError("the int8 probe is a CPU dynamic-quantized linear")
+        from models.precision import to_int8
 
-    def product() -> float:
+        linear = to_int8(torch.nn.Sequential(torch.nn.Linear(size, size, bias=False))).eval()
+        x = torch.randn(size, size)
+
+        def int8() -> object:
+            with torch.inference_mode():
+                return linear(x)
+
+        return int8
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    a = torch.randn(size, size, dtype=dtype, device=target)
+    b = torch.randn(size, size, dtype=dtype, device=target)
+    return lambda: torch.mm(a, b)
+
+
+def matmul_peak(
+    seconds: float = 3.0, size: int = 2048, device: str = "cpu", kind: str = "fp32", budget_s: float = 2.0
+) -> PeakProbe:
+    """Best ``size x size`` matmul rate in ``kind`` arithmetic (fp32, bf16, or int8: a dynamic int8
+    linear, activation quantization included) over ``seconds``, at least three products.
+
+    Where one product would take longer than ``budget_s`` (bf16 on a CPU without native bf16 runs
+    hundreds of times slower than float32), the size shrinks so that it does not.
+    """
+    import torch
+
+    def timed(product: Callable[[], object]) -> float:
         start = time.perf_counter()
-        torch.mm(a, b)
-        if target.type == "cuda":
+        product()
+        if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    product()  # first call allocates and picks kernels
+    # The rate at 512 understates large products (no shrinking of fp32 or int8 at 2048 on 2 cores).
+    small = min(size, 512)
+    probe = _product(kind, small, device)
+    timed(probe)
+    rate = 2.0 * small**3 / max(timed(probe), 1e-9)
+    fits = int((budget_s * rate / 2.0) ** (1 / 3)) // 128 * 128
+    size = max(min(small, 256), min(size, fits))
+    product = _product(kind, size, device)
+    timed(product)  # first call allocates and picks kernels
     best, iterations = float("inf"), 0
     end = time.perf_counter() + seconds
     while iterations < 3 or time.perf_counter() < end:
-        best = min(best, product())
+        best = min(best, timed(product))
         iterations += 1
     return PeakProbe(
         backend=f"torch {torch.__version__}",
+        kind=kind,
         device=device,
         size=size,
         threads=torch.get_num_threads(),

@@ -144,12 +144,19 @@ def _eval_in_process(args: argparse.Namespace, settings: Settings, split: BeirSp
     except (ConfigError, OSError, ValueError) as exc:
         return fail(str(exc))
     _log(f"configurations: {', '.join(c.name for c in chosen)}")
+    # The cache holds float32 vectors, keyed by the model alone: a fast path neither reads nor fills it.
+    cache_root = None if args.no_cache else Path(args.cache_dir or settings.home / "cache")
+    if cache_root is not None and args.precision != "fp32":
+        _log(f"precision {args.precision}: document vectors are encoded, not cached")
+        cache_root = None
     evaluation = InProcessEvaluation(
         split=split,
         configs=chosen,
         default=default,
-        load=lambda path, mode: load_encoder(path, threads=settings.threads, device=args.device, mode=mode),
-        cache_root=None if args.no_cache else Path(args.cache_dir or settings.home / "cache"),
+        load=lambda path, mode: load_encoder(
+            path, threads=settings.threads, device=args.device, mode=mode, precision=args.precision
+        ),
+        cache_root=cache_root,
         options=Options(
             tasks=tasks,
             sts=sts_sets,
@@ -259,6 +266,8 @@ def _eval_service(args: argparse.Namespace, settings: Settings, split: BeirSplit
 
 def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     """Fill `medsearch eval` (the CLI creates the parser: this module loads only when it runs)."""
+    from models.encoder import PRECISIONS
+
     ev.description = __doc__.splitlines()[0] if __doc__ else None
     ev.add_argument("dataset", metavar="DATASET_DIR", help="corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     ev.add_argument("--split", default="dev", help="qrels split (default dev; never tune on it)")
@@ -284,6 +293,13 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     )
     ev.add_argument("--batch-size", type=_positive_int, default=16, help="document encoder batch size")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ev.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="transformers encoders: fp32 (default, cached) or a fast path used if it passes the "
+        "quality gate (auto, bf16, int8; never cached)",
+    )
     ev.add_argument("--cache-dir", help="document vector cache (default: MEDSEARCH_HOME/cache)")
     ev.add_argument("--no-cache", action="store_true", help="encode documents without the cache")
     ev.add_argument("--query-model", help="query encoder of the default pair (default: settings)")

@@ -16,22 +16,51 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 
-from indexer.reader import Document, Rejected, count_lines, read_documents
-from models.encoder import Encoder
-from store.base import CollectionSpec, DocumentPoint, StoreError, StoreUnavailable, VectorStore
+from indexer.chunking import split_text
+from indexer.reader import Document, Rejected, read_documents
+from models.encoder import Chunkable, Encoder
+from store.base import ChunkingSpec, CollectionSpec, DocumentPoint, StoreError, StoreUnavailable, VectorStore
 from store.filters import FieldKind, field_kinds, metadata_problem
+from store.schema import spec_difference
 from store.sparse import Bm25Encoder, Bm25Spec, measure_spec
 
 REJECTED_SAMPLES = 20
+SAMPLE_IDS = 32  # documents searched for by their own vectors before a build is served
+DELETE_BATCH = 1000
 T = TypeVar("T")
 
 
 class IndexingError(RuntimeError):
     """The run cannot start (e.g. the collection holds another document space)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part ``index`` of ``count``: the documents whose id hashes to it. Workers given the same input
+    and different parts write disjoint documents into one collection."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index}/{self.count}: need 0 <= i < N")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ValueError(f"shard {text!r}: expected i/N, e.g. 0/4") from None
+        return cls(index, count)
+
+    def owns(self, doc_id: str) -> bool:
+        digest = hashlib.sha256(doc_id.encode()).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index
 
 
 @dataclass
@@ -44,6 +73,13 @@ class IndexSummary:
     rejected_count: int = 0
     failed: list[str] = field(default_factory=list)  # doc ids whose batch the store refused
     seconds: float = 0.0
+    # Valid documents of the input (of this shard, with --shard) and the first few of their ids: a
+    # full build must then hold exactly `accepted` points, and the sample is searched to check it.
+    accepted: int = 0
+    sample_ids: list[str] = field(default_factory=list)
+    deleted: int = 0
+    # Why the deletes of an incremental run were not made (None: made, or not asked for).
+    deletes_refused: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -86,7 +122,19 @@ class FilterFields:
         return cls(spec.keyword_fields, spec.integer_fields, spec.date_fields)
 
 
-def collection_spec(encoder: Encoder, fields: FilterFields) -> CollectionSpec:
+def chunking_of(encoder: Encoder, overlap: int | None) -> ChunkingSpec | None:
+    """Chunks as long as the encoder reads, consecutive ones sharing ``overlap`` tokens; None (whole
+    documents, truncated by the encoder) when ``overlap`` is None or the encoder cannot say how it
+    counts tokens."""
+    if overlap is None or not isinstance(encoder, Chunkable):
+        return None
+    budget = encoder.text_budget
+    return ChunkingSpec(max_tokens=budget, overlap=min(overlap, budget // 2))
+
+
+def collection_spec(
+    encoder: Encoder, fields: FilterFields, chunking: ChunkingSpec | None = None
+) -> CollectionSpec:
     manifest = encoder.manifest
     if manifest.role != "document":
         raise IndexingError(f"{manifest.name} is a {manifest.role} encoder; index with a document encoder")
@@ -99,9 +147,11 @@ def collection_spec(encoder: Encoder, fields: FilterFields) -> CollectionSpec:
         space=manifest.space,
         encoder=manifest.name,
         encoder_fingerprint=manifest.fingerprint,
+        encoding_fingerprint=manifest.encoding_fingerprint,
         keyword_fields=tuple(sorted(set(fields.keyword))),
         integer_fields=tuple(sorted(set(fields.integer))),
         date_fields=tuple(sorted(set(fields.date))),
+        chunking=chunking,
     )
 
 
@@ -110,19 +160,19 @@ def _describe(spec: CollectionSpec) -> str:
     return f"{spec.encoder} (space {spec.space!r}, filter fields {list(spec.filter_fields())}, {bm25})"
 
 
-def prepare_collection(
-    store: VectorStore,
-    collection: str,
+def planned_spec(
+    existing: CollectionSpec | None,
     encoder: Encoder,
     fields: FilterFields | None,
     sparse: bool | None = None,
     measure_bm25: Callable[[], Bm25Spec] | None = None,
+    chunking: ChunkingSpec | Literal["keep"] | None = "keep",
 ) -> CollectionSpec:
-    """Create the collection, or check that an existing one holds this encoder's vectors.
-
-    ``fields`` / ``sparse`` None keep an existing collection's choice. A new collection with BM25
-    vectors takes its average document length from ``measure_bm25`` (a pass over the input)."""
-    existing = store.get_collection(collection)
+    """The spec a run writes: ``fields`` / ``sparse`` None and ``chunking`` "keep" keep ``existing``'s
+    choice. New BM25 vectors take their average document length from ``measure_bm25`` (a pass over
+    the input)."""
+    if chunking == "keep":
+        chunking = existing.chunking if existing is not None else None
     if fields is None:
         fields = FilterFields.of(existing) if existing is not None else FilterFields()
     if sparse is None:
@@ -135,15 +185,31 @@ def prepare_collection(
             bm25 = measure_bm25()
         else:
             raise IndexingError("a collection with BM25 vectors needs its corpus to measure their lengths")
-    spec = collection_spec(encoder, fields).model_copy(update={"sparse": bm25})
+    return collection_spec(encoder, fields, chunking).model_copy(update={"sparse": bm25})
+
+
+def prepare_collection(
+    store: VectorStore,
+    collection: str,
+    encoder: Encoder,
+    fields: FilterFields | None,
+    sparse: bool | None = None,
+    measure_bm25: Callable[[], Bm25Spec] | None = None,
+    bulk: bool = False,
+    chunking: ChunkingSpec | Literal["keep"] | None = "keep",
+) -> CollectionSpec:
+    """Create the collection, or check that an existing one holds this encoder's vectors."""
+    existing = store.get_collection(collection)
+    spec = planned_spec(existing, encoder, fields, sparse, measure_bm25, chunking)
     if existing is not None and existing != spec:
         raise IndexingError(
             f"collection {collection!r} holds vectors of {_describe(existing)}; this run would write "
-            f"{_describe(spec)}. Index into a new collection (MEDSEARCH_COLLECTION) instead."
+            f"{_describe(spec)} ({spec_difference(existing, spec)}). Its documents cannot be updated in "
+            "place: run a full build (without --incremental), or index into another collection."
         )
     # Also for an existing collection: creating is idempotent and completes one whose creation was
     # interrupted (a server collection without its payload indexes).
-    store.create_collection(collection, spec)
+    store.create_collection(collection, spec, bulk=bulk)
     return spec
 
 
@@ -276,7 +342,7 @@ def _accept(
 
 
 @dataclass
-class _ChunkWriter:
+class _GroupWriter:
     """Documents -> unchanged ones skipped -> encoded -> upserted, each failure isolated to the
     documents it concerns and reported (summary.failed and the rejects file), never dropped."""
 
@@ -288,6 +354,7 @@ class _ChunkWriter:
     retry: Retry
     summary: IndexSummary
     log: _RejectLog
+    chunking: ChunkingSpec | None = None
 
     def fail(self, docs: Sequence[Document], reason: str) -> None:
         self.summary.failed.extend(d.doc_id for d in docs)
@@ -297,7 +364,7 @@ class _ChunkWriter:
     def write(self, docs: list[Document]) -> None:
         if not docs:
             return
-        fingerprint = self.encoder.manifest.fingerprint
+        fingerprint = self.encoder.manifest.encoding_fingerprint
         hashes = {d.doc_id: content_hash(d, fingerprint) for d in docs}
         try:
             stored = self.retry(lambda: self.store.content_hashes(self.collection, list(hashes)))
@@ -308,25 +375,33 @@ class _ChunkWriter:
         self.summary.skipped += len(docs) - len(todo)
         if not todo:
             return
-        encoded = _encode_isolating(self.encoder, [document_text(d) for d in todo], self.batch_size)
+        pieces = [self.pieces(d) for d in todo]
+        flat = [piece.encoded for doc_pieces in pieces for piece in doc_pieces]
+        encoded = iter(_encode_isolating(self.encoder, flat, self.batch_size))
         written: list[Document] = []
         points: list[DocumentPoint] = []
-        for d, vector in zip(todo, encoded, strict=True):
-            if isinstance(vector, str):
-                self.fail([d], vector)
+        for d, doc_pieces in zip(todo, pieces, strict=True):
+            vectors = [next(encoded) for _ in doc_pieces]
+            failure = next((v for v in vectors if isinstance(v, str)), None)
+            if failure is not None:  # a document is written whole or not at all
+                self.fail([d], str(failure))
                 continue
             written.append(d)
-            points.append(
-                DocumentPoint(
-                    doc_id=d.doc_id,
-                    vector=vector.tolist(),
-                    title=d.title,
-                    text=d.text,
-                    metadata=d.metadata,
-                    content_hash=hashes[d.doc_id],
-                    sparse=self.bm25.document(document_text(d)) if self.bm25 is not None else None,
+            for piece, vector in zip(doc_pieces, vectors, strict=True):
+                assert not isinstance(vector, str)
+                points.append(
+                    DocumentPoint(
+                        doc_id=d.doc_id,
+                        vector=vector.tolist(),
+                        title=d.title,
+                        text=piece.shown,
+                        metadata=d.metadata,
+                        content_hash=hashes[d.doc_id],
+                        sparse=self.bm25.document(piece.encoded) if self.bm25 is not None else None,
+                        chunk=piece.index,
+                        chunks=len(doc_pieces) if piece.index is not None else None,
+                    )
                 )
-            )
         if not points:
             return
         try:
@@ -334,7 +409,24 @@ class _ChunkWriter:
         except StoreError as exc:
             self.fail(written, f"{type(exc).__name__}: {exc}")
         else:
-            self.summary.indexed += len(points)
+            self.summary.indexed += len(written)
+
+    def pieces(self, doc: Document) -> list[_Piece]:
+        """What is encoded for ``doc``: the document whole, or its chunks (chunked collections)."""
+        text = document_text(doc)
+        if self.chunking is None:
+            return [_Piece(None, text, doc.text)]
+        assert isinstance(self.encoder, Chunkable)
+        chunks = split_text(text, self.encoder.token_spans, self.chunking.max_tokens, self.chunking.overlap)
+        body = len(text) - len(doc.text)  # the title line before the text, shown apart in hits
+        return [_Piece(c.index, c.text, text[max(c.start, body) : c.end] or c.text) for c in chunks]
+
+
+@dataclass(frozen=True)
+class _Piece:
+    index: int | None  # chunk number; None: the whole document
+    encoded: str  # what the encoder reads
+    shown: str  # what a hit shows as text (the title travels apart)
 
 
 def index_files(
@@ -345,29 +437,25 @@ def index_files(
     *,
     fields: FilterFields | None = None,
     sparse: bool | None = None,
-    chunk_size: int = 64,
+    group_size: int = 64,
     batch_size: int = 16,
     rejects_path: Path | None = None,
     retry: Retry = Retry(),
     on_progress: Callable[[int, int], None] | None = None,
+    shard: Shard | None = None,
+    bulk: bool = False,
+    delete_missing: DeleteGuard | None = None,
+    chunking: ChunkingSpec | Literal["keep"] | None = "keep",
 ) -> IndexSummary:
     """Index every document of ``paths``. ``on_progress(done_lines, indexed)`` is called per chunk.
 
-    ``chunk_size`` documents are read, encoded (the encoder sorts them by length into ``batch_size``
-    batches) and upserted together.
+    ``group_size`` documents are read, encoded (the encoder sorts them by length into ``batch_size``
+    batches) and upserted together. ``shard``: only the documents of that part of the id space are
+    written (every line is still read and checked). ``delete_missing``: afterwards, delete the
+    stored documents the input no longer has, within the guard's limit.
     """
     spec = prepare_collection(
-        store,
-        collection,
-        encoder,
-        fields,
-        sparse,
-        lambda: measure_spec(
-            document_text(item)
-            for path in paths
-            for item in read_documents(path)
-            if isinstance(item, Document)
-        ),
+        store, collection, encoder, fields, sparse, lambda: measure_corpus(paths), bulk, chunking
     )
     kinds = field_kinds(spec)
     bm25 = Bm25Encoder(spec.sparse) if spec.sparse is not None else None
@@ -375,17 +463,24 @@ def index_files(
     seen = _SeenIds(paths)
     started = time.perf_counter()
     log = _RejectLog(rejects_path, paths)
-    writer = _ChunkWriter(encoder, store, collection, bm25, batch_size, retry, summary, log)
+    writer = _GroupWriter(encoder, store, collection, bm25, batch_size, retry, summary, log, spec.chunking)
     done = 0
     try:
         for path in paths:
-            for chunk in _batches(read_documents(path), chunk_size):
+            for chunk in _batches(read_documents(path), group_size):
                 done += len(chunk)
                 docs = _accept(chunk, seen, kinds, summary, log)
+                if shard is not None:
+                    docs = [d for d in docs if shard.owns(d.doc_id)]
+                summary.accepted += len(docs)
+                room = SAMPLE_IDS - len(summary.sample_ids)
+                summary.sample_ids.extend(d.doc_id for d in docs[:room])
                 writer.write(docs)
                 if on_progress:
                     on_progress(done, summary.indexed)
-        if summary.indexed:
+        if delete_missing is not None:
+            _delete_missing(store, collection, seen, summary, delete_missing, retry)
+        if summary.indexed or summary.deleted:
             store.optimize(collection)
     finally:
         log.close()
@@ -393,5 +488,50 @@ def index_files(
     return summary
 
 
-def total_lines(paths: Sequence[Path]) -> int:
-    return sum(count_lines(p) for p in paths)
+def measure_corpus(paths: Sequence[Path]) -> Bm25Spec:
+    """BM25 statistics of the documents in ``paths`` (one pass, nothing kept)."""
+    return measure_spec(
+        document_text(item) for path in paths for item in read_documents(path) if isinstance(item, Document)
+    )
+
+
+@dataclass(frozen=True)
+class DeleteGuard:
+    """How much of a collection one incremental run may delete: an empty or truncated input would
+    otherwise empty the index. Deletes also wait for a clean run (no rejected or failed line): a
+    document whose new line was rejected is not gone from the corpus."""
+
+    max_fraction: float = 0.2
+
+
+def _delete_missing(
+    store: VectorStore,
+    collection: str,
+    seen: _SeenIds,
+    summary: IndexSummary,
+    guard: DeleteGuard,
+    retry: Retry,
+) -> None:
+    if not summary.ok:
+        summary.deletes_refused = (
+            f"{summary.rejected_count} rejected and {len(summary.failed)} failed documents: deletes are "
+            "made only after a clean run (fix the input and rerun)"
+        )
+        return
+    stored = 0
+    missing: list[str] = []
+    for doc_id in retry(lambda: list(store.document_ids(collection))):
+        stored += 1
+        if seen.first(doc_id) is None:
+            missing.append(doc_id)
+    if stored and len(missing) > guard.max_fraction * stored:
+        summary.deletes_refused = (
+            f"the input lacks {len(missing)} of the {stored} documents in {collection!r} "
+            f"({len(missing) / stored:.0%}, more than the {guard.max_fraction:.0%} allowed); nothing "
+            "deleted. Check the input; if the deletes are meant, rerun with --max-delete-fraction 1"
+        )
+        return
+    for start in range(0, len(missing), DELETE_BATCH):
+        part = missing[start : start + DELETE_BATCH]
+        retry(lambda part=part: store.delete_documents(collection, part))  # type: ignore[misc]
+        summary.deleted += len(part)

@@ -1,15 +1,32 @@
 """Read documents from BEIR ``corpus.jsonl`` or plain JSONL, line by line, never loading the whole file.
 
+Inputs may be gzip-compressed (``.gz``), a directory (its ``*.jsonl`` and ``*.jsonl.gz`` files, in
+name order) or ``-`` (standard input, copied to a private temporary file first: a run reads its
+input more than once, to measure BM25 statistics and to identify the build).
+
 Accepted line shapes: BEIR ``{"_id", "title", "text", "metadata"}`` and plain ``{"id", "text", "title"?,
 "metadata"?}``. A bad line becomes a ``Rejected`` naming the file and line; it never stops the run.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
-from collections.abc import Iterator
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+INPUT_SUFFIXES = (".jsonl", ".jsonl.gz")
+STDIN = "-"
+
+
+class InputError(ValueError):
+    """An input named on the command line cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +85,7 @@ def parse_line(raw: str, path: Path, line: int) -> Document | Rejected:
 
 def read_documents(path: Path) -> Iterator[Document | Rejected]:
     """Yield one Document or Rejected per non-blank line of ``path``."""
-    with path.open("rb") as fh:
+    with open_input(path) as fh:
         for line, raw_bytes in enumerate(fh, start=1):
             try:
                 raw = raw_bytes.decode("utf-8")
@@ -80,5 +97,43 @@ def read_documents(path: Path) -> Iterator[Document | Rejected]:
 
 
 def count_lines(path: Path) -> int:
-    with path.open("rb") as fh:
+    with open_input(path) as fh:
         return sum(1 for raw in fh if raw.strip())
+
+
+def total_lines(paths: Sequence[Path]) -> int:
+    return sum(count_lines(p) for p in paths)
+
+
+def open_input(path: Path) -> BinaryIO:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return path.open("rb")
+
+
+def resolve_inputs(names: Sequence[str], spool_dir: Path | None = None) -> list[Path]:
+    """The files to read for the inputs named on the command line (see the module docstring)."""
+    paths: list[Path] = []
+    for name in names:
+        if name == STDIN:
+            paths.append(spool_stdin(spool_dir))
+            continue
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(INPUT_SUFFIXES))
+            if not found:
+                raise InputError(f"directory {path} holds no {' or '.join(INPUT_SUFFIXES)} files")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise InputError(f"input file not found: {path}")
+    return paths
+
+
+def spool_stdin(directory: Path | None, stream: BinaryIO | None = None) -> Path:
+    """Standard input copied to a file readable by its owner only (it holds patient text)."""
+    fd, name = tempfile.mkstemp(prefix="medsearch-stdin-", suffix=".jsonl", dir=directory)
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(stream or sys.stdin.buffer, out)
+    return Path(name)

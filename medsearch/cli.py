@@ -20,6 +20,7 @@ from medsearch.cli_support import fail, model_dir, open_configured_store
 from settings import Settings
 
 if TYPE_CHECKING:
+    from indexer.build import Report
     from indexer.pipeline import FilterFields
 
 
@@ -168,57 +169,123 @@ def declared_fields(args: argparse.Namespace) -> FilterFields | None:
 
 
 def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
-    from tqdm import tqdm
+    import tempfile
 
-    from indexer.pipeline import IndexingError, index_files, total_lines
+    from indexer.build import ExitCode, RunOptions, full_build, incremental
+    from indexer.pipeline import DeleteGuard, Shard
+    from indexer.progress import Progress
+    from indexer.reader import InputError, resolve_inputs, total_lines
     from models.encoder import load_encoder
     from models.manifest import ManifestError
+
+    try:
+        shard = Shard.parse(args.shard) if args.shard else None
+    except ValueError as exc:
+        return fail(str(exc))
+    if shard is not None and args.incremental:
+        return fail("--shard builds a new version; it cannot be combined with --incremental")
+    if args.chunk_overlap < 0:
+        return fail("--chunk-overlap must be 0 or more tokens")
+    if args.keep < 2:
+        return fail("--keep must be at least 2: the served version and the one a rollback returns to")
+    with tempfile.TemporaryDirectory(prefix="medsearch-index-") as spool:
+        try:
+            paths = resolve_inputs(args.paths, Path(spool))
+        except InputError as exc:
+            return fail(str(exc))
+        try:
+            encoder = load_encoder(
+                model_dir(settings, args.model or settings.document_model),
+                threads=settings.threads,
+                device=args.device,
+                precision=args.precision,
+            )
+        except ManifestError as exc:
+            return fail(f"{exc}; build the default models with: medsearch models build")
+        precision = getattr(encoder, "precision", encoder.manifest.quantization or "fp32")
+        print(
+            f"document encoder {encoder.manifest.name} (space {encoder.manifest.space}, {precision})",
+            flush=True,
+        )
+        alias = args.collection or settings.collection
+        progress = Progress(total_lines(paths), interval_s=args.log_every, label=f"indexing into {alias}")
+        options = RunOptions(
+            fields=declared_fields(args),
+            sparse=True if args.sparse == "bm25" else None,
+            batch_size=args.batch_size,
+            rejects_path=Path(args.rejects) if args.rejects else None,
+            keep=args.keep,
+            chunk_overlap=None if args.no_chunking else args.chunk_overlap,
+            shard=shard,
+            allow_space_change=args.allow_space_change,
+            accept_rejects=args.accept_rejects,
+            delete_guard=DeleteGuard(args.max_delete_fraction),
+            on_progress=progress.update,
+        )
+        store = open_configured_store(settings)
+        try:
+            run = incremental if args.incremental else full_build
+            report = run(paths, encoder, store, alias, options)
+        finally:
+            progress.close()
+            store.close()
+    _print_report(report, Path(args.report) if args.report else None)
+    if report.exit_code == ExitCode.INPUT and not args.rejects:
+        print("rerun with --rejects FILE to keep the rejected lines", file=sys.stderr)
+    return report.exit_code
+
+
+def _print_report(report: Report, path: Path | None) -> None:
+    """A line for people, the JSON report on the last line of stdout (and in ``path``)."""
+    from indexer.build import ExitCode
+
+    outcome = (
+        "switched" if report.switched else ("written" if report.exit_code == ExitCode.OK else "NOT switched")
+    )
+    print(
+        f"{report.mode} {report.collection}: indexed {report.indexed}, skipped {report.skipped} (unchanged), "
+        f"deleted {report.deleted}, rejected {report.rejected}, failed {report.failed} in "
+        f"{report.seconds:.1f} s ({report.docs_per_s:.1f} docs/s); {outcome}",
+        flush=True,
+    )
+    for rejected in report.rejected_samples:
+        print(f"rejected {rejected}", file=sys.stderr)
+    if report.error:
+        print(f"medsearch: error: {report.error}", file=sys.stderr)
+    text = report.model_dump_json()
+    if path is not None:
+        path.write_text(text + "\n", encoding="utf-8")
+    print(text, flush=True)
+
+
+def cmd_index_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from indexer.versions import VersionError, rollback
     from store.base import StoreError
 
-    paths = [Path(p) for p in args.paths]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        return fail(f"input file not found: {', '.join(missing)}")
-    try:
-        encoder = load_encoder(
-            model_dir(settings, args.model or settings.document_model),
-            threads=settings.threads,
-            device=args.device,
-        )
-    except ManifestError as exc:
-        return fail(f"{exc}; build the default models with: medsearch models build")
-    print(f"document encoder {encoder.manifest.name} (space {encoder.manifest.space})", flush=True)
+    alias = args.collection or settings.collection
     store = open_configured_store(settings)
-    collection = args.collection or settings.collection
-    rejects = Path(args.rejects) if args.rejects else None
     try:
-        with tqdm(total=total_lines(paths), unit="doc", desc=f"indexing into {collection}") as bar:
-            summary = index_files(
-                paths,
-                encoder,
-                store,
-                collection,
-                fields=declared_fields(args),
-                sparse=True if args.sparse == "bm25" else None,
-                batch_size=args.batch_size,
-                rejects_path=rejects,
-                on_progress=lambda done, _indexed: bar.update(done - bar.n),
-            )
-    except (IndexingError, StoreError) as exc:
+        before, after = rollback(store, alias)
+    except (VersionError, StoreError) as exc:
         return fail(str(exc))
     finally:
         store.close()
-    print(summary.describe())
-    for rejected in summary.rejected[:20]:
-        print(f"rejected {rejected}", file=sys.stderr)
-    if summary.failed:
-        print(
-            f"{len(summary.failed)} documents failed to upsert (listed in the rejects file)", file=sys.stderr
-        )
-    if not summary.ok:
-        where = f"; all listed in {rejects}" if rejects else "; rerun with --rejects FILE to keep them"
-        print(f"{summary.rejected_count} lines rejected{where}", file=sys.stderr)
-        return 1
+    print(f"{alias}: {before} -> {after}")
+    return 0
+
+
+def cmd_index_versions(args: argparse.Namespace, settings: Settings) -> int:
+    from indexer.versions import documents_in, served, versions
+
+    alias = args.collection or settings.collection
+    store = open_configured_store(settings)
+    try:
+        current = served(store, alias)
+        for version in versions(store, alias):
+            mark = "*" if version.name == current else " "
+            print(f"{mark} {version.name} {documents_in(store, version.name)} documents")
+    finally:
+        store.close()
     return 0
 
 
@@ -231,6 +298,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser for ``argv``: the lazy commands ``argv`` names get their full parsers."""
+    from models.encoder import PRECISIONS  # numpy and pydantic only: no torch
+
     words = _command_words(argv)
 
     def chosen(command: LazyCommand) -> bool:
@@ -244,9 +313,75 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.set_defaults(func=cmd_serve)
 
-    index = sub.add_parser("index", help="encode documents (BEIR corpus.jsonl or JSONL) into the store")
-    index.add_argument("paths", nargs="+", metavar="FILE")
-    index.add_argument("--collection", help="default: MEDSEARCH_COLLECTION")
+    index = sub.add_parser(
+        "index",
+        help="encode documents into a new version of the collection and switch to it "
+        "(also: index rollback, index versions)",
+        description="Full build (default): a new versioned collection is loaded, validated, then the "
+        "alias (MEDSEARCH_COLLECTION) switches to it; rerun after a crash, it resumes. Exit codes: 0 done, "
+        "1 input lines rejected, 2 usage, 3 store unreachable or documents failed (rerun: it resumes), "
+        "4 validation or a guard refused.",
+    )
+    if tuple(words[:2]) in (("index", "rollback"), ("index", "versions")):
+        isub = index.add_subparsers(dest="index_command", required=True)
+        rollback = isub.add_parser("rollback", help="point the alias back at the previous complete version")
+        rollback.add_argument("--collection", help="the alias; default: MEDSEARCH_COLLECTION")
+        rollback.set_defaults(func=cmd_index_rollback)
+        listed = isub.add_parser("versions", help="list the kept versions (* = served)")
+        listed.add_argument("--collection", help="the alias; default: MEDSEARCH_COLLECTION")
+        listed.set_defaults(func=cmd_index_versions)
+        return parser
+    index.add_argument(
+        "paths",
+        nargs="+",
+        metavar="INPUT",
+        help="BEIR corpus.jsonl or JSONL files (.gz too), directories of them, or - for stdin",
+    )
+    index.add_argument("--collection", help="the alias served; default: MEDSEARCH_COLLECTION")
+    index.add_argument(
+        "--incremental",
+        action="store_true",
+        help="update the served collection in place: changed documents re-encoded, documents missing "
+        "from the input deleted (within --max-delete-fraction)",
+    )
+    index.add_argument(
+        "--max-delete-fraction",
+        type=float,
+        default=0.2,
+        help="most of the collection an incremental run may delete (default 0.2; 1 = no limit)",
+    )
+    index.add_argument(
+        "--shard",
+        metavar="i/N",
+        help="write only part i of N of the documents (parallel workers); then run without --shard "
+        "to complete, validate and switch",
+    )
+    index.add_argument("--keep", type=int, default=3, help="versions kept for rollback (default 3)")
+    index.add_argument(
+        "--chunk-overlap",
+        type=int,
+        default=32,
+        metavar="TOKENS",
+        help="documents longer than the encoder reads are split into chunks sharing this many tokens; "
+        "a search returns each document once, with its best chunk (default 32)",
+    )
+    index.add_argument(
+        "--no-chunking", action="store_true", help="index whole documents (the encoder truncates long ones)"
+    )
+    index.add_argument(
+        "--allow-space-change",
+        action="store_true",
+        help="switch even though the new version holds another vector space than the served one",
+    )
+    index.add_argument(
+        "--accept-rejects",
+        action="store_true",
+        help="switch to the new version even though some input lines were rejected",
+    )
+    index.add_argument("--report", metavar="FILE", help="also write the final JSON report here")
+    index.add_argument(
+        "--log-every", type=float, default=30.0, metavar="S", help="progress log line period in seconds"
+    )
     index.add_argument("--model", help="document encoder (name in the models dir or a path)")
     index.add_argument(
         "--keyword-field",
@@ -274,6 +409,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     index.add_argument("--batch-size", type=int, default=16)
     index.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    index.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="transformers document encoders: a fast path (bf16 on CUDA or a CPU with native bf16, "
+        "int8 on other CPUs) used only if its vectors pass the quality gate against fp32 (default auto)",
+    )
     index.add_argument("--rejects", metavar="FILE", help="write rejected lines here (JSONL)")
     index.set_defaults(func=cmd_index)
 

@@ -16,9 +16,14 @@ def fail(message: str) -> int:
 
 
 def model_dir(settings: Settings, name: str) -> Path:
-    """A model given by name lives in the models directory; an explicit path is taken as is."""
+    """A model given by name lives in the models directory (a name never leads outside it); an
+    explicit path to an existing directory is taken as is."""
+    from models.manifest import named_model_dir
+
     path = Path(name)
-    return path if path.is_dir() and ("/" in name or name.startswith(".")) else settings.models_path / name
+    if path.is_dir() and ("/" in name or name.startswith(".")):
+        return path
+    return named_model_dir(settings.models_path, name)
 
 
 def open_configured_store(settings: Settings) -> VectorStore:

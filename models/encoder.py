@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from models.manifest import ModelManifest, read_manifest
 Device = Literal["auto", "cpu", "cuda"]
 # "query": a document encoder with a query prompt of its own (an LLM embedder) encoding queries.
 EncodeMode = Literal["document", "query"]
+# Arithmetic of the transformers runtime (models/precision.py); declared here so the CLI needs no torch.
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "int8")
 
 
 class Encoder(Protocol):
@@ -28,10 +31,36 @@ class Encoder(Protocol):
         ...
 
 
+@runtime_checkable
+class Chunkable(Protocol):
+    """An encoder that can say how it counts tokens, so long documents can be split to fit it
+    (indexer/chunking.py). Optional: ``isinstance(encoder, Chunkable)`` tells whether one can."""
+
+    manifest: ModelManifest
+
+    @property
+    def text_budget(self) -> int:
+        """Tokens of document text one input holds: ``manifest.max_tokens`` less what the prompt
+        template and the special tokens (EOS included) take."""
+        ...
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character span ``(start, end)`` in ``text`` of each token of the raw text (no prompt, no
+        special tokens, no truncation), in order."""
+        ...
+
+
 def load_encoder(
-    model_dir: Path, threads: int = 0, device: Device = "auto", mode: EncodeMode = "document"
+    model_dir: Path,
+    threads: int = 0,
+    device: Device = "auto",
+    mode: EncodeMode = "document",
+    precision: Precision = "fp32",
 ) -> Encoder:
     """Open the encoder in ``model_dir`` with the runtime its manifest names.
+
+    ``precision`` applies to the transformers runtime (models/precision.py: a fast path is used only
+    when it passes the quality gate); an ONNX graph runs in the precision it was exported in.
 
     torch is imported only for ``format == "hf"``: the service, which loads ONNX query encoders,
     never imports it.
@@ -43,4 +72,6 @@ def load_encoder(
         return OnnxEncoder(model_dir, manifest=manifest, threads=threads)
     from models.hf_encoder import HFEncoder
 
-    return HFEncoder(model_dir, manifest=manifest, threads=threads, device=device, mode=mode)
+    return HFEncoder(
+        model_dir, manifest=manifest, threads=threads, device=device, mode=mode, precision=precision
+    )

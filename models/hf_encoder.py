@@ -4,10 +4,15 @@ Steps: render the manifest prompt (the query prompt in query mode) -> tokenize a
 for last-token pooling) -> pad (left for last-token pooling, right otherwise) -> run -> pool -> Dense
 layers (sentence-transformers embedders) -> keep the first ``dim`` dims -> normalize. Padding is
 done here, not by the tokenizer, so the layout is explicit and testable.
+
+``precision`` chooses the arithmetic (models/precision.py): float32 by default; a fast path (bf16,
+int8) replaces the float32 model only after it passed the quality gate (models/precision_gate.py),
+otherwise the encoder stays float32 and says why in one log line.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +23,15 @@ import torch
 from transformers import AutoTokenizer
 
 from models.dense import load_dense_stack, output_width
-from models.encoder import Device, EncodeMode
+from models.encoder import Device, EncodeMode, Precision
 from models.hf_loading import load_hf_model
 from models.manifest import ManifestError, ModelManifest
 from models.pooling import finish, pool
+from models.precision import FAST_PATHS, FastPrecision, fast_path_for, native_cpu_bf16
+from models.precision_gate import GATE_BATCH_SIZE, GATE_TEXTS, GateResult, check
 from models.projection import load_projection
+
+logger = logging.getLogger("medsearch.models")
 
 PaddingSide = Literal["left", "right"]
 
@@ -31,6 +40,10 @@ PaddingSide = Literal["left", "right"]
 # Padded slots may come out non-finite under SDPA (a left pad attends to nothing) but never reach a
 # pooled value: last-token pooling reads the final, real column, and mean pooling pads on the right.
 ATTN_IMPLEMENTATION = "sdpa"
+
+# On CUDA, batches of at least this many documents (length-sorted, so padding stays small): a GPU is
+# only busy with large batches, and batch invariance makes the vectors independent of the size.
+CUDA_BATCH_SIZE = 128
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,7 @@ class HFEncoder:
         threads: int = 0,
         device: Device = "auto",
         mode: EncodeMode = "document",
+        precision: Precision = "fp32",
     ) -> None:
         if manifest.format != "hf":
             raise ManifestError(f"{model_dir}: format {manifest.format!r} is not a transformers directory")
@@ -101,6 +115,27 @@ class HFEncoder:
         pad_id = self.tokenizer.pad_token_id
         # Padded slots are masked out, so any id works; EOS is the usual stand-in for decoders.
         self.pad_id = int(pad_id if pad_id is not None else (self.eos_id or 0))
+        self.min_batch_size = CUDA_BATCH_SIZE if self.device.type == "cuda" else 1
+        # The precision in use after the gate, and the gate's figures (None: nothing was gated).
+        self.precision: str = "fp32"
+        self.gate: GateResult | None = None
+        candidate = fast_path_for(precision, self.device, native_cpu_bf16())
+        if candidate is not None:
+            self._try_fast_path(candidate)
+
+    def _try_fast_path(self, candidate: FastPrecision) -> None:
+        """Encode the gate sample in float32, then with ``candidate``; keep the faster model only if
+        every vector is within the gate's cosine of float32."""
+        reference = self.encode(GATE_TEXTS, batch_size=GATE_BATCH_SIZE)
+        fp32 = self.model
+        self.model = FAST_PATHS[candidate](fp32)
+        self.gate = check(candidate, reference, self.encode(GATE_TEXTS, batch_size=GATE_BATCH_SIZE))
+        if self.gate.passed:
+            self.precision = candidate
+            logger.info("%s: %s; encoding in %s", self.manifest.name, self.gate.summary(), candidate)
+        else:
+            self.model = fp32
+            logger.warning("%s: %s; falling back to float32", self.manifest.name, self.gate.summary())
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text: prompt rendered, truncated to ``max_tokens``, EOS last for last-token
@@ -118,6 +153,27 @@ class HFEncoder:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens the model actually sees per text (after prompt, truncation and EOS)."""
         return [len(row) for row in self.tokenize(texts)]
+
+    @property
+    def text_budget(self) -> int:
+        """Tokens of text one input holds: ``max_tokens`` less the prompt's and the special tokens'
+        (EOS included), measured on an empty text. A prompt that merges with the text's first token
+        makes this one token too cautious, never too generous."""
+        budget = self.manifest.max_tokens - len(self.tokenize([""])[0])
+        if budget <= 0:
+            raise ManifestError(
+                f"{self.manifest.name}: the prompt fills all {self.manifest.max_tokens} tokens"
+            )
+        return budget
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of the raw text's tokens (no prompt, no special tokens, no truncation)."""
+        if not self.tokenizer.is_fast:
+            raise ManifestError(f"{self.manifest.name}: token spans need a fast (Rust) tokenizer")
+        encoded = self.tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
+        )
+        return [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
 
     def collate(self, ids: Sequence[Sequence[int]]) -> Batch:
         return pad_batch(ids, self.pad_id, self.padding_side)
@@ -143,6 +199,7 @@ class HFEncoder:
         if not texts:
             return out
         ids = self.tokenize(texts)
+        batch_size = max(batch_size, self.min_batch_size)
         # Longest first: similar lengths share a batch, so little compute goes to padding.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
         for start in range(0, len(order), batch_size):

@@ -68,6 +68,28 @@ class ModelManifest(BaseModel):
         "{'cmedqa-im dev nDCG@10': 27.0}; empty when unmeasured.",
     )
 
+    @property
+    def encoding_fingerprint(self) -> str:
+        """sha256 over everything that decides a vector: the weights and the manifest fields that turn
+        text into a vector. ``fingerprint`` names the weights alone (deltas and exports record it as
+        their base); collections and content hashes use this one, so editing a prompt, the pooling,
+        the truncation or the normalization of a built encoder makes every document read as changed."""
+        shaping = self.model_dump(
+            include={
+                "architecture",
+                "decoder_only",
+                "pooling",
+                "normalize",
+                "prompt",
+                "query_prompt",
+                "dense_layers",
+                "max_tokens",
+                "dim",
+            }
+        )
+        identity = json.dumps([self.fingerprint, shaping], sort_keys=True)
+        return hashlib.sha256(identity.encode()).hexdigest()
+
     def render(self, text: str) -> str:
         return self.prompt.replace("{text}", text)
 
@@ -129,6 +151,17 @@ def verify_manifest(model_dir: Path) -> ModelManifest:
         if actual[name] != digest:
             raise ManifestError(f"{model_dir}: {name} does not match its sha256 in the manifest")
     return manifest
+
+
+def named_model_dir(models_dir: Path, name: str) -> Path:
+    """The directory of the model called ``name`` inside ``models_dir``; a name that would lead
+    outside it (a separator, '..', an absolute path) is refused rather than followed."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ManifestError(
+            f"model name {name!r} is not a directory name inside {models_dir}; name a built model "
+            "(medsearch models list) or give the path of a model directory"
+        )
+    return models_dir / name
 
 
 def replace_model_dir(built: Path, target: Path) -> None:

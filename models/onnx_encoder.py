@@ -5,6 +5,7 @@ Pooling and L2 normalization live inside the exported graph, so this runtime onl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,6 +68,32 @@ class OnnxEncoder:
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(e.ids) for e in self._tokenizer.encode_batch([self.manifest.render(t) for t in texts])]
+
+    @property
+    def text_budget(self) -> int:
+        """Tokens of text one input holds: ``max_tokens`` less the prompt's and the special tokens'."""
+        budget = self.manifest.max_tokens - len(self._tokenizer.encode(self.manifest.render("")).ids)
+        if budget <= 0:
+            raise ManifestError(
+                f"{self.manifest.name}: the prompt fills all {self.manifest.max_tokens} tokens"
+            )
+        return budget
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of the raw text's tokens (no prompt, no special tokens, no truncation)."""
+        return [
+            (int(start), int(end))
+            for start, end in self._untruncated.encode(text, add_special_tokens=False).offsets
+        ]
+
+    @functools.cached_property
+    def _untruncated(self) -> Tokenizer:
+        # A copy, loaded on first use (the service never splits text): the query path's tokenizer
+        # truncates, and switching that setting back and forth would race with concurrent queries.
+        tokenizer = Tokenizer.from_file(str(self.model_dir / TOKENIZER_FILE))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return tokenizer
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         if not texts:

@@ -128,7 +128,12 @@ def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI
         app.include_router(search.router, prefix=prefix)
         app.include_router(health.router, prefix=prefix)
     # Inside the request record (added last, outermost), so 413s are counted and logged too.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        metrics=metrics,
+        timeout_s=settings.request_timeout_s,
+    )
     paths = [str(getattr(route, "path", "")) for route in (*search.router.routes, *health.router.routes)]
     routes = RouteTemplates([prefix + path for prefix in (API_PREFIX, "") for path in paths])
     if settings.cors_origins:

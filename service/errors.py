@@ -8,6 +8,7 @@ get a fixed message, because their text can carry internals (hosts, paths, stack
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,9 @@ class InvalidRequest(ServiceError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.detail = message
+
+
+NOT_READY_MESSAGE = "the search service is not ready; retry later"
 
 
 class NotReady(ServiceError):
@@ -66,6 +70,13 @@ class DeadlineExceeded(ServiceError):
 class BodyTooLarge(ServiceError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body exceeds {limit} bytes")
+
+
+class BodyTimeout(ServiceError):
+    """The body did not arrive in time (a stalled or deliberately slow client): 408."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request body did not arrive within {seconds:g} s")
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,7 @@ ERRORS: dict[type[BaseException], ErrorKind] = {
     RequestValidationError: ErrorKind(422, "invalid_request"),
     InvalidRequest: ErrorKind(422, "invalid_request"),
     BodyTooLarge: ErrorKind(413, "body_too_large"),
+    BodyTimeout: ErrorKind(408, "body_timeout"),
     Unauthorized: ErrorKind(401, "unauthorized"),
     Overloaded: ErrorKind(429, "overloaded"),
     DeadlineExceeded: ErrorKind(504, "deadline_exceeded"),
@@ -153,8 +165,9 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         body["message"] = str(exc)
         body["details"] = [{"field": exc.field, "message": exc.detail}]
     elif isinstance(exc, NotReady):
-        body["message"] = str(exc)
-        body["reasons"] = exc.reasons
+        # The reasons name models, spaces and operator commands: they are for /readyz (the
+        # orchestrator's probe, not the public API) and the operator, not for every client.
+        body["message"] = NOT_READY_MESSAGE
     else:
         body["message"] = spec.message if spec.message is not None else str(exc)
     return spec.status, body
@@ -163,7 +176,13 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
 def error_response(exc: BaseException, metrics: ServiceMetrics) -> JSONResponse:
     status, body = error_body(exc)
     metrics.errors.labels(kind=body["error"]).inc()
-    if status >= 500 and not isinstance(exc, ServiceError | StoreUnavailable):
+    if isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable):
+        # Qdrant's answer can echo the request's filter values (patient data): its status only.
+        answered = re.search(r"answered (\d{3})", str(exc))
+        logger.error(
+            "the store refused a search (%s)", f"HTTP {answered[1]}" if answered else type(exc).__name__
+        )
+    elif status >= 500 and not isinstance(exc, ServiceError | StoreUnavailable):
         # Server-side only; the client got the fixed message.
         logger.error("request failed: %s", type(exc).__name__, exc_info=exc)
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None

@@ -126,11 +126,17 @@ class SearchHit(BaseModel):
         examples=["高血压用药", "Hypertension drugs"],
     )
     text: str | None = Field(
-        description="None when the request set with_text to false.",
+        description="The document's text; in a chunked collection, the text of its best-matching chunk. "
+        "None when the request set with_text to false.",
         examples=[
             "高血压患者一般可以少量服用党参，但需监测血压。",
             "Patients with hypertension should monitor ...",
         ],
+    )
+    chunk: int | None = Field(
+        description="In a collection of chunked long documents (see /info, spec.chunking): which chunk of "
+        "the document matched best, from 0; each document appears once. None: a whole-document collection.",
+        examples=[1, None],
     )
     metadata: dict[str, Any] = Field(
         description="The document's metadata as indexed.",
@@ -198,14 +204,13 @@ class ErrorResponse(BaseModel):
         ],
     )
     details: list[FieldError] | None = Field(default=None, description="One entry per invalid field (422).")
-    reasons: list[str] | None = Field(
-        default=None,
-        description="Why the service is not ready (503).",
-        examples=[
-            ["vector store unreachable"],
-            ["collection '病历' not found; build it with `medsearch index ...`"],
-        ],
-    )
+
+
+# What a route behind an API key may answer besides its own (service/auth.py).
+AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorResponse, "description": "API keys are on and the request has no valid key."},
+    403: {"model": ErrorResponse, "description": "The key is valid but lacks the scope this route needs."},
+}
 
 
 class CollectionsResponse(BaseModel):
@@ -261,6 +266,12 @@ class CollectionInfo(BaseModel):
     name: str = Field(description="Collection (or alias) name.", examples=["medsearch"])
     spec: CollectionSpec | None = Field(description="None while the store has not answered.")
     points: int | None = Field(description="None when the store is unreachable.", examples=[7244])
+    version: str | None = Field(
+        default=None,
+        description="The collection the alias points at (the build being served); None when the name is "
+        "a plain collection or the store is unreachable.",
+        examples=["medsearch--v0003-5f1c2e9a"],
+    )
 
 
 class InfoResponse(BaseModel):

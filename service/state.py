@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from models.encoder import Encoder, load_encoder
-from models.manifest import ManifestError, ModelManifest, read_manifest
+from models.manifest import ManifestError, ModelManifest, named_model_dir, read_manifest
 from service.errors import NotReady
 from settings import Settings
 from store.base import CollectionSpec, StoreError, StoreUnavailable, VectorStore
@@ -183,7 +183,10 @@ def _read_query_manifest(settings: Settings) -> ModelManifest:
     models = settings.models_path
     if not models.is_dir():
         raise StartupError(f"models directory {models} does not exist; build it with {BUILD_MODELS}")
-    query_dir = models / settings.query_model
+    try:
+        query_dir = named_model_dir(models, settings.query_model)
+    except ManifestError as exc:
+        raise StartupError(f"MEDSEARCH_QUERY_MODEL: {exc}") from exc
     if not query_dir.is_dir():
         raise StartupError(
             f"query encoder {settings.query_model!r} not found in {models}; build it with {BUILD_MODELS}"
@@ -267,7 +270,7 @@ def _initial_spec(
 
 
 def _load_encoder(settings: Settings) -> Encoder:
-    model_dir = settings.models_path / settings.query_model
+    model_dir = named_model_dir(settings.models_path, settings.query_model)
     try:
         return load_encoder(model_dir, threads=settings.query_threads)
     except ManifestError as exc:

@@ -18,13 +18,18 @@ class Settings(BaseSettings):
         default="multilingual-e5-small",
         description="Document encoder directory used by the indexer (e.g. gemma-3-270m).",
     )
-    collection: str = "medsearch"
+    collection: str = Field(
+        default="medsearch",
+        description="The alias the service reads and full builds switch (a plain collection name works too).",
+    )
     qdrant_url: str | None = Field(
         default=None, description="Qdrant server URL (or ':memory:'); unset = embedded engine."
     )
-    qdrant_api_key: SecretStr | None = None
+    qdrant_api_key: SecretStr | None = Field(default=None, description="Qdrant API key (server backend).")
     qdrant_path: Path | None = Field(default=None, description="Embedded store data; default HOME/qdrant.")
-    qdrant_timeout_s: float = 5.0
+    qdrant_timeout_s: float = Field(
+        default=5.0, gt=0, description="Seconds a Qdrant server call may take before it counts as down."
+    )
     spec_refresh_s: float = Field(
         default=5.0,
         ge=0,
@@ -37,8 +42,8 @@ class Settings(BaseSettings):
         default=256, ge=1, description="HNSW candidates per search: higher is closer to exact, slower."
     )
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field(default="127.0.0.1", description="Listen address (0.0.0.0 in the container image).")
+    port: int = Field(default=8000, ge=0, le=65535, description="Listen port (0: any free port).")
     threads: int = Field(
         default=0, ge=0, description="Encoder threads of batch jobs (index, eval); 0 = runtime default."
     )
@@ -50,7 +55,7 @@ class Settings(BaseSettings):
             "next batch (batching supplies the parallelism); 0 = runtime default (all cores)."
         ),
     )
-    max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    max_body_bytes: int = Field(default=64 * 1024, gt=0, description="Larger request bodies get 413.")
     log_queries: bool = Field(default=False, description="Log query text. Patient data: keep off.")
     batch_max_size: int = Field(
         default=16,

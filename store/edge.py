@@ -4,6 +4,11 @@ Layout under the data directory::
 
     <root>/<collection>/collection.json   the CollectionSpec
     <root>/<collection>/shard/            the EdgeShard (segments, WAL)
+    <root>/aliases.json                   alias -> collection, replaced atomically (Qdrant's aliases)
+
+Aliases are how a reindex switches what is served without a restart: the indexer builds a new
+collection and then rewrites the alias file in one rename; readers stat the file on every call and
+follow it, while searches already running finish on the collection they started on.
 
 A collection is built in ``<root>/.creating-<collection>/`` and renamed into place once its shard,
 payload indexes and spec are on disk, so a crash mid-creation never leaves a half-made collection
@@ -25,14 +30,17 @@ time; a second process gets StoreUnavailable until the first closes it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import re
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import qdrant_edge as qe
@@ -44,6 +52,9 @@ from store.filters import Condition, Filter, FilterLike, checked_filter, field_k
 from store.sparse import BM25_VECTOR, SparseVector
 
 SPEC_FILE = "collection.json"
+ALIASES_FILE = "aliases.json"
+ALIASES_LOCK = ".aliases.lock"
+DELETING_PREFIX = ".deleting-"
 SHARD_DIR = "shard"
 STAGING_PREFIX = ".creating-"
 # Collection names become directory names: no separators, no dot-files, no "..".
@@ -109,6 +120,11 @@ def _vectors(point: DocumentPoint) -> qe.Vector:
     return {"": list(point.vector), BM25_VECTOR: _engine_sparse(point.sparse)}
 
 
+def _dense_of(vector: qe.Vector) -> list[float]:
+    dense = vector.get("") if isinstance(vector, dict) else vector
+    return [float(x) for x in cast(list[float], dense)]
+
+
 def _engine_sparse(vector: SparseVector) -> qe.SparseVector:
     return qe.SparseVector(vector.indices, vector.values)
 
@@ -132,6 +148,27 @@ class _Open:
     spec: CollectionSpec
 
 
+def _chunks_from(doc_ids: list[str], first: int) -> qe.Filter:
+    """The chunks of ``doc_ids`` numbered ``first`` and above."""
+    return qe.Filter(
+        must=[
+            qe.FieldCondition(key=schema.DOC_ID_KEY, match=qe.MatchAny(doc_ids)),
+            qe.FieldCondition(key=schema.CHUNK_KEY, range=qe.RangeFloat(gte=float(first))),
+        ]
+    )
+
+
+def _payloads(coll: _Open, name: str, ids: list[str], fields: list[str]) -> list[dict[str, Any] | None]:
+    point_ids: list[qe.PointId] = list(ids)
+    try:
+        records = coll.shard.retrieve(
+            point_ids, with_payload=qe.PayloadSelector.Include(fields), with_vector=False
+        )
+    except Exception as exc:
+        raise _engine_error(f"retrieve from {name!r}", exc) from exc
+    return [r.payload for r in records]
+
+
 # HNSW graph shape: Qdrant's defaults (m 16, ef_construct 100). Segments under the full-scan threshold
 # (in KB of vectors: 10,000 is ~6,600 384-d vectors) are searched exactly, which is cheap at that size.
 HNSW = qe.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10_000)
@@ -149,6 +186,9 @@ class EdgeStore:
         self._lock = threading.Lock()
         self._open: dict[str, _Open] = {}
         self._closed = False
+        # The alias file as last read, keyed by its (mtime_ns, size, inode) so a stat tells if it moved.
+        self._aliases: dict[str, str] = {}
+        self._aliases_stamp: tuple[int, int, int] | None = None
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -163,14 +203,18 @@ class EdgeStore:
         _check_name(name)
         with self._lock:
             self._check_open()
+            name = self._resolve(name)
             if name in self._open:
                 return self._open[name].spec
             return self._read_spec(name)
 
-    def create_collection(self, name: str, spec: CollectionSpec) -> None:
+    def create_collection(self, name: str, spec: CollectionSpec, bulk: bool = False) -> None:
+        # ``bulk`` changes nothing here: the engine builds its graph only in optimize() anyway.
         _check_name(name)
         with self._lock:
             self._check_open()
+            if name in self._read_aliases():
+                raise StoreError(f"{name!r} is an alias; a collection cannot take its name")
             stored = self._open[name].spec if name in self._open else self._read_spec(name)
             if stored is not None:
                 error = schema.mismatch_error(name, stored, spec)
@@ -202,13 +246,11 @@ class EdgeStore:
         if not doc_ids:
             return {}
         coll = self._collection(name)
-        ids: list[qe.PointId] = [point_id(d) for d in dict.fromkeys(doc_ids)]
-        try:
-            records = coll.shard.retrieve(
-                ids, with_payload=qe.PayloadSelector.Include(schema.HASH_FIELDS), with_vector=False
+        if coll.spec.chunking is not None:
+            return schema.chunked_hashes(
+                lambda ids: _payloads(coll, name, ids, schema.CHUNK_HASH_FIELDS), doc_ids
             )
-        except Exception as exc:
-            raise _engine_error(f"retrieve from {name!r}", exc) from exc
+        records = self._retrieve(name, doc_ids, schema.HASH_FIELDS, with_vector=False)
         return schema.hashes_of([r.payload for r in records])
 
     def upsert(self, name: str, points: Sequence[DocumentPoint]) -> None:
@@ -216,8 +258,10 @@ class EdgeStore:
             return
         coll = self._collection(name)
         schema.check_points(coll.spec, points)
-        batch = [qe.Point(point_id(p.doc_id), _vectors(p), schema.payload_of(p)) for p in points]
+        batch = [qe.Point(point_id(p.doc_id, p.chunk), _vectors(p), schema.payload_of(p)) for p in points]
         try:
+            for count, doc_ids in schema.stale_chunks(points).items():
+                coll.shard.update(qe.UpdateOperation.delete_points_by_filter(_chunks_from(doc_ids, count)))
             coll.shard.update(qe.UpdateOperation.upsert_points(batch))
         except Exception as exc:
             raise _engine_error(f"upsert into {name!r}", exc) from exc
@@ -235,9 +279,29 @@ class EdgeStore:
         coll = self._collection(name)
         query = schema.query_vector(coll.spec, vector)
         where = _engine_filter(coll.spec, checked_filter(coll.spec, filters))
+        if sparse is not None:
+            schema.check_hybrid(coll.spec)
+
+        def ranked(limit: int) -> list[Hit]:
+            return self._query(coll, name, query, limit, where, score_threshold, sparse)
+
+        if coll.spec.chunking is not None:
+            return schema.grouped_by_overfetch(ranked, top_k)
+        return ranked(top_k)
+
+    def _query(
+        self,
+        coll: _Open,
+        name: str,
+        query: list[float],
+        limit: int,
+        where: qe.Filter | None,
+        score_threshold: float | None,
+        sparse: SparseVector | None,
+    ) -> list[Hit]:
         if sparse is None:
             request = qe.QueryRequest(
-                limit=top_k,
+                limit=limit,
                 query=qe.Query.Nearest(query),
                 filter=where,
                 with_payload=True,
@@ -246,10 +310,9 @@ class EdgeStore:
                 params=self._params,
             )
         else:
-            schema.check_hybrid(coll.spec)
-            depth = schema.prefetch_depth(top_k)
+            depth = schema.prefetch_depth(limit)
             request = qe.QueryRequest(
-                limit=top_k,
+                limit=limit,
                 prefetches=[
                     qe.Prefetch(
                         limit=depth,
@@ -281,6 +344,113 @@ class EdgeStore:
         except Exception as exc:
             raise _engine_error(f"optimize {name!r}", exc) from exc
 
+    def list_collections(self) -> list[str]:
+        with self._lock:
+            self._check_open()
+            try:
+                entries = sorted(self._root.iterdir())
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot list {self._root}: {exc}") from exc
+            return [p.name for p in entries if _NAME.match(p.name) and (p / SPEC_FILE).is_file()]
+
+    def delete_collection(self, name: str) -> None:
+        _check_name(name)
+        with self._lock, self._aliases_locked():
+            self._check_open()
+            targets = self._read_aliases()
+            holders = sorted(alias for alias, target in targets.items() if target == name)
+            if holders:
+                raise StoreError(f"collection {name!r} is served through alias {holders[0]!r}; not deleted")
+            target = self._root / name
+            if not (target / SPEC_FILE).is_file():
+                return
+            opened = self._open.pop(name, None)
+            if opened is not None:
+                opened.shard.close()
+            # Renamed first, so the collection vanishes at once and a crash leaves only a dot-directory.
+            doomed = self._root / f"{DELETING_PREFIX}{name}"
+            try:
+                shutil.rmtree(doomed, ignore_errors=True)
+                os.rename(target, doomed)
+                _fsync_dir(self._root)
+            except OSError as exc:
+                raise StoreError(f"cannot delete collection {name!r}: {exc}") from exc
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def release(self, name: str) -> None:
+        _check_name(name)
+        with self._lock:
+            opened = self._open.pop(self._resolve(name), None)
+        if opened is not None:
+            try:
+                opened.shard.flush()
+                opened.shard.close()
+            except Exception as exc:
+                raise _engine_error(f"close {name!r}", exc) from exc
+
+    def aliases(self) -> dict[str, str]:
+        with self._lock:
+            self._check_open()
+            return dict(self._read_aliases())
+
+    def switch_alias(self, alias: str, collection: str) -> None:
+        _check_name(alias)
+        _check_name(collection)
+        with self._lock, self._aliases_locked():
+            self._check_open()
+            if (self._root / alias / SPEC_FILE).exists():
+                raise StoreError(f"{alias!r} is a collection; an alias cannot take its name")
+            if self._read_spec(collection) is None:
+                raise StoreError(f"collection {collection!r} does not exist in {self._root}")
+            updated = {**self._read_aliases(), alias: collection}
+            _write_atomic(self._root / ALIASES_FILE, json.dumps(updated, indent=2, sort_keys=True) + "\n")
+            self._aliases_stamp = None
+
+    def document_ids(self, name: str) -> Iterator[str]:
+        coll = self._collection(name)
+        offset: qe.PointId | None = None
+        while True:
+            request = qe.ScrollRequest(
+                offset=offset,
+                limit=1024,
+                with_payload=qe.PayloadSelector.Include([schema.DOC_ID_KEY, schema.CHUNK_KEY]),
+                with_vector=False,
+            )
+            try:
+                records, offset = coll.shard.scroll(request)
+            except Exception as exc:
+                raise _engine_error(f"scroll {name!r}", exc) from exc
+            for record in records:
+                if (doc_id := schema.head_doc_id(record.payload)) is not None:
+                    yield doc_id
+            if offset is None:
+                return
+
+    def delete_documents(self, name: str, doc_ids: Sequence[str]) -> None:
+        if not doc_ids:
+            return
+        coll = self._collection(name)
+        unique = list(dict.fromkeys(doc_ids))
+        if coll.spec.chunking is not None:  # every chunk of each document
+            match = qe.FieldCondition(key=schema.DOC_ID_KEY, match=qe.MatchAny(unique))
+            operation = qe.UpdateOperation.delete_points_by_filter(qe.Filter(must=[match]))
+        else:
+            operation = qe.UpdateOperation.delete_points([point_id(d) for d in unique])
+        try:
+            coll.shard.update(operation)
+        except Exception as exc:
+            raise _engine_error(f"delete from {name!r}", exc) from exc
+
+    def vectors(self, name: str, doc_ids: Sequence[str]) -> dict[str, list[float]]:
+        if not doc_ids:
+            return {}
+        records = self._retrieve(name, doc_ids, ["doc_id"], with_vector=[""])
+        return {
+            str(r.payload["doc_id"]): _dense_of(r.vector)
+            for r in records
+            if r.payload and r.vector is not None
+        }
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -303,12 +473,63 @@ class EdgeStore:
         _check_name(name)
         with self._lock:
             self._check_open()
+            name = self._resolve(name)
             if name not in self._open:
                 spec = self._read_spec(name)
                 if spec is None:
                     raise StoreError(f"collection {name!r} does not exist in {self._root}")
                 self._open[name] = _Open(self._load_shard(name), spec)
             return self._open[name]
+
+    def _retrieve(
+        self, name: str, doc_ids: Sequence[str], fields: list[str], with_vector: bool | list[str]
+    ) -> list[qe.Record]:
+        coll = self._collection(name)
+        ids: list[qe.PointId] = list(schema.head_point_ids(coll.spec, doc_ids))
+        try:
+            return coll.shard.retrieve(
+                ids, with_payload=qe.PayloadSelector.Include(fields), with_vector=with_vector
+            )
+        except Exception as exc:
+            raise _engine_error(f"retrieve from {name!r}", exc) from exc
+
+    def _resolve(self, name: str) -> str:
+        """The collection ``name`` stands for: an alias' target, else itself (caller holds the lock)."""
+        return self._read_aliases().get(name, name)
+
+    def _read_aliases(self) -> dict[str, str]:
+        path = self._root / ALIASES_FILE
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._aliases, self._aliases_stamp = {}, None
+            return self._aliases
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {path}: {exc}") from exc
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp != self._aliases_stamp:
+            try:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"{path} is unreadable: {exc}") from exc
+            if not isinstance(loaded, dict) or not all(isinstance(v, str) for v in loaded.values()):
+                raise StoreError(f"{path} is not an alias -> collection object")
+            # A collection no alias serves any more is forgotten, not closed: searches still running on
+            # it hold their reference, and the engine releases the shard when the last one lets go.
+            for retired in set(self._aliases.values()) - set(loaded.values()):
+                self._open.pop(retired, None)
+            self._aliases, self._aliases_stamp = loaded, stamp
+        return self._aliases
+
+    @contextlib.contextmanager
+    def _aliases_locked(self) -> Iterator[None]:
+        """Serializes alias edits and deletions between processes sharing the data directory."""
+        with (self._root / ALIASES_LOCK).open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _read_spec(self, name: str) -> CollectionSpec | None:
         path = self._root / name / SPEC_FILE
@@ -341,10 +562,8 @@ class EdgeStore:
         try:
             shard = qe.EdgeShard.create(str(staging / SHARD_DIR), config)
             try:
-                for key, kind in field_kinds(spec).items():
-                    shard.update(
-                        qe.UpdateOperation.create_field_index(schema.metadata_path(key), _INDEX_TYPES[kind])
-                    )
+                for path, kind in schema.index_paths(spec).items():
+                    shard.update(qe.UpdateOperation.create_field_index(path, _INDEX_TYPES[kind]))
                 shard.flush()
             finally:
                 shard.close()

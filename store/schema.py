@@ -6,12 +6,13 @@ point carries the same payload and the same query is refused for the same reason
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from store.base import CollectionSpec, DocumentPoint, Hit, StoreError
+from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, point_id
+from store.filters import FieldKind, field_kinds
 from store.sparse import Bm25Spec
 
 # Payload keys fetched when only the content hashes are needed (no text, no vectors).
@@ -23,18 +24,33 @@ RRF_K = 60
 HYBRID_PREFETCH = 100
 
 
+# Chunked collections (spec.chunking): each point is one chunk of a document; its payload holds the
+# parent's doc_id, title and metadata, the chunk's text, its number and the document's chunk count.
+# Searches group by the parent's doc_id, which needs a keyword index on it.
+DOC_ID_KEY = "doc_id"
+CHUNK_KEY = "chunk"
+CHUNKS_KEY = "chunks"
+CHUNK_HASH_FIELDS = [*HASH_FIELDS, CHUNKS_KEY]
+# Chunks fetched per document wanted, first try, by a backend that groups by over-fetching.
+CHUNK_OVERFETCH = 4
+
+
 def metadata_path(key: str) -> str:
     return f"{METADATA_KEY}.{key}"
 
 
 def payload_of(point: DocumentPoint) -> dict[str, Any]:
-    return {
+    payload: dict[str, Any] = {
         "doc_id": point.doc_id,
         "title": point.title,
         "text": point.text,
         METADATA_KEY: point.metadata,
         "content_hash": point.content_hash,
     }
+    if point.chunk is not None:
+        payload[CHUNK_KEY] = point.chunk
+        payload[CHUNKS_KEY] = point.chunks
+    return payload
 
 
 def hit_of(payload: Mapping[str, Any] | None, score: float) -> Hit:
@@ -46,6 +62,7 @@ def hit_of(payload: Mapping[str, Any] | None, score: float) -> Hit:
         title=payload.get("title", ""),
         text=payload.get("text", ""),
         metadata=payload.get(METADATA_KEY) or {},
+        chunk=payload.get(CHUNK_KEY),
     )
 
 
@@ -77,6 +94,84 @@ def check_points(spec: CollectionSpec, points: Sequence[DocumentPoint]) -> None:
         if (p.sparse is None) != (spec.sparse is None):
             wanted = "needs a BM25 vector" if spec.sparse is not None else "holds no BM25 vectors"
             raise StoreError(f"document {p.doc_id!r}: the collection {wanted}")
+        if (p.chunk is None) != (spec.chunking is None):
+            wanted = "holds chunks: give chunk and chunks" if spec.chunking else "holds whole documents"
+            raise StoreError(f"document {p.doc_id!r}: the collection {wanted}")
+
+
+def index_paths(spec: CollectionSpec) -> dict[str, FieldKind]:
+    """Payload path -> index kind ("keyword", "integer", "date") of every index the collection needs:
+    its declared metadata fields, and the parent's doc_id when chunked (grouping needs it)."""
+    paths: dict[str, FieldKind] = {metadata_path(key): kind for key, kind in field_kinds(spec).items()}
+    if spec.chunking is not None:
+        paths[DOC_ID_KEY] = "keyword"
+    return paths
+
+
+def stale_chunks(points: Sequence[DocumentPoint]) -> dict[int, list[str]]:
+    """Chunk count -> the documents written with that many chunks: their chunks numbered from the
+    count on are left over from a longer version and must go."""
+    counts: dict[str, int] = {}
+    for p in points:
+        if p.chunks is not None:
+            counts[p.doc_id] = p.chunks
+    by_count: dict[int, list[str]] = {}
+    for doc_id, n in counts.items():
+        by_count.setdefault(n, []).append(doc_id)
+    return by_count
+
+
+Retrieve = Callable[[list[str]], Sequence[Mapping[str, Any] | None]]
+
+
+def chunked_hashes(retrieve: Retrieve, doc_ids: Sequence[str]) -> dict[str, str]:
+    """``content_hashes`` of a chunked collection, given a lookup of payloads (``CHUNK_HASH_FIELDS``)
+    by point id. A document counts as stored when its first and its last chunk carry the same hash:
+    chunks are written in order after the stale ones are removed, so an interrupted write shows as a
+    mismatch or a missing last chunk, and the document is written again."""
+    firsts = hashes_and_counts(retrieve([point_id(d, 0) for d in dict.fromkeys(doc_ids)]))
+    lasts = hashes_and_counts(
+        retrieve([point_id(d, n - 1) for d, (_, n) in firsts.items() if n > 1]) if firsts else []
+    )
+    return {d: h for d, (h, n) in firsts.items() if n == 1 or (d in lasts and lasts[d] == (h, n))}
+
+
+def hashes_and_counts(payloads: Sequence[Mapping[str, Any] | None]) -> dict[str, tuple[str, int]]:
+    found: dict[str, tuple[str, int]] = {}
+    for p in payloads:
+        if p is not None and "doc_id" in p and "content_hash" in p and isinstance(p.get(CHUNKS_KEY), int):
+            found[p["doc_id"]] = (p["content_hash"], p[CHUNKS_KEY])
+    return found
+
+
+def best_per_document(hits: Sequence[Hit], top_k: int) -> list[Hit]:
+    """The first (best-ranked) hit of each document, in rank order, at most ``top_k``."""
+    seen: set[str] = set()
+    best: list[Hit] = []
+    for hit in hits:
+        if hit.doc_id not in seen:
+            seen.add(hit.doc_id)
+            best.append(hit)
+            if len(best) == top_k:
+                break
+    return best
+
+
+def grouped_by_overfetch(fetch: Callable[[int], list[Hit]], top_k: int) -> list[Hit]:
+    """The ``top_k`` best documents of a chunked collection from a ranked chunk search, ``fetch(limit)``.
+
+    For an engine without grouping: qdrant-edge (0.9) has no group_by, so the chunks are over-fetched
+    (``CHUNK_OVERFETCH`` per document wanted) and kept best-first per document; when that yields
+    fewer than ``top_k`` documents and the engine had more to give, the search runs again twice as
+    deep, until it has ``top_k`` documents or the engine runs out. A Qdrant server groups itself.
+    """
+    limit = top_k * CHUNK_OVERFETCH
+    while True:
+        hits = fetch(limit)
+        best = best_per_document(hits, top_k)
+        if len(best) == top_k or len(hits) < limit:
+            return best
+        limit *= 2
 
 
 def check_hybrid(spec: CollectionSpec) -> Bm25Spec:
@@ -116,3 +211,16 @@ def mismatch_error(name: str, stored: CollectionSpec, requested: CollectionSpec)
     if difference is None:
         return None
     return StoreError(f"collection {name!r} already exists with a different spec ({difference})")
+
+
+def head_point_ids(spec: CollectionSpec, doc_ids: Sequence[str]) -> list[str]:
+    """The point standing for each document: the whole document, or its chunk 0."""
+    chunk = 0 if spec.chunking is not None else None
+    return [point_id(d, chunk) for d in dict.fromkeys(doc_ids)]
+
+
+def head_doc_id(payload: Mapping[str, Any] | None) -> str | None:
+    """The document id of a point that stands for its document (whole, or chunk 0), else None."""
+    if payload is None or DOC_ID_KEY not in payload or payload.get(CHUNK_KEY) not in (None, 0):
+        return None
+    return str(payload[DOC_ID_KEY])

@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from collections.abc import Iterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -40,6 +41,7 @@ UPSERT_BATCH = 256
 _RETRYABLE_STATUS = {408, 429}
 # HNSW candidate list per search (see store/edge.py for the measurement behind the value).
 DEFAULT_HNSW_EF = 256
+HNSW_M = 16  # Qdrant's default graph degree, set back after a bulk load
 
 
 def store_error(action: str, exc: Exception) -> StoreError:
@@ -107,6 +109,16 @@ def _client_filter(spec: CollectionSpec, where: Filter | None) -> models.Filter 
     )
 
 
+def _chunks_from(doc_ids: list[str], first: int) -> models.Filter:
+    """The chunks of ``doc_ids`` numbered ``first`` and above."""
+    return models.Filter(
+        must=[
+            models.FieldCondition(key=schema.DOC_ID_KEY, match=models.MatchAny(any=doc_ids)),
+            models.FieldCondition(key=schema.CHUNK_KEY, range=models.Range(gte=first)),
+        ]
+    )
+
+
 class ServerStore:
     """VectorStore over a Qdrant server (``url``) or qdrant-client's in-process ':memory:' mode."""
 
@@ -156,7 +168,9 @@ class ServerStore:
                 self._specs[name] = spec
         return spec
 
-    def create_collection(self, name: str, spec: CollectionSpec) -> None:
+    def create_collection(self, name: str, spec: CollectionSpec, bulk: bool = False) -> None:
+        """``bulk``: a collection about to be loaded whole and served only afterwards; the server
+        builds no HNSW graph while points arrive (m 0), ``optimize`` builds it once at the end."""
         stored = self.get_collection(name)
         if stored is None:
             sparse = (
@@ -169,6 +183,7 @@ class ServerStore:
                     name,
                     vectors_config=models.VectorParams(size=spec.dim, distance=models.Distance.COSINE),
                     sparse_vectors_config=sparse,
+                    hnsw_config=models.HnswConfigDiff(m=0) if bulk else None,
                     metadata={SPEC_KEY: spec.model_dump(mode="json")},
                 )
             stored = self.get_collection(name)
@@ -188,19 +203,32 @@ class ServerStore:
     def content_hashes(self, name: str, doc_ids: Sequence[str]) -> dict[str, str]:
         if not doc_ids:
             return {}
-        self._spec(name)
-        ids: list[int | str] = [point_id(d) for d in dict.fromkeys(doc_ids)]
+        if self._spec(name).chunking is not None:
+            return schema.chunked_hashes(
+                lambda ids: self._payloads(name, ids, schema.CHUNK_HASH_FIELDS), doc_ids
+            )
+        return schema.hashes_of(
+            self._payloads(name, [point_id(d) for d in dict.fromkeys(doc_ids)], schema.HASH_FIELDS)
+        )
+
+    def _payloads(self, name: str, ids: list[str], fields: list[str]) -> list[dict[str, Any] | None]:
+        point_ids: list[int | str] = list(ids)
         with self._call(f"retrieve from {name!r}"):
-            records = self._client.retrieve(name, ids, with_payload=schema.HASH_FIELDS, with_vectors=False)
-        return schema.hashes_of([r.payload for r in records])
+            records = self._client.retrieve(name, point_ids, with_payload=fields, with_vectors=False)
+        return [r.payload for r in records]
 
     def upsert(self, name: str, points: Sequence[DocumentPoint]) -> None:
         if not points:
             return
         schema.check_points(self._spec(name), points)
+        for count, doc_ids in schema.stale_chunks(points).items():
+            with self._call(f"delete stale chunks from {name!r}"):
+                self._client.delete(name, points_selector=_chunks_from(doc_ids, count), wait=True)
         for start in range(0, len(points), UPSERT_BATCH):
             batch = [
-                models.PointStruct(id=point_id(p.doc_id), vector=_vectors(p), payload=schema.payload_of(p))
+                models.PointStruct(
+                    id=point_id(p.doc_id, p.chunk), vector=_vectors(p), payload=schema.payload_of(p)
+                )
                 for p in points[start : start + UPSERT_BATCH]
             ]
             with self._call(f"upsert into {name!r}"):
@@ -221,6 +249,8 @@ class ServerStore:
         where = _client_filter(spec, checked_filter(spec, filters))
         if sparse is not None:
             schema.check_hybrid(spec)
+        if spec.chunking is not None:
+            return self._grouped(name, query, top_k, where, score_threshold, sparse)
         with self._call(f"search {name!r}"):
             if sparse is None:
                 response = self._client.query_points(
@@ -234,21 +264,9 @@ class ServerStore:
                     search_params=self._params,
                 )
             else:
-                depth = schema.prefetch_depth(top_k)
                 response = self._client.query_points(
                     name,
-                    prefetch=[
-                        models.Prefetch(
-                            query=query,
-                            filter=where,
-                            limit=depth,
-                            score_threshold=score_threshold,
-                            params=self._params,
-                        ),
-                        models.Prefetch(
-                            query=_client_sparse(sparse), using=BM25_VECTOR, filter=where, limit=depth
-                        ),
-                    ],
+                    prefetch=self._hybrid_prefetch(query, sparse, where, score_threshold, top_k),
                     query=models.RrfQuery(rrf=models.Rrf(k=schema.RRF_K)),
                     limit=top_k,
                     with_payload=True,
@@ -256,9 +274,164 @@ class ServerStore:
                 )
         return [schema.hit_of(p.payload, p.score) for p in response.points]
 
-    def optimize(self, name: str) -> None:
-        # The server's own optimizer indexes segments in the background; nothing to trigger.
+    def _grouped(
+        self,
+        name: str,
+        query: list[float],
+        top_k: int,
+        where: models.Filter | None,
+        score_threshold: float | None,
+        sparse: SparseVector | None,
+    ) -> list[Hit]:
+        """A chunked collection's search: Qdrant groups the chunks by their document and keeps each
+        document's best one. The hybrid candidate lists are as deep as the embedded backend's first
+        over-fetch (store/schema.py), so both fuse the same candidates."""
+        with self._call(f"search {name!r}"):
+            if sparse is None:
+                result = self._client.query_points_groups(
+                    name,
+                    group_by=schema.DOC_ID_KEY,
+                    query=query,
+                    query_filter=where,
+                    limit=top_k,
+                    group_size=1,
+                    with_payload=True,
+                    with_vectors=False,
+                    score_threshold=score_threshold,
+                    search_params=self._params,
+                )
+            else:
+                deeper = top_k * schema.CHUNK_OVERFETCH
+                result = self._client.query_points_groups(
+                    name,
+                    group_by=schema.DOC_ID_KEY,
+                    prefetch=self._hybrid_prefetch(query, sparse, where, score_threshold, deeper),
+                    query=models.RrfQuery(rrf=models.Rrf(k=schema.RRF_K)),
+                    limit=top_k,
+                    group_size=1,
+                    with_payload=True,
+                    with_vectors=False,
+                )
+        return [schema.hit_of(g.hits[0].payload, g.hits[0].score) for g in result.groups if g.hits]
+
+    def _hybrid_prefetch(
+        self,
+        query: list[float],
+        sparse: SparseVector,
+        where: models.Filter | None,
+        score_threshold: float | None,
+        top_k: int,
+    ) -> list[models.Prefetch]:
+        depth = schema.prefetch_depth(top_k)
+        return [
+            models.Prefetch(
+                query=query, filter=where, limit=depth, score_threshold=score_threshold, params=self._params
+            ),
+            models.Prefetch(query=_client_sparse(sparse), using=BM25_VECTOR, filter=where, limit=depth),
+        ]
+
+    def optimize(self, name: str, timeout_s: float = 3600.0) -> None:
+        """Build the HNSW graph of a bulk-loaded collection and wait until the server reports it
+        indexed (status green), so a collection is only validated and served once it is complete."""
         self._spec(name)
+        with self._call(f"read collection {name!r}"):
+            info = self._client.get_collection(name)
+        if info.config.hnsw_config.m == 0:
+            with self._call(f"enable indexing of {name!r}"):
+                self._client.update_collection(name, hnsw_config=models.HnswConfigDiff(m=HNSW_M))
+            with self._call(f"read collection {name!r}"):
+                info = self._client.get_collection(name)  # the status the update brought
+        deadline = time.monotonic() + timeout_s
+        while info.status != models.CollectionStatus.GREEN:
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"collection {name!r} still {info.status} after {timeout_s:.0f} s")
+            time.sleep(1.0)
+            with self._call(f"read collection {name!r}"):
+                info = self._client.get_collection(name)
+
+    def list_collections(self) -> list[str]:
+        with self._call("list collections"):
+            names = [c.name for c in self._client.get_collections().collections]
+        return sorted(names)
+
+    def delete_collection(self, name: str) -> None:
+        holders = sorted(alias for alias, target in self.aliases().items() if target == name)
+        if holders:
+            raise StoreError(f"collection {name!r} is served through alias {holders[0]!r}; not deleted")
+        with self._call(f"delete collection {name!r}"):
+            self._client.delete_collection(name)
+        with self._specs_lock:
+            self._specs.pop(name, None)
+
+    def release(self, name: str) -> None:
+        """Nothing is held per collection: the server serves it to every client at once."""
+
+    def aliases(self) -> dict[str, str]:
+        with self._call("list aliases"):
+            found = self._client.get_aliases().aliases
+        return {a.alias_name: a.collection_name for a in found}
+
+    def switch_alias(self, alias: str, collection: str) -> None:
+        # One request: the server applies the delete and the create atomically, so a reader of the
+        # alias sees the old collection or the new one, never neither.
+        operations: list[models.AliasOperations] = []
+        if alias in self.aliases():
+            operations.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+        operations.append(
+            models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)
+            )
+        )
+        with self._call(f"switch alias {alias!r} to {collection!r}"):
+            self._client.update_collection_aliases(change_aliases_operations=operations)
+        with self._specs_lock:
+            self._specs.pop(alias, None)
+
+    def document_ids(self, name: str) -> Iterator[str]:
+        self._spec(name)
+        offset: models.ExtendedPointId | None = None
+        while True:
+            with self._call(f"scroll {name!r}"):
+                records, next_offset = self._client.scroll(
+                    name,
+                    limit=1024,
+                    offset=offset,
+                    with_payload=[schema.DOC_ID_KEY, schema.CHUNK_KEY],
+                    with_vectors=False,
+                )
+            for record in records:
+                if (doc_id := schema.head_doc_id(record.payload)) is not None:
+                    yield doc_id
+            if next_offset is None:
+                return
+            offset = next_offset
+
+    def delete_documents(self, name: str, doc_ids: Sequence[str]) -> None:
+        if not doc_ids:
+            return
+        self._spec(name)
+        unique = list(dict.fromkeys(doc_ids))
+        selector: models.PointsSelector
+        if self._spec(name).chunking is not None:  # every chunk of each document
+            match = models.FieldCondition(key=schema.DOC_ID_KEY, match=models.MatchAny(any=unique))
+            selector = models.FilterSelector(filter=models.Filter(must=[match]))
+        else:
+            selector = models.PointIdsList(points=[point_id(d) for d in unique])
+        with self._call(f"delete from {name!r}"):
+            self._client.delete(name, points_selector=selector, wait=True)
+
+    def vectors(self, name: str, doc_ids: Sequence[str]) -> dict[str, list[float]]:
+        if not doc_ids:
+            return {}
+        ids: list[int | str] = list(schema.head_point_ids(self._spec(name), doc_ids))
+        with self._call(f"retrieve from {name!r}"):
+            records = self._client.retrieve(name, ids, with_payload=["doc_id"], with_vectors=True)
+        found: dict[str, list[float]] = {}
+        for r in records:
+            vector = r.vector.get("") if isinstance(r.vector, dict) else r.vector
+            if r.payload and "doc_id" in r.payload and vector is not None:
+                found[str(r.payload["doc_id"])] = [float(x) for x in cast(list[float], vector)]
+        return found
 
     def close(self) -> None:
         with self._call("close"):
@@ -266,7 +439,8 @@ class ServerStore:
 
     def _spec(self, name: str) -> CollectionSpec:
         # Cached: the spec of a collection never changes (a different one is a different collection),
-        # and a search should cost one request, not two.
+        # and a search should cost one request, not two. An alias' entry follows a switch when
+        # get_collection re-reads it (the service does every MEDSEARCH_SPEC_REFRESH_S).
         with self._specs_lock:
             cached = self._specs.get(name)
         if cached is not None:
@@ -295,8 +469,7 @@ class ServerStore:
     def _ensure_indexes(self, name: str, spec: CollectionSpec) -> None:
         with self._call(f"read payload indexes of {name!r}"):
             present = set(self._client.get_collection(name).payload_schema)
-        for key, kind in field_kinds(spec).items():
-            path = schema.metadata_path(key)
+        for path, kind in schema.index_paths(spec).items():
             if path in present:
                 continue
             with self._call(f"create payload index {path!r} on {name!r}"):

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from bench.queries import QUESTIONS
 from bench.service_load import (
@@ -30,6 +25,7 @@ from service.app import create_app
 from service.state import ServingState
 from settings import Settings
 from store.factory import open_store
+from tests.servers import uvicorn_thread
 from tests.test_service import COLLECTION, HashEncoder, build_collection
 
 
@@ -71,28 +67,9 @@ class EveryThirdSearchFails:
         await send({"type": "http.response.body", "body": payload})
 
 
-@contextmanager
-def loopback_server(app: Any) -> Iterator[str]:
-    """``app`` under uvicorn on a free 127.0.0.1 port, in a thread of this process."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 async def test_counts_requests_and_errors_over_loopback() -> None:
     app = EveryThirdSearchFails()
-    with loopback_server(app) as url:
+    with uvicorn_thread(app, lifespan="off") as url:
         result = await measure_service(url, QUESTIONS, levels=[1, 4], duration_s=0.3, warmup=0)
     total = sum(level.requests for level in result.levels)
     assert total == app.searches > 0
@@ -170,7 +147,7 @@ async def test_compared_server_gets_the_same_levels_on_its_embeddings_endpoint()
     from bench.report import compared_table
 
     ours, theirs = EveryThirdSearchFails(), EveryThirdSearchFails()
-    with loopback_server(ours) as url, loopback_server(theirs) as other:
+    with uvicorn_thread(ours, lifespan="off") as url, uvicorn_thread(theirs, lifespan="off") as other:
         result = await measure_service(
             url, QUESTIONS, levels=[1, 2], duration_s=0.2, warmup=0, compare=(other, "e5-int8", "query: ")
         )

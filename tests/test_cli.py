@@ -27,12 +27,23 @@ def test_index_reports_bad_lines_by_file_and_line_and_exits_1(
     captured = capsys.readouterr()
     assert code == 1
     assert f"{corpus}:2: invalid JSON" in captured.err
-    assert "indexed 1, skipped 0 (unchanged), rejected 1" in captured.out
+    assert "indexed 1, skipped 0 (unchanged), deleted 0, rejected 1" in captured.out
     assert json.loads(rejects.read_text(encoding="utf-8"))["source"] == f"{corpus}:2"
-    # The good line was kept: a clean rerun of it finds it unchanged.
+    assert "NOT switched" in captured.out
+    report = json.loads(captured.out.splitlines()[-1])
+    assert (report["exit_code"], report["switched"], report["rejected_samples"]) == (
+        1,
+        False,
+        [f"{corpus}:2: invalid JSON: Expecting property name enclosed in double quotes at column 2"],
+    )
+    # Fixed input: a new version, validated and switched to; the same input again changes nothing.
     corpus.write_text(f"{good}\n", encoding="utf-8")
+    assert main(["index", str(corpus), "--model", str(tiny_bert), "--report", str(home / "r.json")]) == 0
+    first = json.loads((home / "r.json").read_text(encoding="utf-8"))
+    assert (first["switched"], first["indexed"], first["validation"]["problems"]) == (True, 1, [])
     assert main(["index", str(corpus), "--model", str(tiny_bert)]) == 0
-    assert "indexed 0, skipped 1" in capsys.readouterr().out
+    again = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (again["collection"], again["up_to_date"], again["indexed"]) == (first["collection"], True, 0)
 
 
 def test_index_declares_typed_filter_fields_and_bm25(home: Path, tiny_bert: Path) -> None:
@@ -185,3 +196,57 @@ def test_a_command_whose_module_is_not_installed_says_so(
     )
     assert main(["models", "list"]) == 2  # other commands still run (this one: no models dir)
     assert "models directory" in capsys.readouterr().err
+
+
+def test_index_from_stdin_then_versions_and_rollback(
+    home: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    def rows(n: int) -> str:
+        return "".join(
+            json.dumps({"id": f"d{i}", "text": f"第 {i} 篇"}, ensure_ascii=False) + "\n" for i in range(n)
+        )
+
+    for n in (3, 4):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(rows(n).encode())))
+        assert main(["index", "-", "--model", str(tiny_bert)]) == 0
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["indexed"], r["switched"]) for r in reports] == [(3, True), (4, True)]
+    first, second = (r["collection"] for r in reports)
+
+    assert main(["index", "versions"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"  {first} 3 documents", f"* {second} 4 documents"]
+    assert main(["index", "rollback"]) == 0
+    assert capsys.readouterr().out.strip() == f"medsearch: {second} -> {first}"
+    assert main(["index", "rollback"]) == 2
+    assert "no older complete version" in capsys.readouterr().err
+
+
+def test_index_refuses_bad_shards_and_keep(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = home / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "x"}\n', encoding="utf-8")
+    assert main(["index", str(corpus), "--shard", "2/2"]) == 2
+    assert "0 <= i < N" in capsys.readouterr().err
+    assert main(["index", str(corpus), "--keep", "1"]) == 2
+    assert main(["index", str(corpus), "--shard", "0/2", "--incremental"]) == 2
+
+
+def test_a_model_name_never_leads_outside_the_models_directory(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = home / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "x"}\n', encoding="utf-8")
+    (home / "outside").mkdir()
+    for name in ("../outside", "a/../../outside", "/nonexistent/model"):
+        assert main(["index", str(corpus), "--model", name]) == 2
+        assert "is not a directory name inside" in capsys.readouterr().err
+
+
+def test_the_service_refuses_a_query_model_name_leading_outside(home: Path) -> None:
+    from service.state import StartupError, load_state
+    from settings import Settings
+
+    (home / "models").mkdir()
+    with pytest.raises(StartupError, match=r"MEDSEARCH_QUERY_MODEL: model name '\.\./\.\./etc'"):
+        load_state(Settings(home=home, query_model="../../etc"))

@@ -7,9 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +14,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from evaluation.blackbox import ServiceError, fetch_pair
 from indexer.pipeline import index_files
@@ -29,6 +25,7 @@ from service.state import ServingState
 from settings import Settings
 from store.factory import open_store
 from tests.conftest import SHARED_DATA
+from tests.servers import free_port, uvicorn_thread
 
 DATA = Path(__file__).with_name("data")
 BERT_PAIR = "symmetric-bert:tiny-bert-onnx/tiny-bert"
@@ -124,10 +121,14 @@ def encode_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
     log: list[tuple[str, list[str]]] = []
 
     def recording_loader(
-        path: Path, threads: int = 0, device: Any = "auto", mode: EncodeMode = "document"
+        path: Path,
+        threads: int = 0,
+        device: Any = "auto",
+        mode: EncodeMode = "document",
+        precision: Any = "fp32",
     ) -> Encoder:
         name = path.name if mode == "document" else f"{path.name}[query]"
-        return Recording(load_encoder(path, threads, device, mode), name, log)
+        return Recording(load_encoder(path, threads, device, mode, precision=precision), name, log)
 
     # The CLI imports load_encoder when it runs, so the patched one is what it uses.
     monkeypatch.setattr("models.encoder.load_encoder", recording_loader)
@@ -274,12 +275,6 @@ def test_llm_embedder_encodes_queries_with_its_query_prompt(
 # --- black-box ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def serving_state(
     dataset: Path, settings: Settings, tiny_bert: Path, tiny_onnx: Path
@@ -297,20 +292,8 @@ def serving_state(
 
 @pytest.fixture
 def service_url(settings: Settings, serving_state: ServingState) -> Iterator[str]:
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings, serving_state), host="127.0.0.1", port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_thread(create_app(settings, serving_state)) as url:
+        yield url
 
 
 def test_black_box_matches_in_process(dataset: Path, service_url: str, tmp_path: Path) -> None:

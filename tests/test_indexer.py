@@ -327,9 +327,9 @@ class CountingStore:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def create_collection(self, name: str, spec) -> None:
+    def create_collection(self, name: str, spec, bulk: bool = False) -> None:
         self.creates += 1
-        self.inner.create_collection(name, spec)
+        self.inner.create_collection(name, spec, bulk)
 
     def content_hashes(self, name: str, doc_ids: Sequence[str]) -> dict[str, str]:
         self.lookups += 1

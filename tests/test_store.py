@@ -23,6 +23,7 @@ from store.factory import open_store
 from store.filters import Condition, Filter, Range
 from store.server import SPEC_KEY, ServerStore
 from store.sparse import Bm25Encoder, measure_spec
+from tests.servers import free_port
 
 # qdrant-client's local mode warns that payload indexes are no-ops there; the server path still
 # creates them, which is the point of running the same code.
@@ -478,14 +479,8 @@ def test_server_keeps_the_spec_in_collection_metadata() -> None:
     store.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_unreachable_server_is_unavailable(tmp_path: Path) -> None:
-    store = open_store(f"http://127.0.0.1:{_free_port()}", tmp_path, timeout_s=0.5)
+    store = open_store(f"http://127.0.0.1:{free_port()}", tmp_path, timeout_s=0.5)
     for call in (
         store.ping,
         lambda: store.search(NAME, np.ones(DIM), 3),
@@ -630,3 +625,130 @@ def test_hybrid_needs_bm25_vectors_on_both_sides(store: VectorStore) -> None:
     with pytest.raises(StoreError, match="--sparse bm25") as info:
         store.search(NAME, np.ones(DIM), 3, sparse=bm25.query("阿莫西林"))
     assert not isinstance(info.value, StoreUnavailable)
+
+
+# --- aliases, listing, deletion (what blue/green reindexing stands on) ----------------------------
+
+
+def test_alias_switch_moves_every_call_and_keeps_the_old_collection(store: VectorStore) -> None:
+    blue, green = make_points(20, seed=1), make_points(20, seed=2)
+    for name, points in (("docs--v0001", blue), ("docs--v0002", green)):
+        store.create_collection(name, SPEC)
+        store.upsert(name, points)
+    store.switch_alias("docs", "docs--v0001")
+    query = np.array(green[3].vector)
+    assert store.aliases() == {"docs": "docs--v0001"}
+    assert store.get_collection("docs") == SPEC
+    assert store.search("docs", query, 1)[0].doc_id == brute_force(blue, query, 1)[0][0]
+
+    store.switch_alias("docs", "docs--v0002")
+    assert store.aliases() == {"docs": "docs--v0002"}
+    assert store.get_collection("docs") == SPEC
+    hit = store.search("docs", query, 1)[0]
+    assert (hit.doc_id, round(hit.score, 4)) == ("doc-3", 1.0)
+    assert store.list_collections() == ["docs--v0001", "docs--v0002"]  # aliases are not collections
+    assert store.search("docs--v0001", query, 1)[0].doc_id == brute_force(blue, query, 1)[0][0]
+
+
+def test_a_served_collection_cannot_be_deleted_and_a_retired_one_can(store: VectorStore) -> None:
+    store.create_collection("docs--v0001", SPEC)
+    store.create_collection("docs--v0002", SPEC)
+    store.switch_alias("docs", "docs--v0001")
+    with pytest.raises(StoreError, match="alias 'docs'"):
+        store.delete_collection("docs--v0001")
+    store.switch_alias("docs", "docs--v0002")
+    store.delete_collection("docs--v0001")
+    store.delete_collection("docs--v0001")  # already gone: nothing to do
+    assert store.list_collections() == ["docs--v0002"]
+    with pytest.raises(StoreError):
+        store.switch_alias("docs", "docs--v0001")
+    assert store.aliases() == {"docs": "docs--v0002"}
+
+
+def test_document_ids_vectors_and_deletes(store: VectorStore) -> None:
+    points = make_points(2500)  # more than one scroll page
+    store.create_collection(NAME, SPEC)
+    store.upsert(NAME, points)
+    assert sorted(store.document_ids(NAME)) == sorted(p.doc_id for p in points)
+    got = store.vectors(NAME, ["doc-7", "missing"])
+    assert list(got) == ["doc-7"]
+    np.testing.assert_allclose(got["doc-7"], points[7].vector, atol=1e-6)
+    store.delete_documents(NAME, ["doc-7", "doc-8", "missing"])
+    assert store.count(NAME) == 2498
+    assert store.content_hashes(NAME, ["doc-7", "doc-8", "doc-9"]) == {"doc-9": "hash-9"}
+
+
+def test_edge_alias_switch_is_seen_by_another_process_store(tmp_path: Path) -> None:
+    """Two EdgeStores on one directory stand for the indexer and the service: the service follows the
+    indexer's switch on its next call and forgets (without closing under its searches) the old one."""
+    indexer, service = EdgeStore(tmp_path / "q"), EdgeStore(tmp_path / "q")
+    try:
+        for name, seed in (("docs--v0001", 1), ("docs--v0002", 2)):
+            indexer.create_collection(name, SPEC)
+            indexer.upsert(name, make_points(5, seed=seed))
+        indexer.switch_alias("docs", "docs--v0001")
+        indexer.close()  # the indexer process ends; its shards are free for the service to open
+        indexer = EdgeStore(tmp_path / "q")
+        query = np.array(make_points(5, seed=2)[1].vector)
+        assert service.search("docs", query, 1)[0].score < 0.999
+        indexer.switch_alias("docs", "docs--v0002")
+        assert service.search("docs", query, 1)[0].score == pytest.approx(1.0, abs=1e-4)
+        # The service no longer holds v0001: the indexer can open and delete it.
+        assert indexer.count("docs--v0001") == 5
+        indexer.delete_collection("docs--v0001")
+        assert service.list_collections() == ["docs--v0002"]
+    finally:
+        indexer.close()
+        service.close()
+
+
+def test_an_alias_and_a_collection_cannot_share_a_name(store: VectorStore) -> None:
+    store.create_collection("docs--v0001", SPEC)
+    store.create_collection("plain", SPEC)
+    with pytest.raises(StoreError):
+        store.switch_alias("plain", "docs--v0001")
+
+
+def test_server_bulk_load_defers_the_graph_and_waits_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bulk collection is created without HNSW (m 0) so uploads do not rebuild it; optimize turns it
+    on and returns only once the server reports the collection indexed (green)."""
+    from types import SimpleNamespace
+
+    from qdrant_client import models
+
+    store = ServerStore(":memory:")
+    real = store._client
+    created: dict[str, object] = {}
+    statuses = iter([models.CollectionStatus.YELLOW, models.CollectionStatus.YELLOW])
+    updates: list[models.HnswConfigDiff] = []
+
+    class Recording:
+        def __getattr__(self, name: str):
+            return getattr(real, name)
+
+        def create_collection(self, name: str, **kwargs: object) -> bool:
+            created.update(kwargs)
+            return real.create_collection(name, **kwargs)  # type: ignore[arg-type]
+
+        def get_collection(self, name: str):
+            info = real.get_collection(name)
+            m = 0 if not updates else updates[-1].m
+            status = next(statuses, models.CollectionStatus.GREEN) if updates else info.status
+            config = SimpleNamespace(hnsw_config=SimpleNamespace(m=m), metadata=info.config.metadata)
+            return SimpleNamespace(config=config, status=status, payload_schema=info.payload_schema)
+
+        def update_collection(self, name: str, hnsw_config: models.HnswConfigDiff) -> bool:
+            updates.append(hnsw_config)
+            return True
+
+    monkeypatch.setattr(store, "_client", Recording())
+    monkeypatch.setattr("store.server.time.sleep", lambda _s: None)
+    store.create_collection(NAME, SPEC, bulk=True)
+    assert created["hnsw_config"] == models.HnswConfigDiff(m=0)
+    store.upsert(NAME, make_points(5))
+    store.optimize(NAME)
+    assert [u.m for u in updates] == [16]
+    assert next(statuses, None) is None  # polled through both yellow answers before returning
+    store.optimize(NAME)  # already indexed: nothing more to switch on
+    assert len(updates) == 1
+    real.close()

@@ -12,6 +12,7 @@ from models.manifest import ModelManifest
 from service.auth import metrics_guard, require
 from service.deps import MetricsDep, StateDep
 from service.schemas import (
+    AUTH_RESPONSES,
     CollectionInfo,
     CollectionsResponse,
     HealthResponse,
@@ -83,15 +84,19 @@ def _collection_info(state: ServingState) -> CollectionInfo:
     if state.spec is None:
         state.refresh()
     points: int | None = None
+    version: str | None = None
     if state.spec is not None:
         try:
             points = state.store.count(state.collection)
+            version = state.store.aliases().get(state.collection)
         except StoreError:
-            points = None
-    return CollectionInfo(name=state.collection, spec=state.spec, points=points)
+            pass
+    return CollectionInfo(name=state.collection, spec=state.spec, points=points, version=version)
 
 
-@router.get("/info", response_model=InfoResponse, dependencies=[Depends(require("search"))])
+@router.get(
+    "/info", response_model=InfoResponse, responses=AUTH_RESPONSES, dependencies=[Depends(require("search"))]
+)
 async def info(state: StateDep) -> InfoResponse:
     """The query encoder's manifest summary, the collection's spec and size, and how they pair."""
     collection = await anyio.to_thread.run_sync(_collection_info, state)
@@ -113,7 +118,12 @@ async def info(state: StateDep) -> InfoResponse:
     )
 
 
-@router.get("/collections", response_model=CollectionsResponse, dependencies=[Depends(require("search"))])
+@router.get(
+    "/collections",
+    response_model=CollectionsResponse,
+    responses=AUTH_RESPONSES,
+    dependencies=[Depends(require("search"))],
+)
 async def collections(state: StateDep) -> CollectionsResponse:
     """The collection this service searches, its spec (encoder, space, dim) and point count.
 
@@ -127,7 +137,7 @@ async def collections(state: StateDep) -> CollectionsResponse:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}}},
+    responses={200: {"content": {"text/plain": {}}}, **AUTH_RESPONSES},
     dependencies=[Depends(metrics_guard)],
 )
 async def metrics(metrics: MetricsDep) -> Response:

@@ -8,6 +8,7 @@ import time
 import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends
+from pydantic import ValidationError
 
 from service.auth import require
 from service.batcher import EncodeBatcher
@@ -15,6 +16,7 @@ from service.deps import BatcherDep, MetricsDep, StateDep
 from service.errors import DeadlineExceeded, InvalidRequest
 from service.metrics import ServiceMetrics
 from service.schemas import (
+    AUTH_RESPONSES,
     BatchSearchRequest,
     BatchSearchResponse,
     EmbedRequest,
@@ -33,8 +35,12 @@ logger = logging.getLogger("medsearch.service")
 router = APIRouter(dependencies=[Depends(require("search"))])
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    **AUTH_RESPONSES,
     400: {"model": ErrorResponse, "description": "Body is empty or not JSON."},
-    401: {"model": ErrorResponse, "description": "API keys are on and the request has no valid key."},
+    408: {
+        "model": ErrorResponse,
+        "description": "The body did not arrive within MEDSEARCH_REQUEST_TIMEOUT_S.",
+    },
     413: {"model": ErrorResponse, "description": "Request body over the configured byte limit."},
     422: {"model": ErrorResponse, "description": "Invalid body; the message names the offending field."},
     429: {"model": ErrorResponse, "description": "Encoder queue full; retry after Retry-After seconds."},
@@ -46,7 +52,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 def checked_filter(value: FilterLike | None, spec: CollectionSpec) -> Filter | None:
     """The filter in full form if the collection can apply it; else InvalidRequest naming the
     condition (``filter.must.0``) or, in the short form, the key (``filter.department``)."""
-    full = as_filter(value)
+    try:
+        full = as_filter(value)
+    except ValidationError as exc:  # the short form's keys only meet Condition's rules here
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise InvalidRequest("filter", f"{where}: {error['msg']}") from None
     problems = filter_problems(spec, full)
     if problems:
         path, message = problems[0]
@@ -92,6 +103,7 @@ def _hit(hit: Hit, with_text: bool) -> SearchHit:
         title=hit.title if with_text else None,
         text=hit.text if with_text else None,
         metadata=hit.metadata,
+        chunk=hit.chunk,
     )
 
 
@@ -170,7 +182,8 @@ async def search(
     The query is encoded by the service's ONNX query encoder into the collection's document space.
     Queries longer than the encoder's token limit (`max_tokens` in /info) are truncated by the
     encoder, not rejected. `filter` restricts hits to exact metadata matches on the collection's
-    keyword fields.
+    keyword fields. In a collection of chunked long documents each document comes back once, with
+    its best-matching chunk (`chunk`, and that chunk's `text`).
     """
     return (await _search_all([request], state, batcher, metrics))[0]
 

@@ -1,0 +1,135 @@
+"""Each image's install, reproduced without Docker: the files the Dockerfile copies, installed with
+the extras it installs, into a fresh virtual environment outside the repository; then the image's
+command is started. Importing from the repository root (as the other tests do) would hide a module
+the image lacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.spawn import wait_ready
+from tests.conftest import REPO
+from tests.servers import free_port
+
+pytestmark = pytest.mark.slow
+DOCKERFILE = REPO / "Dockerfile"
+
+
+def build_stage_files() -> list[str]:
+    """The sources the Dockerfile's build stage copies into the image (COPY src... dest)."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    stage = text.split(" AS build", 1)[1].split("\nFROM ", 1)[0]
+    sources: list[str] = []
+    for line in stage.splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            sources.extend(line.split()[1:-1])
+    return sources
+
+
+def install_line(venv: str) -> str:
+    """The pip install command the build stage runs for the /opt/<venv> environment."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    found = re.findall(rf"/opt/{venv}/bin/pip install [^\\\n&]*", text)
+    assert found, f"the Dockerfile installs nothing into /opt/{venv}"
+    return found[-1]
+
+
+def image_like_venv(tmp_path: Path, venv: str) -> Path:
+    """A venv holding the product installed from exactly the image's files, as the image does."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in build_stage_files():
+        origin = REPO / name
+        if origin.is_dir():
+            shutil.copytree(origin, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(origin, src / name)
+    env_dir = tmp_path / venv
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
+    command = install_line(venv).split(" install ", 1)[1].replace("--no-compile", "").split()
+    target = command[-1].strip("'")
+    assert target in (".", ".[index]"), target
+    if venv == "indexer":
+        # The torch the Makefile installs (a CPU build from this machine's wheel store).
+        subprocess.run([env_dir / "bin" / "pip", "install", "-q", "torch==2.13.0"], check=True)
+    subprocess.run([env_dir / "bin" / "pip", "install", "-q", target], cwd=src, check=True)
+    return env_dir
+
+
+def test_build_stage_copies_every_package_the_product_installs() -> None:
+    packages = {"settings", "models", "store", "indexer", "service", "medsearch"}
+    assert packages <= set(build_stage_files())
+
+
+def test_api_image_install_serves_without_torch(tmp_path: Path, tiny_bert: Path, tiny_onnx: Path) -> None:
+    from indexer.pipeline import index_files
+    from models.encoder import load_encoder
+    from store.factory import open_store
+
+    venv = image_like_venv(tmp_path, "api")
+    probe = subprocess.run(
+        [venv / "bin" / "python", "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip() == "True", "the api install pulled in torch"
+    home = tmp_path / "data"
+    (home / "models").mkdir(parents=True)
+    shutil.copytree(tiny_onnx, home / "models" / "query")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "text": "高血压病人可以口服党参"}, ensure_ascii=False) + "\n")
+    store = open_store(None, home / "qdrant")
+    try:
+        assert index_files([corpus], load_encoder(tiny_bert), store, "medsearch").ok
+    finally:
+        store.close()
+    port = free_port()
+    env = {
+        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
+        "MEDSEARCH_HOME": str(home),
+        "MEDSEARCH_QUERY_MODEL": "query",
+        "MEDSEARCH_PORT": str(port),
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [venv / "bin" / "medsearch", "serve"], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", server, 60, log)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/search", json={"query": "党参", "top_k": 1})
+        assert answer.status_code == 200 and answer.json()["hits"][0]["id"] == "a"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+
+
+def test_indexer_image_install_indexes(tmp_path: Path, tiny_bert: Path) -> None:
+    venv = image_like_venv(tmp_path, "indexer")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "text": "感冒发烧多喝水"}, ensure_ascii=False) + "\n")
+    env = {**os.environ, "PATH": f"{venv / 'bin'}:/usr/bin:/bin", "MEDSEARCH_HOME": str(tmp_path / "data")}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [venv / "bin" / "medsearch", "index", str(corpus), "--model", str(tiny_bert)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert (report["switched"], report["indexed"]) == (True, 1)
