@@ -195,17 +195,22 @@ class EdgeStore:
             raise StoreUnavailable(f"cannot create the embedded store directory {root}: {exc}") from exc
 
     def ping(self) -> None:
-        self._check_open()
-        if not self._root.is_dir():
-            raise StoreUnavailable(f"embedded store directory {self._root} is missing")
+        with self._lock:
+            self._check_open()
 
     def get_collection(self, name: str) -> CollectionSpec | None:
         _check_name(name)
         with self._lock:
             self._check_open()
             name = self._resolve(name)
-            if name in self._open:
-                return self._open[name].spec
+            opened = self._open.get(name)
+            if opened is not None:
+                if (self._root / name).is_dir():
+                    return opened.spec
+                # Deleted under us (by hand or another process): forget the handle, report what disk says.
+                del self._open[name]
+                with contextlib.suppress(Exception):
+                    opened.shard.close()
             return self._read_spec(name)
 
     def create_collection(self, name: str, spec: CollectionSpec, bulk: bool = False) -> None:
@@ -466,8 +471,20 @@ class EdgeStore:
             raise errors[0]
 
     def _check_open(self) -> None:
+        """Called with the lock held, before every operation (a stat: about a microsecond)."""
         if self._closed:
             raise StoreError("the embedded store is closed")
+        if not self._root.is_dir():
+            # Unmounted or moved away: open shards would go on answering from files nobody can update
+            # or back up any more. Unavailable until the directory is back, then read from disk again.
+            self._drop_open()
+            raise StoreUnavailable(f"the embedded store directory {self._root} is missing")
+
+    def _drop_open(self) -> None:
+        opened, self._open = self._open, {}
+        for coll in opened.values():
+            with contextlib.suppress(Exception):  # its files may be gone: nothing left to flush to
+                coll.shard.close()
 
     def _collection(self, name: str) -> _Open:
         _check_name(name)

@@ -18,9 +18,12 @@ __all__ = ["free_port", "uvicorn_thread"]
 
 
 @contextmanager
-def uvicorn_thread(app: ASGIApp, lifespan: Literal["auto", "on", "off"] = "auto") -> Iterator[str]:
-    """``app`` served by uvicorn until the block ends; yields its base URL."""
-    port = free_port()
+def uvicorn_thread(
+    app: ASGIApp, lifespan: Literal["auto", "on", "off"] = "auto", port: int | None = None
+) -> Iterator[str]:
+    """``app`` served by uvicorn until the block ends (on ``port``, default a free one); yields its
+    base URL."""
+    port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

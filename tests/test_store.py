@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import shutil
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -462,6 +463,30 @@ def test_edge_ping_reports_a_missing_directory(tmp_path: Path) -> None:
     root.rmdir()
     with pytest.raises(StoreUnavailable):
         store.ping()
+
+
+def test_edge_answers_from_disk_only_not_from_handles_to_vanished_files(tmp_path: Path) -> None:
+    root = tmp_path / "qdrant"
+    store = EdgeStore(root)
+    store.create_collection(NAME, SPEC)
+    store.upsert(NAME, make_points(20))
+    query = np.array(make_points(20)[0].vector)
+    try:
+        # The data directory moved away (volume unmounted): unavailable, not answers from open files.
+        root.rename(tmp_path / "away")
+        for call in (store.ping, lambda: store.search(NAME, query, 3), lambda: store.get_collection(NAME)):
+            with pytest.raises(StoreUnavailable, match="missing"):
+                call()
+        (tmp_path / "away").rename(root)
+        assert store.search(NAME, query, 1)[0].doc_id == "doc-0"
+
+        # One collection deleted by hand while open: gone, not served from its old handle.
+        shutil.rmtree(root / NAME)
+        assert store.get_collection(NAME) is None
+        with pytest.raises(StoreError, match="does not exist"):
+            store.search(NAME, query, 3)
+    finally:
+        store.close()
 
 
 # --- server backend -------------------------------------------------------------------------------
