@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo install models index serve test test-fast lint format bench clean
+.PHONY: demo install models index serve test test-fast lint format audit bench clean
 
 $(STAMP): pyproject.toml
 	@echo "==> creating virtual environment $(VENV)"
@@ -35,6 +35,11 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -ra -m "not slow"
+
+# The dependency audit of the runtime closure against PyPI (security/audit.py; policy in
+# security/audit-allowlist.toml). `make test` runs it too (tests/test_audit.py, marked slow).
+audit: install
+	$(BIN)/python -m security.audit
 
 lint: install
 	$(BIN)/ruff check .
