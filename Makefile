@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo install models index serve test test-fast lint format audit bench clean
+.PHONY: demo install models index serve test test-fast lint format audit soak bench clean
 
 $(STAMP): pyproject.toml
 	@echo "==> creating virtual environment $(VENV)"
@@ -40,6 +40,10 @@ test-fast: install
 # security/audit-allowlist.toml). `make test` runs it too (tests/test_audit.py, marked slow).
 audit: install
 	$(BIN)/python -m security.audit
+
+# The documented 30-minute soak (60 s of it runs in `make test`); figures in RELIABILITY.md.
+soak: install
+	MEDSEARCH_SOAK_S=1800 $(BIN)/pytest tests/test_soak.py -s -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check .

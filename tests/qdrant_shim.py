@@ -13,8 +13,10 @@ from typing import Any
 from pydantic import BaseModel
 from qdrant_client import QdrantClient, models
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 
@@ -24,8 +26,14 @@ def _ok(result: Any) -> JSONResponse:
     return JSONResponse({"result": result, "status": "ok", "time": 0.0})
 
 
-def qdrant_rest_app(local: QdrantClient) -> Starlette:
-    """Read endpoints of Qdrant's REST API over ``local`` (a ':memory:' or path client)."""
+def qdrant_rest_app(local: QdrantClient, api_key: str | None = None) -> Starlette:
+    """Read endpoints of Qdrant's REST API over ``local`` (a ':memory:' or path client); with
+    ``api_key``, requests without that ``api-key`` header get Qdrant's 401."""
+
+    async def check_key(request: Request, call_next: RequestResponseEndpoint) -> Response:
+        if api_key is not None and request.headers.get("api-key") != api_key:
+            return JSONResponse({"status": {"error": "Invalid api-key"}}, status_code=401)
+        return await call_next(request)
 
     async def collections(request: Request) -> JSONResponse:
         return _ok(local.get_collections())
@@ -80,6 +88,7 @@ def qdrant_rest_app(local: QdrantClient) -> Starlette:
         )
 
     return Starlette(
+        middleware=[Middleware(BaseHTTPMiddleware, dispatch=check_key)],
         routes=[
             Route("/collections", collections),
             Route("/collections/{name}/exists", exists),
@@ -88,5 +97,5 @@ def qdrant_rest_app(local: QdrantClient) -> Starlette:
             Route("/collections/{name}/points/count", count, methods=["POST"]),
             Route("/collections/{name}/points/query", query, methods=["POST"]),
             Route("/collections/{name}/points/query/groups", query_groups, methods=["POST"]),
-        ]
+        ],
     )

@@ -1,12 +1,16 @@
-"""Real servers for tests, on loopback: an app served by uvicorn in a thread (free ports and
-waiting for a spawned `medsearch serve` are bench.spawn's, shared with the benchmarks)."""
+"""Real servers for tests, on loopback: an app served by uvicorn in a thread, and a home directory
+`medsearch serve` can serve (free ports and waiting for a spawned `medsearch serve` are
+bench.spawn's, shared with the benchmarks)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import uvicorn
@@ -14,7 +18,7 @@ from starlette.types import ASGIApp
 
 from bench.spawn import free_port
 
-__all__ = ["free_port", "uvicorn_thread"]
+__all__ = ["free_port", "query_model_home", "served_home", "uvicorn_thread"]
 
 
 @contextmanager
@@ -37,3 +41,35 @@ def uvicorn_thread(
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def query_model_home(home: Path, query_model: Path) -> Path:
+    """``home`` as MEDSEARCH_HOME with the ONNX ``query_model`` as MEDSEARCH_QUERY_MODEL=query."""
+    (home / "models").mkdir(parents=True)
+    shutil.copytree(query_model, home / "models" / "query")
+    return home
+
+
+def served_home(
+    home: Path,
+    rows: Sequence[dict[str, str]],
+    document_model: Path,
+    query_model: Path,
+    collection: str = "medsearch",
+) -> Path:
+    """``home`` as MEDSEARCH_HOME for `medsearch serve` with MEDSEARCH_QUERY_MODEL=query: the ONNX
+    ``query_model`` in models/query, and ``rows`` ({"id", "text"}) indexed with ``document_model``
+    into ``collection`` of the embedded store."""
+    from indexer.pipeline import index_files  # torch: only for the tests that serve
+    from models.encoder import load_encoder
+    from store.factory import open_store
+
+    query_model_home(home, query_model)
+    corpus = home / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    store = open_store(None, home / "qdrant")
+    try:
+        assert index_files([corpus], load_encoder(document_model), store, collection).ok
+    finally:
+        store.close()
+    return home

@@ -19,7 +19,7 @@ import pytest
 
 from bench.spawn import wait_ready
 from tests.conftest import REPO
-from tests.servers import free_port
+from tests.servers import free_port, served_home
 
 pytestmark = pytest.mark.slow
 DOCKERFILE = REPO / "Dockerfile"
@@ -72,10 +72,6 @@ def test_build_stage_copies_every_package_the_product_installs() -> None:
 
 
 def test_api_image_install_serves_without_torch(tmp_path: Path, tiny_bert: Path, tiny_onnx: Path) -> None:
-    from indexer.pipeline import index_files
-    from models.encoder import load_encoder
-    from store.factory import open_store
-
     venv = image_like_venv(tmp_path, "api")
     probe = subprocess.run(
         [venv / "bin" / "python", "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
@@ -84,16 +80,9 @@ def test_api_image_install_serves_without_torch(tmp_path: Path, tiny_bert: Path,
         check=True,
     )
     assert probe.stdout.strip() == "True", "the api install pulled in torch"
-    home = tmp_path / "data"
-    (home / "models").mkdir(parents=True)
-    shutil.copytree(tiny_onnx, home / "models" / "query")
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text(json.dumps({"id": "a", "text": "高血压病人可以口服党参"}, ensure_ascii=False) + "\n")
-    store = open_store(None, home / "qdrant")
-    try:
-        assert index_files([corpus], load_encoder(tiny_bert), store, "medsearch").ok
-    finally:
-        store.close()
+    home = served_home(
+        tmp_path / "data", [{"id": "a", "text": "高血压病人可以口服党参"}], tiny_bert, tiny_onnx
+    )
     port = free_port()
     env = {
         "PATH": f"{venv / 'bin'}:/usr/bin:/bin",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import psutil
 import pytest
 
 from bench.spawn import wait_ready
-from tests.servers import free_port
+from tests.servers import free_port, served_home
 
 pytestmark = pytest.mark.slow
 
@@ -36,21 +35,8 @@ QUERIES = ["高血压能吃党参吗", "糖尿病人饮食", "头痛发烧三天
 def test_soak_fixed_concurrency_no_errors_bounded_latency_and_memory(
     tmp_path: Path, tiny_bert: Path, tiny_onnx: Path
 ) -> None:
-    from indexer.pipeline import index_files
-    from models.encoder import load_encoder
-    from store.factory import open_store
-
-    home = tmp_path / "home"
-    (home / "models").mkdir(parents=True)
-    shutil.copytree(tiny_onnx, home / "models" / "query")
-    corpus = tmp_path / "corpus.jsonl"
     rows = [{"id": f"d{i}", "text": f"第{i}篇：{QUERIES[i % len(QUERIES)]}的回答"} for i in range(500)]
-    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    store = open_store(None, home / "qdrant")
-    try:
-        assert index_files([corpus], load_encoder(tiny_bert), store, "medsearch").ok
-    finally:
-        store.close()
+    home = served_home(tmp_path / "home", rows, tiny_bert, tiny_onnx)
     port = free_port()
     env = {
         **os.environ,

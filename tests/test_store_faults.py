@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import pytest
 
 from store.server import MEMORY, ServerStore
 from tests.qdrant_shim import qdrant_rest_app
-from tests.servers import free_port, uvicorn_thread
+from tests.servers import free_port, query_model_home, served_home, uvicorn_thread
 
 COLLECTION = "medsearch"
 QUERY = "高血压能吃党参吗"
@@ -36,18 +35,7 @@ QUERY = "高血压能吃党参吗"
 RECOVERY_BOUND_S = 20.0
 
 
-def _corpus(path: Path) -> Path:
-    rows = [{"id": "hit", "text": QUERY}]
-    rows += [{"id": f"d{i}", "text": f"第{i}篇：糖尿病饮食"} for i in range(20)]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def _home(tmp_path: Path, tiny_onnx: Path) -> Path:
-    home = tmp_path / "home"
-    (home / "models").mkdir(parents=True)
-    shutil.copytree(tiny_onnx, home / "models" / "query")
-    return home
+ROWS = [{"id": "hit", "text": QUERY}] + [{"id": f"d{i}", "text": f"第{i}篇：糖尿病饮食"} for i in range(20)]
 
 
 @contextmanager
@@ -77,7 +65,10 @@ def _serve(home: Path, tmp_path: Path, **env: str) -> Iterator[httpx.Client]:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
-    assert QUERY not in log.read_text(encoding="utf-8", errors="replace")  # never logged by default
+    logged = log.read_text(encoding="utf-8", errors="replace")
+    assert QUERY not in logged  # never logged by default
+    for key in ("MEDSEARCH_QDRANT_API_KEY", "MEDSEARCH_API_KEYS"):
+        assert key not in env or env[key] not in logged, f"{key} reached the log"
 
 
 def _live(client: httpx.Client, server: subprocess.Popen[bytes]) -> bool:
@@ -117,22 +108,31 @@ def test_server_backend_dead_port_then_back_then_dead_again(
     from indexer.pipeline import index_files
     from models.encoder import load_encoder
 
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
     local = ServerStore(MEMORY)
-    assert index_files([_corpus(tmp_path / "corpus.jsonl")], load_encoder(tiny_bert), local, COLLECTION).ok
+    assert index_files([corpus], load_encoder(tiny_bert), local, COLLECTION).ok
     qdrant_port = free_port()
-    home = _home(tmp_path, tiny_onnx)
+    home = query_model_home(tmp_path / "home", tiny_onnx)
     url = f"http://127.0.0.1:{qdrant_port}"
-    with _serve(home, tmp_path, MEDSEARCH_QDRANT_URL=url, MEDSEARCH_QDRANT_TIMEOUT_S="1") as client:
+    secret = "qdrant-key-7f3a9c"  # sent to Qdrant on every request, never written to the log
+    with _serve(
+        home,
+        tmp_path,
+        MEDSEARCH_QDRANT_URL=url,
+        MEDSEARCH_QDRANT_TIMEOUT_S="1",
+        MEDSEARCH_QDRANT_API_KEY=secret,
+    ) as client:
         _assert_unavailable(client)  # nothing listens yet
         assert client.get("/readyz").json()["reasons"] == ["vector store unreachable"]
 
-        with uvicorn_thread(qdrant_rest_app(local._client), port=qdrant_port):
+        with uvicorn_thread(qdrant_rest_app(local._client, api_key=secret), port=qdrant_port):
             first = _until(lambda: _answers(client), RECOVERY_BOUND_S)
             assert client.get("/readyz").json() == {"ready": True, "reasons": []}
         _until(lambda: client.post("/v1/search", json={"query": QUERY}).status_code == 503, RECOVERY_BOUND_S)
         _assert_unavailable(client)
 
-        with uvicorn_thread(qdrant_rest_app(local._client), port=qdrant_port):
+        with uvicorn_thread(qdrant_rest_app(local._client, api_key=secret), port=qdrant_port):
             second = _until(lambda: _answers(client), RECOVERY_BOUND_S)
         print(f"store faults: server back -> answering in {first:.1f} s, then {second:.1f} s")
 
@@ -140,18 +140,8 @@ def test_server_backend_dead_port_then_back_then_dead_again(
 def test_embedded_data_directory_moved_away_and_back(
     tmp_path: Path, tiny_bert: Path, tiny_onnx: Path
 ) -> None:
-    from indexer.pipeline import index_files
-    from models.encoder import load_encoder
-    from store.edge import EdgeStore
-
-    home = _home(tmp_path, tiny_onnx)
+    home = served_home(tmp_path / "home", ROWS, tiny_bert, tiny_onnx, COLLECTION)
     data = home / "qdrant"
-    store = EdgeStore(data)
-    try:
-        corpus = _corpus(tmp_path / "corpus.jsonl")
-        assert index_files([corpus], load_encoder(tiny_bert), store, COLLECTION).ok
-    finally:
-        store.close()
     with _serve(home, tmp_path) as client:
         assert _answers(client)
         # The volume goes away under the running service (unmounted, moved): not ready, and no
