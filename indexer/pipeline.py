@@ -195,12 +195,12 @@ def prepare_collection(
     fields: FilterFields | None,
     sparse: bool | None = None,
     measure_bm25: Callable[[], Bm25Spec] | None = None,
-    bulk: bool = False,
-    chunking: ChunkingSpec | Literal["keep"] | None = "keep",
 ) -> CollectionSpec:
-    """Create the collection, or check that an existing one holds this encoder's vectors."""
+    """Create the collection, or check that an existing one holds this encoder's vectors. Chunking is
+    the existing collection's (none for a new one): a full build creates its version, chunked or
+    not, before indexing into it."""
     existing = store.get_collection(collection)
-    spec = planned_spec(existing, encoder, fields, sparse, measure_bm25, chunking)
+    spec = planned_spec(existing, encoder, fields, sparse, measure_bm25)
     if existing is not None and existing != spec:
         raise IndexingError(
             f"collection {collection!r} holds vectors of {_describe(existing)}; this run would write "
@@ -209,7 +209,7 @@ def prepare_collection(
         )
     # Also for an existing collection: creating is idempotent and completes one whose creation was
     # interrupted (a server collection without its payload indexes).
-    store.create_collection(collection, spec, bulk=bulk)
+    store.create_collection(collection, spec)
     return spec
 
 
@@ -443,9 +443,7 @@ def index_files(
     retry: Retry = Retry(),
     on_progress: Callable[[int, int], None] | None = None,
     shard: Shard | None = None,
-    bulk: bool = False,
     delete_missing: DeleteGuard | None = None,
-    chunking: ChunkingSpec | Literal["keep"] | None = "keep",
 ) -> IndexSummary:
     """Index every document of ``paths``. ``on_progress(done_lines, indexed)`` is called per chunk.
 
@@ -454,9 +452,7 @@ def index_files(
     written (every line is still read and checked). ``delete_missing``: afterwards, delete the
     stored documents the input no longer has, within the guard's limit.
     """
-    spec = prepare_collection(
-        store, collection, encoder, fields, sparse, lambda: measure_corpus(paths), bulk, chunking
-    )
+    spec = prepare_collection(store, collection, encoder, fields, sparse, lambda: measure_corpus(paths))
     kinds = field_kinds(spec)
     bm25 = Bm25Encoder(spec.sparse) if spec.sparse is not None else None
     summary = IndexSummary()

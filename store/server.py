@@ -249,70 +249,50 @@ class ServerStore:
         where = _client_filter(spec, checked_filter(spec, filters))
         if sparse is not None:
             schema.check_hybrid(spec)
-        if spec.chunking is not None:
-            return self._grouped(name, query, top_k, where, score_threshold, sparse)
+        if spec.chunking is None:
+            ranking = self._ranking(query, sparse, where, score_threshold, top_k)
+            with self._call(f"search {name!r}"):
+                response = self._client.query_points(
+                    name, limit=top_k, with_payload=True, with_vectors=False, **ranking
+                )
+            return [schema.hit_of(p.payload, p.score) for p in response.points]
+        # A chunked collection: Qdrant groups the chunks by their document and keeps each document's
+        # best one. The hybrid candidate lists are as deep as the embedded backend's first
+        # over-fetch (store/schema.py), so both fuse the same candidates.
+        ranking = self._ranking(query, sparse, where, score_threshold, top_k * schema.CHUNK_OVERFETCH)
         with self._call(f"search {name!r}"):
-            if sparse is None:
-                response = self._client.query_points(
-                    name,
-                    query=query,
-                    query_filter=where,
-                    limit=top_k,
-                    with_payload=True,
-                    with_vectors=False,
-                    score_threshold=score_threshold,
-                    search_params=self._params,
-                )
-            else:
-                response = self._client.query_points(
-                    name,
-                    prefetch=self._hybrid_prefetch(query, sparse, where, score_threshold, top_k),
-                    query=models.RrfQuery(rrf=models.Rrf(k=schema.RRF_K)),
-                    limit=top_k,
-                    with_payload=True,
-                    with_vectors=False,
-                )
-        return [schema.hit_of(p.payload, p.score) for p in response.points]
+            result = self._client.query_points_groups(
+                name,
+                group_by=schema.DOC_ID_KEY,
+                group_size=1,
+                limit=top_k,
+                with_payload=True,
+                with_vectors=False,
+                **ranking,
+            )
+        return [schema.hit_of(g.hits[0].payload, g.hits[0].score) for g in result.groups if g.hits]
 
-    def _grouped(
+    def _ranking(
         self,
-        name: str,
         query: list[float],
-        top_k: int,
+        sparse: SparseVector | None,
         where: models.Filter | None,
         score_threshold: float | None,
-        sparse: SparseVector | None,
-    ) -> list[Hit]:
-        """A chunked collection's search: Qdrant groups the chunks by their document and keeps each
-        document's best one. The hybrid candidate lists are as deep as the embedded backend's first
-        over-fetch (store/schema.py), so both fuse the same candidates."""
-        with self._call(f"search {name!r}"):
-            if sparse is None:
-                result = self._client.query_points_groups(
-                    name,
-                    group_by=schema.DOC_ID_KEY,
-                    query=query,
-                    query_filter=where,
-                    limit=top_k,
-                    group_size=1,
-                    with_payload=True,
-                    with_vectors=False,
-                    score_threshold=score_threshold,
-                    search_params=self._params,
-                )
-            else:
-                deeper = top_k * schema.CHUNK_OVERFETCH
-                result = self._client.query_points_groups(
-                    name,
-                    group_by=schema.DOC_ID_KEY,
-                    prefetch=self._hybrid_prefetch(query, sparse, where, score_threshold, deeper),
-                    query=models.RrfQuery(rrf=models.Rrf(k=schema.RRF_K)),
-                    limit=top_k,
-                    group_size=1,
-                    with_payload=True,
-                    with_vectors=False,
-                )
-        return [schema.hit_of(g.hits[0].payload, g.hits[0].score) for g in result.groups if g.hits]
+        depth_for: int,
+    ) -> dict[str, Any]:
+        """What ranks the points, as query_points(_groups) arguments: the dense query, or the dense and
+        BM25 candidate lists for ``depth_for`` results fused by RRF."""
+        if sparse is None:
+            return {
+                "query": query,
+                "query_filter": where,
+                "score_threshold": score_threshold,
+                "search_params": self._params,
+            }
+        return {
+            "prefetch": self._hybrid_prefetch(query, sparse, where, score_threshold, depth_for),
+            "query": models.RrfQuery(rrf=models.Rrf(k=schema.RRF_K)),
+        }
 
     def _hybrid_prefetch(
         self,
