@@ -240,7 +240,7 @@ def run_indexer(args: argparse.Namespace, settings: Settings) -> IndexerBench:
 def run_precision(args: argparse.Namespace, settings: Settings) -> PrecisionBench:
     import torch
 
-    from bench.precision import GateFigures, Kind, PrecisionBench, compare_precisions
+    from bench.precision import Kind, PrecisionBench, compare_precisions
     from bench.throughput import PeakProbe, matmul_peak
     from indexer.pipeline import document_text
     from indexer.reader import Document, read_documents
@@ -294,7 +294,7 @@ def run_precision(args: argparse.Namespace, settings: Settings) -> PrecisionBenc
         batch_size=args.batch_size,
         peaks=list(peaks.values()),
         rows=rows,
-        gate=GateFigures(**vars(gate)),
+        gate=gate,
     )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from bench.throughput import PeakProbe, attention_shape, flops_per_token, matmul_params
+from models.precision_gate import GateResult
 
 if TYPE_CHECKING:
     from models.hf_encoder import HFEncoder
@@ -45,15 +46,6 @@ class PrecisionRow(BaseModel):
     mean_cosine: float
 
 
-class GateFigures(BaseModel):
-    precision: str
-    passed: bool
-    min_cosine: float
-    mean_cosine: float
-    texts: int
-    threshold: float
-
-
 class PrecisionBench(BaseModel):
     encoder: str
     device: str
@@ -65,7 +57,7 @@ class PrecisionBench(BaseModel):
     batch_size: int
     peaks: list[PeakProbe]
     rows: list[PrecisionRow]
-    gate: GateFigures
+    gate: GateResult
 
 
 def sample_flops(encoder: HFEncoder, lengths: Sequence[int]) -> float:

@@ -9,9 +9,8 @@ Dense head), once with the float32 model and once with the fast path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 MIN_GATE_COSINE = 0.999
 GATE_BATCH_SIZE = 8
@@ -41,8 +40,11 @@ GATE_TEXTS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class GateResult:
+class GateResult(BaseModel):
+    """The gate's verdict; also the figures `medsearch bench precision` reports."""
+
+    model_config = ConfigDict(frozen=True)
+
     precision: str  # the fast path that was checked
     passed: bool
     min_cosine: float

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.precision import GateFigures, PrecisionBench, compare_precisions, precision_table
+from bench.precision import PrecisionBench, compare_precisions, precision_table
 from bench.throughput import matmul_peak
 from models.hf_encoder import HFEncoder
 from models.manifest import read_manifest
 from models.precision import FAST_PATHS
+from models.precision_gate import GateResult
 
 TEXTS = [
     "高血压患者能吃党参吗？",
@@ -50,7 +51,7 @@ def test_compare_precisions_rows_and_table(tiny_bert: Path) -> None:
         batch_size=4,
         peaks=list(peaks.values()),
         rows=rows,
-        gate=GateFigures(
+        gate=GateResult(
             precision="int8", passed=True, min_cosine=1.0, mean_cosine=1.0, texts=12, threshold=0.999
         ),
     )
