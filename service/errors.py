@@ -8,7 +8,6 @@ get a fixed message, because their text can carry internals (hosts, paths, stack
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -178,9 +177,8 @@ def error_response(exc: BaseException, metrics: ServiceMetrics) -> JSONResponse:
     metrics.errors.labels(kind=body["error"]).inc()
     if isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable):
         # Qdrant's answer can echo the request's filter values (patient data): its status only.
-        answered = re.search(r"answered (\d{3})", str(exc))
         logger.error(
-            "the store refused a search (%s)", f"HTTP {answered[1]}" if answered else type(exc).__name__
+            "the store refused a search (%s)", f"HTTP {exc.status}" if exc.status else type(exc).__name__
         )
     elif status >= 500 and not isinstance(exc, ServiceError | StoreUnavailable):
         # Server-side only; the client got the fixed message.

@@ -53,8 +53,8 @@ def store_error(action: str, exc: Exception) -> StoreError:
         status = cause.status_code or 0
         message = f"{action}: Qdrant answered {status} {cause.reason_phrase}: {cause.content[:300]!r}"
         if status in _RETRYABLE_STATUS or status >= 500:
-            return StoreUnavailable(message)
-        return StoreError(message)
+            return StoreUnavailable(message, status)
+        return StoreError(message, status)
     return StoreError(f"{action}: {type(cause).__name__}: {cause}")
 
 

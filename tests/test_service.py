@@ -551,7 +551,8 @@ class RefusingStore(SwitchableStore):
     ) -> list[Hit]:
         raise StoreError(
             "search 'medsearch': Qdrant answered 400 Bad Request: "
-            'b\'{"status":{"error":"Wrong input: 乙肝 in filter"}}\''
+            'b\'{"status":{"error":"Wrong input: 乙肝 in filter"}}\'',
+            status=400,
         )
 
 

@@ -565,11 +565,14 @@ def test_server_overload_answers_are_unavailable(answering: str, tmp_path: Path)
 
 @pytest.mark.parametrize("answering", [400, 401, 403], indirect=True)
 @pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
-def test_server_refusals_are_store_errors(answering: str, tmp_path: Path) -> None:
+def test_server_refusals_are_store_errors(
+    answering: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     store = open_store(answering, tmp_path, api_key="wrong")
     with pytest.raises(StoreError, match="answered") as info:
         store.ping()
     assert not isinstance(info.value, StoreUnavailable)
+    assert info.value.status == request.node.callspec.params["answering"]  # loggable, unlike the body
     store.close()
 
 
