@@ -159,12 +159,7 @@ class HFEncoder:
         """Tokens of text one input holds: ``max_tokens`` less the prompt's and the special tokens'
         (EOS included), measured on an empty text. A prompt that merges with the text's first token
         makes this one token too cautious, never too generous."""
-        budget = self.manifest.max_tokens - len(self.tokenize([""])[0])
-        if budget <= 0:
-            raise ManifestError(
-                f"{self.manifest.name}: the prompt fills all {self.manifest.max_tokens} tokens"
-            )
-        return budget
+        return self.manifest.text_budget(self.count_tokens([""])[0])
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         """Character spans of the raw text's tokens (no prompt, no special tokens, no truncation)."""

@@ -90,6 +90,13 @@ class ModelManifest(BaseModel):
         identity = json.dumps([self.fingerprint, shaping], sort_keys=True)
         return hashlib.sha256(identity.encode()).hexdigest()
 
+    def text_budget(self, overhead: int) -> int:
+        """Tokens of text one input holds when the prompt and special tokens take ``overhead``."""
+        budget = self.max_tokens - overhead
+        if budget <= 0:
+            raise ManifestError(f"{self.name}: the prompt fills all {self.max_tokens} tokens")
+        return budget
+
     def render(self, text: str) -> str:
         return self.prompt.replace("{text}", text)
 

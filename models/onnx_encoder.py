@@ -72,12 +72,7 @@ class OnnxEncoder:
     @property
     def text_budget(self) -> int:
         """Tokens of text one input holds: ``max_tokens`` less the prompt's and the special tokens'."""
-        budget = self.manifest.max_tokens - len(self._tokenizer.encode(self.manifest.render("")).ids)
-        if budget <= 0:
-            raise ManifestError(
-                f"{self.manifest.name}: the prompt fills all {self.manifest.max_tokens} tokens"
-            )
-        return budget
+        return self.manifest.text_budget(self.count_tokens([""])[0])
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         """Character spans of the raw text's tokens (no prompt, no special tokens, no truncation)."""
