@@ -40,7 +40,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import qdrant_edge as qe
@@ -158,15 +158,26 @@ def _chunks_from(doc_ids: list[str], first: int) -> qe.Filter:
     )
 
 
-def _payloads(coll: _Open, name: str, ids: list[str], fields: list[str]) -> list[dict[str, Any] | None]:
-    point_ids: list[qe.PointId] = list(ids)
+def _retrieve(
+    coll: _Open,
+    name: str,
+    ids: Sequence[qe.PointId],
+    fields: list[str],
+    with_vector: bool | list[str] = False,
+) -> list[qe.Record]:
     try:
-        records = coll.shard.retrieve(
-            point_ids, with_payload=qe.PayloadSelector.Include(fields), with_vector=False
+        return coll.shard.retrieve(
+            list(ids), with_payload=qe.PayloadSelector.Include(fields), with_vector=with_vector
         )
     except Exception as exc:
         raise _engine_error(f"retrieve from {name!r}", exc) from exc
-    return [r.payload for r in records]
+
+
+def _retrieve_documents(
+    coll: _Open, name: str, doc_ids: Sequence[str], fields: list[str], with_vector: bool | list[str] = False
+) -> list[qe.Record]:
+    """The points holding ``doc_ids`` (the first chunk of each, in a chunked collection)."""
+    return _retrieve(coll, name, schema.head_point_ids(coll.spec, doc_ids), fields, with_vector)
 
 
 # HNSW graph shape: Qdrant's defaults (m 16, ef_construct 100). Segments under the full-scan threshold
@@ -253,9 +264,9 @@ class EdgeStore:
         coll = self._collection(name)
         if coll.spec.chunking is not None:
             return schema.chunked_hashes(
-                lambda ids: _payloads(coll, name, ids, schema.CHUNK_HASH_FIELDS), doc_ids
+                lambda ids: [r.payload for r in _retrieve(coll, name, ids, schema.CHUNK_HASH_FIELDS)], doc_ids
             )
-        records = self._retrieve(name, doc_ids, schema.HASH_FIELDS, with_vector=False)
+        records = _retrieve_documents(coll, name, doc_ids, schema.HASH_FIELDS)
         return schema.hashes_of([r.payload for r in records])
 
     def upsert(self, name: str, points: Sequence[DocumentPoint]) -> None:
@@ -449,7 +460,7 @@ class EdgeStore:
     def vectors(self, name: str, doc_ids: Sequence[str]) -> dict[str, list[float]]:
         if not doc_ids:
             return {}
-        records = self._retrieve(name, doc_ids, ["doc_id"], with_vector=[""])
+        records = _retrieve_documents(self._collection(name), name, doc_ids, ["doc_id"], [""])
         return {
             str(r.payload["doc_id"]): _dense_of(r.vector)
             for r in records
@@ -497,18 +508,6 @@ class EdgeStore:
                     raise StoreError(f"collection {name!r} does not exist in {self._root}")
                 self._open[name] = _Open(self._load_shard(name), spec)
             return self._open[name]
-
-    def _retrieve(
-        self, name: str, doc_ids: Sequence[str], fields: list[str], with_vector: bool | list[str]
-    ) -> list[qe.Record]:
-        coll = self._collection(name)
-        ids: list[qe.PointId] = list(schema.head_point_ids(coll.spec, doc_ids))
-        try:
-            return coll.shard.retrieve(
-                ids, with_payload=qe.PayloadSelector.Include(fields), with_vector=with_vector
-            )
-        except Exception as exc:
-            raise _engine_error(f"retrieve from {name!r}", exc) from exc
 
     def _resolve(self, name: str) -> str:
         """The collection ``name`` stands for: an alias' target, else itself (caller holds the lock)."""
