@@ -29,6 +29,7 @@ from settings import Settings
 from store.base import StoreError, VectorStore
 from store.edge import EdgeStore
 from store.factory import open_store
+from tests.store_doubles import DelegatingStore
 from tests.test_service import HashEncoder, running
 
 SPACE = "test-space"
@@ -126,14 +127,8 @@ def test_a_build_with_rejects_or_failures_is_not_served(tmp_path: Path, store: V
 
 
 def test_validation_refuses_a_collection_missing_documents(tmp_path: Path, store: VectorStore) -> None:
-    class Losing:
+    class Losing(DelegatingStore):
         """A store that acknowledges upserts of d7 and drops them (what validation is for)."""
-
-        def __init__(self, inner: VectorStore) -> None:
-            self.inner = inner
-
-        def __getattr__(self, name: str):
-            return getattr(self.inner, name)
 
         def upsert(self, name, points) -> None:
             self.inner.upsert(name, [p for p in points if p.doc_id != "d7"])
@@ -450,14 +445,8 @@ def test_disk_full_or_permission_errors_are_reported_and_the_served_version_unto
     first = full_build([corpus(tmp_path / "a.jsonl", 10)], HashDocuments(), store, ALIAS, RunOptions())
     served_before = snapshot(store, ALIAS)
 
-    class DiskFull:
+    class DiskFull(DelegatingStore):
         """The engine's writes fail as a full disk makes them fail."""
-
-        def __init__(self, inner: VectorStore) -> None:
-            self.inner = inner
-
-        def __getattr__(self, name: str):
-            return getattr(self.inner, name)
 
         def upsert(self, name, points) -> None:
             raise StoreError(f"upsert into {name!r}: {os.strerror(errno.ENOSPC)}")

@@ -14,6 +14,7 @@ from store.base import DocumentPoint, StoreError, StoreUnavailable, VectorStore
 from store.factory import open_store
 from store.filters import Condition, Filter, Range
 from store.sparse import Bm25Encoder
+from tests.store_doubles import DelegatingStore
 
 GOOD = [
     {"_id": "d1", "title": "", "text": "高血压病人可以口服党参", "metadata": {"department": "心血管科"}},
@@ -106,15 +107,12 @@ def test_rejects_are_written_and_good_lines_still_indexed(
     assert "duplicate id 'd1'" in lines[1]["reason"] and f"{corpus}:1" in lines[1]["reason"]
 
 
-class FlakyStore:
+class FlakyStore(DelegatingStore):
     """Fails the first ``failures`` upserts, then delegates."""
 
     def __init__(self, inner: VectorStore, failures: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.failures = failures
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
 
     def upsert(self, name: str, points: Sequence[DocumentPoint]) -> None:
         if self.failures > 0:
@@ -317,15 +315,13 @@ def test_one_bad_document_fails_alone_on_every_run(tmp_path: Path, encoder, stor
     assert (again.indexed, again.skipped, sorted(again.failed)) == (0, 3, ["boom", "nan"])
 
 
-class CountingStore:
+class CountingStore(DelegatingStore):
     """Delegates; ``upsert_error`` / ``lookup_failures`` make those calls fail; counts calls."""
 
     def __init__(self, inner: VectorStore, upsert_error: Exception | None = None, lookup_failures: int = 0):
-        self.inner, self.upsert_error, self.lookup_failures = inner, upsert_error, lookup_failures
+        super().__init__(inner)
+        self.upsert_error, self.lookup_failures = upsert_error, lookup_failures
         self.upserts = self.lookups = self.creates = 0
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
 
     def create_collection(self, name: str, spec, bulk: bool = False) -> None:
         self.creates += 1
