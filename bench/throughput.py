@@ -128,10 +128,12 @@ def matmul_peak(
     """
     import torch
 
+    cuda = torch.device(device).type == "cuda"
+
     def timed(product: Callable[[], object]) -> float:
         start = time.perf_counter()
         product()
-        if device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
