@@ -6,34 +6,43 @@
 #                    build context `models`):
 #                      docker build --target api-with-models --build-context models=var/models \
 #                        --build-arg QUERY_MODEL=multilingual-e5-small-onnx-int8 -t medsearch-api .
-#   indexer          model building and document encoding: torch (CPU by default) + transformers.
-#                    CUDA: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 and run
-#                    with the NVIDIA container toolkit (docker run --gpus all ...); the indexer then
-#                    encodes in bf16 on the GPU by itself.
+#   indexer          model building and document encoding: torch (the CPU build) + transformers.
+# Both install exactly their lock (requirements/service.txt, requirements/indexer.txt; `make lock`).
 # Weights are never fetched at run time: mount a models directory built by `medsearch models build`
 # at /data/models (or bake the query encoder in, above).
 
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
-# --- build: wheels of the product and of its dependencies, so no runtime stage needs a compiler ---
+# --- build: the locked dependencies and the product, so no runtime stage needs a compiler ---
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# Only what the package is made of: the image's files are exactly these (tests/test_images.py reads
-# this list and installs the same files with the same extras).
+# Only what the package is made of, and its lock: the image's files are exactly these
+# (tests/test_images.py reads this list and runs the same pip commands over the same files).
 COPY pyproject.toml README.md ./
+COPY requirements ./requirements
+COPY security/lock.py /tmp/lock.py
 COPY settings ./settings
 COPY models ./models
 COPY store ./store
 COPY indexer ./indexer
 COPY service ./service
 COPY medsearch ./medsearch
-RUN python -m venv /opt/api && /opt/api/bin/pip install --no-compile .
+# Each venv installs exactly its lock (hash-checked, nothing resolved), then the product without
+# dependencies or build isolation (its build backend is in the lock too). A lock made from another
+# pyproject.toml stops the build here in one line naming `make lock`.
+RUN python /tmp/lock.py --root /src check
+RUN python -m venv /opt/api \
+    && /opt/api/bin/pip install --no-compile --require-hashes --no-deps -r requirements/service.txt \
+    && /opt/api/bin/pip install --no-compile --no-deps --no-build-isolation .
 
+# The locked torch is the CPU build (2.13.0+cpu), published on PyTorch's CPU index; the hash in the
+# lock admits only that file. A CUDA image needs a lock of its own (not made yet: README, "Installs").
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN python -m venv /opt/indexer \
-    && /opt/indexer/bin/pip install --no-compile --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
-    && /opt/indexer/bin/pip install --no-compile '.[index]'
+    && /opt/indexer/bin/pip install --no-compile --require-hashes --no-deps \
+        --extra-index-url "${TORCH_INDEX_URL}" -r requirements/indexer.txt \
+    && /opt/indexer/bin/pip install --no-compile --no-deps --no-build-isolation '.[index]'
 
 # --- runtime base: a user, the data directory, no build tools ---
 FROM ${PYTHON_IMAGE} AS runtime

@@ -3,20 +3,43 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LOCK   := requirements/dev.txt
+# The lock tool (uv, pinned and hash-checked in requirements/uv.txt) lives apart from the venv, so a
+# stale lock can be refreshed even when the venv cannot be installed.
+LOCK_TOOL := .venv-lock
 
-.PHONY: demo install models index serve test test-fast lint format audit soak bench clean
+.PHONY: demo install lock-check lock upgrade models index serve test test-fast lint format audit soak bench clean
 
-$(STAMP): pyproject.toml
-	@echo "==> creating virtual environment $(VENV)"
+# Every install is exactly the lock (security/lock.py): hash-checked, no dependency resolution, and a
+# lock made from another pyproject.toml stops here in one line naming `make lock`. A changed lock
+# builds the venv anew, so the venv never holds a package the lock does not.
+lock-check:
+	@$(PYTHON) -m security.lock check
+
+$(STAMP): $(LOCK)
+	@echo "==> creating virtual environment $(VENV) from $(LOCK)"
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	@echo "==> installing torch 2.13.0 (CPU build; pinned: an open range pulls gigabytes of CUDA)"
-	$(BIN)/pip install torch==2.13.0
-	@echo "==> installing medsearch with the indexing and dev extras"
-	$(BIN)/pip install -e '.[index,dev]'
+	$(BIN)/pip install --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
-install: $(STAMP)
+install: lock-check $(STAMP)
+
+# Refresh the lock on purpose (after editing pyproject.toml): keeps every pin that still fits and
+# prints what changed. `make upgrade` moves every package to its newest release. Commit the result.
+$(LOCK_TOOL)/.installed: requirements/uv.txt
+	rm -rf $(LOCK_TOOL)
+	$(PYTHON) -m venv $(LOCK_TOOL)
+	$(LOCK_TOOL)/bin/pip install --require-hashes --no-deps -r requirements/uv.txt
+	touch $@
+
+lock: $(LOCK_TOOL)/.installed
+	$(PYTHON) -m security.lock refresh --uv $(LOCK_TOOL)/bin/uv
+
+upgrade: $(LOCK_TOOL)/.installed
+	$(PYTHON) -m security.lock refresh --uv $(LOCK_TOOL)/bin/uv --upgrade
 
 models: install
 	$(BIN)/medsearch models build
@@ -36,8 +59,9 @@ test: install
 test-fast: install
 	$(BIN)/pytest -ra -m "not slow"
 
-# The dependency audit of the runtime closure against PyPI (security/audit.py; policy in
-# security/audit-allowlist.toml). `make test` runs it too (tests/test_audit.py, marked slow).
+# The dependency audit of the locked runtime closure (requirements/indexer.txt, a superset of the
+# service's) against PyPI (security/audit.py; policy in security/audit-allowlist.toml). `make test`
+# runs it too (tests/test_audit.py, marked slow).
 audit: install
 	$(BIN)/python -m security.audit
 
@@ -61,4 +85,4 @@ bench: index
 	$(BIN)/medsearch bench all --spawn
 
 clean:
-	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var $(LOCK_TOOL) .pytest_cache .mypy_cache .ruff_cache

@@ -1,40 +1,39 @@
-"""Dependency audit of what the images run, against PyPI's vulnerability data (issue 17).
+"""Dependency audit of what the images ship, the lock, against PyPI's vulnerability data (issues 17, 23).
+
+What is audited: ``requirements/indexer.txt``, the lock of the indexer image, which holds every
+version the api image's lock (``requirements/service.txt``) holds (security/lock.py makes them agree).
+The live environment is never read: the audit's verdict depends on what we ship, not on what pip
+picked for whoever runs it. Dev and test tools (pytest, ruff, mypy, ...) never ship and are out of
+scope.
 
 Why this exists instead of pip-audit: pip-audit asks PyPI's per-version JSON API
-(``/pypi/<name>/<version>/json``) or OSV (api.osv.dev) which vulnerabilities affect each installed
-version. Where this project is built and tested, only the package registries are reachable and the
+(``/pypi/<name>/<version>/json``) or OSV (api.osv.dev) which vulnerabilities affect each version.
+Where this project is built and tested, only the package registries are reachable and the
 per-version API answers 404, so pip-audit audits nothing there. The project JSON
 (``/pypi/<name>/json``) does answer; its ``vulnerabilities`` apply to the latest release only. So:
 
-- each dependency is asked at the per-version endpoint first (exact for that version; a CI with full
-  PyPI access gets exact answers for every dependency, and nothing here needs to change);
-- on 404/403 the project endpoint answers, which is exact when the installed version is the latest
+- each locked version is asked at the per-version endpoint first (exact; a machine with full PyPI
+  access gets exact answers for every dependency, and nothing here needs to change);
+- on 404/403 the project endpoint answers, which is exact when the locked version is the latest
   release (a local version such as ``2.13.0+cpu`` compares by its public version ``2.13.0``);
-- a dependency behind its latest release with only the project endpoint answering is UNAUDITED: its
-  vulnerabilities cannot be known here, and the audit says so instead of passing it.
-
-Run real pip-audit wherever the per-version API or OSV is reachable (a developer machine, a CI
-runner with internet), on the same closure and with the allow-listed ids as ``--ignore-vuln``::
+- a locked version behind its latest release with only the project endpoint answering is
+  UNAUDITED here: a line in the report that names it, never a failure. Being behind is not a
+  finding, and a new upstream release must not turn CI red; run pip-audit where the per-version
+  API is reachable to audit those exactly::
 
     pip-audit --disable-pip --no-deps -r <(python -m security.audit --requirements) --ignore-vuln ID
 
-Scope: the runtime closure only, i.e. what the images install: the service image installs
-``medsearch`` with its base dependencies, the indexer image the ``index`` extra (Dockerfile). Dev and
-test tools (pytest, ruff, mypy, schemathesis, ...) never ship and are out of scope. Markers are
-evaluated for this interpreter, which is the images' Python minor version (3.11).
+Policy lives in ``security/audit-allowlist.toml`` (its header documents the rules): a known
+vulnerability in a locked version fails unless allow-listed, an expired allow-list entry fails, an
+entry that no longer matches anything is a warning.
 
-Policy lives in ``security/audit-allowlist.toml`` (its header documents the rules): a vulnerability
-not allow-listed fails, an expired allow-list entry fails, an unaudited dependency without an
-``[[unaudited]]`` entry fails; an entry that no longer matches anything is a warning.
-
-Exit status: 0 clean, 1 findings, 2 the audit could not run (PyPI unreachable, bad allow-list).
+Exit status: 0 clean, 1 findings, 2 the audit could not run (PyPI unreachable, bad allow-list or lock).
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
-import importlib.metadata
 import json
 import sys
 import time
@@ -48,11 +47,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
-from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
+
+from security.lock import LockError, lock_path, read_pins
 
 PYPI = "https://pypi.org/pypi"
 ALLOWLIST = Path(__file__).with_name("audit-allowlist.toml")
@@ -61,51 +61,28 @@ ALLOWLIST = Path(__file__).with_name("audit-allowlist.toml")
 # the path; both send the audit to the next endpoint.
 Fetch = Callable[[str], dict[str, Any] | None]
 
-# version: the per-version endpoint answered (exact); latest: installed is the latest release and the
-# project endpoint answered (exact); behind: installed is older than the latest and only the project
-# endpoint answered (unaudited); missing: PyPI has no such project (unaudited).
+# version: the per-version endpoint answered (exact); latest: the locked version is the latest release
+# and the project endpoint answered (exact); behind: the locked version is older than the latest and
+# only the project endpoint answered (unaudited); missing: PyPI has no such project (unaudited).
 Coverage = Literal["version", "latest", "behind", "missing"]
 
 
 class AuditError(Exception):
-    """The audit could not run: PyPI unreachable, a bad allow-list, a dependency not installed."""
+    """The audit could not run: PyPI unreachable, a bad allow-list, an unreadable lock."""
 
 
-# --- what the runtime needs -------------------------------------------------------------------------
+# --- what the images ship --------------------------------------------------------------------------
 
 
-def runtime_closure(root: str = "medsearch", extras: Sequence[str] = ("index",)) -> dict[str, str]:
-    """Canonical name -> installed version of every distribution ``root[extras]`` needs, ``root`` excluded
-    (it is this project, not on PyPI). Each requirement's marker is evaluated with the extras requested
-    of the distribution that declares it, so ``dev`` and ``bench`` tools stay out."""
-    walked: dict[str, frozenset[str]] = {}
-    versions: dict[str, str] = {}
-    pending: list[tuple[str, frozenset[str]]] = [(root, frozenset(extras))]
-    while pending:
-        name, wanted = pending.pop()
-        key = canonicalize_name(name)
-        # A distribution is walked again only when asked with extras not walked yet.
-        if key in walked and wanted <= walked[key]:
-            continue
-        try:
-            dist = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError as e:
-            raise AuditError(f"{name} is required but not installed: install the runtime first") from e
-        walked[key] = walked.get(key, frozenset()) | wanted
-        versions[key] = dist.version
-        pending.extend((req.name, frozenset(req.extras)) for req in _active(dist.requires or [], walked[key]))
-    versions.pop(canonicalize_name(root), None)
-    return dict(sorted(versions.items()))
-
-
-def _active(requirements: Iterable[str], extras: frozenset[str]) -> list[Requirement]:
-    active = []
-    for raw in requirements:
-        req = Requirement(raw)
-        # A marker without `extra` ignores the value; one with it holds only for a requested extra.
-        if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras or {""}):
-            active.append(req)
-    return active
+def locked_closure(profile: str = "indexer") -> dict[str, str]:
+    """Canonical name -> locked version of every distribution in a profile's lock, sorted by name."""
+    try:
+        pins = read_pins(lock_path(profile))
+    except LockError as e:
+        raise AuditError(str(e)) from e
+    if not pins:
+        raise AuditError(f"{lock_path(profile)}: no pinned versions in the lock")
+    return dict(sorted(pins.items()))
 
 
 # --- what PyPI knows --------------------------------------------------------------------------------
@@ -245,15 +222,10 @@ class VulnerabilityEntry(_Entry):
     expires: date
 
 
-class UnauditedEntry(_Entry):
-    pass
-
-
 class AllowList(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     vulnerability: list[VulnerabilityEntry] = []
-    unaudited: list[UnauditedEntry] = []
 
 
 def load_allowlist(path: Path = ALLOWLIST) -> AllowList:
@@ -302,19 +274,10 @@ class Verdict:
 def evaluate(reports: Sequence[DependencyReport], allowlist: AllowList, today: date) -> Verdict:
     verdict = Verdict()
     used: set[VulnerabilityEntry] = set()
-    unaudited = {entry.package: entry for entry in allowlist.unaudited}
+    # An unaudited version (behind the latest release, or not on PyPI) is a row of the report, not a
+    # failure: only a known vulnerability is a finding.
     for report in reports:
         where = f"{report.name} {report.version}"
-        if not report.audited:
-            why = (
-                "not on PyPI"
-                if report.coverage == "missing"
-                else f"behind the latest release {report.latest}"
-            )
-            if report.name in unaudited:
-                verdict.accepted.append(f"{where}: unaudited ({why}), allow-listed")
-            else:
-                verdict.failures.append(f"{where}: unaudited ({why}) and not in [[unaudited]]")
         for vuln in report.vulnerabilities:
             matches = [e for e in allowlist.vulnerability if e.package == report.name and e.id in vuln.ids]
             used.update(matches)
@@ -335,10 +298,6 @@ def evaluate(reports: Sequence[DependencyReport], allowlist: AllowList, today: d
             verdict.warnings.append(
                 f"[[vulnerability]] {entry.id} ({entry.package}) matches nothing: remove it"
             )
-    for name in sorted(unaudited.keys() - {r.name for r in reports if not r.audited}):
-        verdict.warnings.append(
-            f"[[unaudited]] {name} matches nothing (audited or not a dependency): remove it"
-        )
     return verdict
 
 
@@ -348,7 +307,7 @@ def evaluate(reports: Sequence[DependencyReport], allowlist: AllowList, today: d
 def render(
     reports: Sequence[DependencyReport], verdict: Verdict, today: date, everything: bool = False
 ) -> str:
-    rows = [("package", "installed", "latest", "coverage", "vulnerabilities")]
+    rows = [("package", "locked", "latest", "coverage", "vulnerabilities")]
     for r in reports:
         if everything or not r.audited or r.vulnerabilities:
             vulns = ", ".join(v.id for v in r.vulnerabilities) or "-"
@@ -365,8 +324,8 @@ def render(
 _COVERAGE: dict[str, str] = {
     "version": "exact (per-version)",
     "latest": "exact (is latest)",
-    "behind": "UNAUDITED (behind)",
-    "missing": "UNAUDITED (not on PyPI)",
+    "behind": "unaudited here (behind latest; per-version API unreachable)",
+    "missing": "unaudited (not on PyPI)",
 }
 
 
@@ -376,7 +335,7 @@ def summary(reports: Sequence[DependencyReport], verdict: Verdict, today: date) 
     exact = per_version + at_latest
     vulns = sum(len(r.vulnerabilities) for r in reports)
     return (
-        f"audit {today.isoformat()}: {len(reports)} runtime dependencies, {exact} audited exactly "
+        f"audit {today.isoformat()}: {len(reports)} locked runtime dependencies, {exact} audited exactly "
         f"({per_version} per-version, {at_latest} at latest), {len(reports) - exact} unaudited; "
         f"{vulns} vulnerabilities; {len(verdict.failures)} failures, {len(verdict.warnings)} warnings: "
         f"{'PASS' if verdict.passed else 'FAIL'}"
@@ -384,12 +343,12 @@ def summary(reports: Sequence[DependencyReport], verdict: Verdict, today: date) 
 
 
 def requirements(closure: dict[str, str]) -> str:
-    """The closure as pins pip-audit reads; a local version is pinned by its public one (PyPI's)."""
+    """The locked closure as pins pip-audit reads; a local version is pinned by its public one (PyPI's)."""
     lines = []
     for name, version in closure.items():
         public = _public(version)
         pin = f"{name}=={public or version}"
-        lines.append(pin if public is None or str(public) == version else f"{pin}  # installed {version}")
+        lines.append(pin if public is None or str(public) == version else f"{pin}  # locked {version}")
     return "\n".join(lines)
 
 
@@ -402,12 +361,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--requirements",
         action="store_true",
-        help="print the runtime closure as name==version lines and exit",
+        help="print the locked runtime closure as name==version lines and exit",
     )
     args = parser.parse_args(argv)
     today = date.today()
     try:
-        closure = runtime_closure()
+        closure = locked_closure()
         if args.requirements:
             print(requirements(closure))
             return 0

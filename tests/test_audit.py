@@ -1,4 +1,5 @@
-"""The dependency audit (security/audit.py): its rules on a fake PyPI, and the real audit against PyPI."""
+"""The dependency audit (security/audit.py): its rules on a fake PyPI, the committed lock on a fake PyPI
+(today's and tomorrow's), and the real audit of the lock against PyPI."""
 
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ from security.audit import (
     PYPI,
     AllowList,
     AuditError,
-    UnauditedEntry,
     VulnerabilityEntry,
     audit_closure,
     evaluate,
     load_allowlist,
+    locked_closure,
     main,
     pypi_fetch,
+    render,
     requirements,
-    runtime_closure,
 )
+from security.lock import lock_path, read_pins
 
 TODAY = date(2026, 12, 1)
 CVE = {
@@ -97,11 +99,10 @@ def test_an_expired_entry_fails() -> None:
 def test_a_stale_entry_is_a_warning_not_a_failure() -> None:
     allowlist = AllowList(
         vulnerability=[VulnerabilityEntry(id="GONE-1", package="web", reason="r", expires=date(2027, 1, 1))],
-        unaudited=[UnauditedEntry(package="web", reason="r"), UnauditedEntry(package="removed", reason="r")],
     )
     verdict = _verdict({"web": "2.0.0"}, FakePyPI().project("web", "2.0.0"), allowlist)
     assert verdict.passed
-    assert len(verdict.warnings) == 3
+    assert len(verdict.warnings) == 1 and "GONE-1" in verdict.warnings[0]
 
 
 def test_withdrawn_vulnerabilities_are_ignored() -> None:
@@ -110,15 +111,16 @@ def test_withdrawn_vulnerabilities_are_ignored() -> None:
     assert verdict.passed and verdict.accepted == []
 
 
-def test_a_dependency_behind_latest_is_unaudited_unless_listed() -> None:
-    # The latest release's vulnerability says nothing about 1.9.0: not a finding, not a pass either.
+def test_a_dependency_behind_latest_is_reported_unaudited_and_passes() -> None:
+    # The latest release's vulnerability says nothing about 1.9.0: not a finding, and no failure either.
     pypi = FakePyPI().project("web", "2.0.0", [CVE])
     [report] = audit_closure({"web": "1.9.0"}, pypi)
     assert (report.coverage, report.latest, report.vulnerabilities) == ("behind", "2.0.0", ())
-    verdict = _verdict({"web": "1.9.0"}, pypi)
-    assert not verdict.passed and "unaudited" in verdict.failures[0]
-    listed = AllowList(unaudited=[UnauditedEntry(package="Web", reason="capped by another package")])
-    assert _verdict({"web": "1.9.0"}, pypi, listed).passed
+    verdict = evaluate([report], AllowList(), TODAY)
+    assert verdict.passed and verdict.failures == []
+    # ... but the report names it, with the release it is behind.
+    row = next(line for line in render([report], verdict, TODAY).splitlines() if line.startswith("web "))
+    assert "1.9.0" in row and "2.0.0" in row and "unaudited" in row
 
 
 def test_the_per_version_answer_is_preferred_over_the_project_answer() -> None:
@@ -135,7 +137,7 @@ def test_a_local_version_compares_by_its_public_version() -> None:
     assert report.coverage == "latest" and len(report.vulnerabilities) == 1
     [report] = audit_closure({"torch": "2.13.0+cpu"}, FakePyPI().release("torch", "2.13.0"))
     assert report.coverage == "version"
-    assert requirements({"torch": "2.13.0+cpu"}) == "torch==2.13.0  # installed 2.13.0+cpu"
+    assert requirements({"torch": "2.13.0+cpu"}) == "torch==2.13.0  # locked 2.13.0+cpu"
 
 
 def test_a_project_pypi_does_not_know_is_unaudited_and_a_blocked_pypi_is_an_error() -> None:
@@ -145,13 +147,44 @@ def test_a_project_pypi_does_not_know_is_unaudited_and_a_blocked_pypi_is_an_erro
         audit_closure({"web": "2.0.0"}, FakePyPI())
 
 
-def test_the_closure_is_the_runtime_without_dev_tools_or_the_project() -> None:
-    closure = runtime_closure()
+def test_the_audited_closure_is_the_lock_the_images_ship() -> None:
+    closure = locked_closure()
+    assert closure == dict(sorted(read_pins(lock_path("indexer")).items()))
     assert {"fastapi", "uvicorn", "onnxruntime", "qdrant-client", "torch", "transformers"} <= closure.keys()
+    assert closure["torch"] == "2.13.0+cpu"
     assert {"medsearch", "pytest", "ruff", "mypy", "schemathesis", "matplotlib"}.isdisjoint(closure)
-    # The service image is torch-free: without the `index` extra, torch and transformers are not needed.
-    service = runtime_closure(extras=())
-    assert service.keys() < closure.keys() and {"torch", "transformers"}.isdisjoint(service)
+    # The api image's lock is inside it, version for version (the audit covers both images).
+    service = read_pins(lock_path("service"))
+    assert service.items() <= closure.items() and {"torch", "transformers"}.isdisjoint(service)
+
+
+def _pypi_for_the_lock(bump: bool) -> FakePyPI:
+    """PyPI as this machine sees it for the committed lock: project endpoints only, whose latest
+    release is the locked version (today) or a newer one (tomorrow: every dependency released)."""
+    pypi = FakePyPI()
+    for name, version in locked_closure().items():
+        public = version.split("+")[0]
+        pypi.project(name, f"{public}.post99" if bump else public)
+    return pypi
+
+
+@pytest.mark.parametrize("tomorrow", [False, True], ids=["today", "after-new-releases"])
+def test_the_lock_passes_today_and_after_every_dependency_releases(tomorrow: bool) -> None:
+    reports = audit_closure(locked_closure(), _pypi_for_the_lock(bump=tomorrow))
+    verdict = evaluate(reports, load_allowlist(ALLOWLIST), TODAY)
+    assert verdict.passed, verdict.failures
+    assert {r.coverage for r in reports} == ({"behind"} if tomorrow else {"latest"})
+
+
+def test_a_fake_advisory_against_a_locked_version_fails() -> None:
+    closure = locked_closure()
+    pypi = _pypi_for_the_lock(bump=True).release("fastapi", closure["fastapi"], [CVE])
+    verdict = evaluate(audit_closure(closure, pypi), load_allowlist(ALLOWLIST), TODAY)
+    assert not verdict.passed
+    assert verdict.failures == [
+        f"fastapi {closure['fastapi']}: GHSA-aaaa-bbbb-cccc (CVE-2026-0001, PYSEC-2026-1) not allow-listed, "
+        "fixed in 2.0.1: Request smuggling"
+    ]
 
 
 def test_a_malformed_allow_list_names_the_file_and_the_entry(tmp_path: Path) -> None:
@@ -161,32 +194,34 @@ def test_a_malformed_allow_list_names_the_file_and_the_entry(tmp_path: Path) -> 
         load_allowlist(path)
     assert str(path) in str(error.value)
     assert "[[vulnerability]] entry 1 (id = 'GHSA-1', package = 'web'), expires" in str(error.value)
-    path.write_text('[[unaudited]]\npackage = "web"\nwhy = "r"\n')
-    with pytest.raises(AuditError, match=r"\[\[unaudited\]\] entry 1 \(package = 'web'\), (reason|why)"):
+    path.write_text('[[vulnerability]]\nid = "GHSA-1"\npackage = "web"\nexpires = 2027-01-01\nwhy = "r"\n')
+    entry = r"\[\[vulnerability\]\] entry 1 \(id = 'GHSA-1', package = 'web'\), (reason|why)"
+    with pytest.raises(AuditError, match=entry):
         load_allowlist(path)
-    path.write_text("[[unaudited]\n")
+    path.write_text("[[vulnerability]\n")
     with pytest.raises(AuditError, match="not valid TOML"):
         load_allowlist(path)
 
 
 def test_the_committed_allow_list_is_valid_and_explains_every_entry() -> None:
     allowlist = load_allowlist(ALLOWLIST)
-    assert all(len(e.reason) > 40 for e in [*allowlist.vulnerability, *allowlist.unaudited])
+    assert all(len(e.reason) > 40 for e in allowlist.vulnerability)
 
 
 def test_a_bad_allow_list_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "allow.toml"
-    path.write_text("[[unaudited]]\npackage = 1\n")
+    path.write_text("[[unaudited]]\npackage = 1\n")  # a table the allow-list no longer has
     assert main(["--allowlist", str(path)]) == 2
     assert str(path) in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_the_runtime_closure_passes_the_audit_against_pypi() -> None:
-    """The real audit, as `make audit` runs it. CI reaches PyPI (it pip-installs), so an unreachable
-    PyPI is a failure here, never a skip: a skipped audit would read as a passed one."""
+@pytest.mark.enable_socket  # the one test that leaves loopback (the guard: tests/test_offline.py)
+def test_the_lock_passes_the_audit_against_pypi() -> None:
+    """The real audit of the lock, as `make audit` runs it. CI reaches PyPI (it pip-installs), so an
+    unreachable PyPI is a failure here, never a skip: a skipped audit would read as a passed one."""
     try:
-        reports = audit_closure(runtime_closure(), pypi_fetch)
+        reports = audit_closure(locked_closure(), pypi_fetch)
     except AuditError as e:
         unreachable = str(e)
     else:

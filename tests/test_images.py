@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from bench.spawn import wait_ready
+from security.lock import check
 from tests.conftest import REPO
 from tests.servers import free_port, served_home
 
@@ -36,12 +38,21 @@ def build_stage_files() -> list[str]:
     return sources
 
 
-def install_line(venv: str) -> str:
-    """The pip install command the build stage runs for the /opt/<venv> environment."""
-    text = DOCKERFILE.read_text(encoding="utf-8")
-    found = re.findall(rf"/opt/{venv}/bin/pip install [^\\\n&]*", text)
+def install_commands(venv: str) -> list[list[str]]:
+    """The arguments of each ``pip install`` the build stage runs for the /opt/<venv> environment, in order.
+    The extra index (PyPI's mirror of PyTorch's CPU wheels) is dropped: this machine's pip takes the
+    same locked file from its wheel store, and the lock's hash admits no other."""
+    text = DOCKERFILE.read_text(encoding="utf-8").replace("\\\n", " ")
+    found = re.findall(rf"/opt/{venv}/bin/pip install ([^&\n]*)", text)
     assert found, f"the Dockerfile installs nothing into /opt/{venv}"
-    return found[-1]
+    commands = []
+    for line in found:
+        words = [w for w in shlex.split(line) if w != "--no-compile"]
+        if "--extra-index-url" in words:
+            at = words.index("--extra-index-url")
+            del words[at : at + 2]
+        commands.append(words)
+    return commands
 
 
 def image_like_venv(tmp_path: Path, venv: str) -> Path:
@@ -53,17 +64,27 @@ def image_like_venv(tmp_path: Path, venv: str) -> Path:
         if origin.is_dir():
             shutil.copytree(origin, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(origin, src / name)
+    assert check(src) is None, "the image's copy of the lock is stale"
     env_dir = tmp_path / venv
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
-    command = install_line(venv).split(" install ", 1)[1].replace("--no-compile", "").split()
-    target = command[-1].strip("'")
-    assert target in (".", ".[index]"), target
-    if venv == "indexer":
-        # The torch the Makefile installs (a CPU build from this machine's wheel store).
-        subprocess.run([env_dir / "bin" / "pip", "install", "-q", "torch==2.13.0"], check=True)
-    subprocess.run([env_dir / "bin" / "pip", "install", "-q", target], cwd=src, check=True)
+    commands = install_commands(venv)
+    # The lock first, hash-checked and unresolved; then the product alone.
+    assert commands[0][:3] == ["--require-hashes", "--no-deps", "-r"], commands[0]
+    assert commands[-1][-1] in (".", ".[index]") and "--no-deps" in commands[-1], commands[-1]
+    for args in commands:
+        subprocess.run([env_dir / "bin" / "pip", "install", "-q", *args], cwd=src, check=True)
     return env_dir
+
+
+def test_each_image_installs_exactly_its_lock() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "RUN python /tmp/lock.py --root /src check" in text
+    for venv, profile in (("api", "service"), ("indexer", "indexer")):
+        [lock, product] = install_commands(venv)
+        assert lock == ["--require-hashes", "--no-deps", "-r", f"requirements/{profile}.txt"]
+        assert product[:2] == ["--no-deps", "--no-build-isolation"]
 
 
 def test_build_stage_copies_every_package_the_product_installs() -> None:
