@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
 LOCK   := requirements/dev.txt
+# The stamp names the lock's content, not its time: any other lock (a pull, a branch switch, `make
+# lock`) builds the venv anew; the same lock reuses it.
+STAMP  := $(VENV)/.installed-$(shell sha256sum $(LOCK) | cut -c1-16)
 # The lock tool (uv, pinned and hash-checked in requirements/uv.txt) lives apart from the venv, so a
 # stale lock can be refreshed even when the venv cannot be installed.
 LOCK_TOOL := .venv-lock

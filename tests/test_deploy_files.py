@@ -405,8 +405,8 @@ def _instruction(lines: list[str], number: int) -> str:
 
 def _installs_only_local_or_pinned(instruction: str) -> bool:
     """DL3013 ("pin versions in pip") on ``pip install '.[extra]'`` is a false positive: that is the
-    project itself, its versions set by pyproject.toml. True when every pip argument is either a local
-    path or pinned with ==."""
+    project itself, installed with --no-deps after its lock (-r requirements/<profile>.txt, hash-checked).
+    True when every pip argument is either a local path or pinned with ==."""
     for command in re.split(r"&&|;|\|\|", instruction):
         words = shlex.split(command)
         if "pip" not in words or "install" not in words:
