@@ -95,6 +95,7 @@ def _add_lazy(subparsers: Any, command: LazyCommand, chosen: bool) -> None:
 
 
 def cmd_models_build(args: argparse.Namespace, settings: Settings) -> int:
+    from models.manifest import ManifestError
     from models.registry import RECIPES, DeltaMissingError, build
 
     names = args.names or [settings.query_model, settings.document_model]
@@ -114,7 +115,7 @@ def cmd_models_build(args: argparse.Namespace, settings: Settings) -> int:
                 return fail(str(exc))
             print(f"{name}: skipped, {exc}", flush=True)  # --all: build what can be built
             continue
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, ManifestError) as exc:  # a refusal or a failed check: names the fix
             return fail(str(exc))
         print(f"{name}: ready (space {manifest.space}, fingerprint {manifest.fingerprint[:12]})", flush=True)
     return 0

