@@ -1,4 +1,4 @@
-"""Alignment training data: BEIR training splits, FlagEmbedding JSONL, self-pair texts, hard negatives."""
+"""Alignment training data: BEIR training splits, self-pair texts, hard negatives."""
 
 from __future__ import annotations
 
@@ -13,13 +13,9 @@ from models.align.data import (
     TrainingGroup,
     beir_groups,
     load_beir_train,
-    read_flag_groups,
     self_pair_texts,
 )
 from models.align.negatives import hard_negatives, rank_dense, rank_with
-from tests.conftest import SHARED_DATA
-
-CARE_SAMPLES = SHARED_DATA / "care-samples"
 
 
 def _write_lines(path: Path, rows: list[object]) -> Path:
@@ -113,55 +109,6 @@ def test_beir_groups_use_texts_and_never_a_positive_as_negative(beir: Path) -> N
         prompt="find answers",
     )
     assert groups[1].negatives == ()  # no mined negatives: in-batch ones only
-
-
-def test_flag_groups(tmp_path: Path) -> None:
-    path = _write_lines(
-        tmp_path / "train.jsonl",
-        [
-            {"query": "q", "pos": ["p"], "neg": ["n1", "n2"], "prompt": "task", "pos_id": "7", "type": "x"},
-            "",
-            {"query": "r", "pos": ["r"]},
-        ],
-    )
-    assert read_flag_groups(path) == [
-        TrainingGroup(query="q", positives=("p",), negatives=("n1", "n2"), prompt="task"),
-        TrainingGroup(query="r", positives=("r",)),
-    ]
-
-
-@pytest.mark.parametrize(
-    ("line", "error"),
-    [
-        ("[1, 2]", "expected a JSON object"),
-        ('{"query": "q"', "invalid JSON"),
-        ('{"pos": ["p"]}', "field 'query'"),
-        ('{"query": "q", "pos": []}', "field 'pos' is empty"),
-        ('{"query": "q", "pos": "p"}', "field 'pos' must be a list"),
-        ('{"query": "q", "pos": ["p"], "neg": ["n", 3]}', "field 'neg' must be a list"),
-        ('{"query": "q", "pos": ["p"], "prompt": 5}', "field 'prompt'"),
-    ],
-)
-def test_bad_flag_lines_name_file_and_line(tmp_path: Path, line: str, error: str) -> None:
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"query": "ok", "pos": ["p"]}\n' + line + "\n", encoding="utf-8")
-    with pytest.raises(AlignDataError, match=f"bad.jsonl:2: {error}"):
-        read_flag_groups(path)
-
-
-@pytest.mark.skipif(not CARE_SAMPLES.is_dir(), reason="shared CARE samples not present")
-def test_care_sample_files_parse() -> None:
-    retrieval = read_flag_groups(CARE_SAMPLES / "stage2-medteb-retrieval.jsonl")
-    assert len(retrieval) == 20
-    assert {len(g.negatives) for g in retrieval} == {15}
-    assert {g.prompt for g in retrieval} == {
-        "Given a Chinese medical question, retrieve medical documents that answer the question."
-    }
-    sts = read_flag_groups(CARE_SAMPLES / "stage2-medteb-sts.jsonl")
-    assert {len(g.negatives) for g in sts} == {7}
-    for name in ("stage1-query-align-q.jsonl", "stage1-query-align-doc.jsonl"):
-        stage_one = read_flag_groups(CARE_SAMPLES / name)
-        assert all(g.positives == (g.query,) and not g.negatives for g in stage_one)  # self-pairs
 
 
 def test_self_pair_texts_dedupe_in_order() -> None:

@@ -1,8 +1,7 @@
 """Training data for alignment: labelled groups and stage-I self-pair texts.
 
-Two sources: a BEIR directory's training split (queries, qrels, corpus; negatives mined separately),
-and FlagEmbedding-style JSONL (``{"query", "pos": [...], "neg": [...], "prompt"?}``, one group per
-line), the format CARE's training data is published in. Every bad line is reported as ``file:line``.
+The source is a BEIR directory's training split (queries, qrels, corpus; negatives mined
+separately). Every bad line is reported as ``file:line``.
 """
 
 from __future__ import annotations
@@ -146,40 +145,6 @@ def beir_groups(
                 prompt=prompt,
             )
         )
-    return groups
-
-
-def _string_list(obj: dict[str, Any], key: str, where: str, *, required: bool) -> tuple[str, ...]:
-    value = obj.get(key)
-    if value is None and not required:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
-        raise AlignDataError(f"{where}: field {key!r} must be a list of non-empty strings")
-    if required and not value:
-        raise AlignDataError(f"{where}: field {key!r} is empty")
-    return tuple(value)
-
-
-def read_flag_groups(path: Path) -> list[TrainingGroup]:
-    """Groups from FlagEmbedding JSONL; other keys (``pos_id``, ``type``, scores) are ignored."""
-    groups = []
-    for where, obj in _read_json_lines(path):
-        query = obj.get("query")
-        if not isinstance(query, str) or not query.strip():
-            raise AlignDataError(f"{where}: field 'query' is missing, empty or not a string")
-        prompt = obj.get("prompt")
-        if prompt is not None and not isinstance(prompt, str):
-            raise AlignDataError(f"{where}: field 'prompt' is not a string")
-        groups.append(
-            TrainingGroup(
-                query=query,
-                positives=_string_list(obj, "pos", where, required=True),
-                negatives=_string_list(obj, "neg", where, required=False),
-                prompt=prompt or None,
-            )
-        )
-    if not groups:
-        raise AlignDataError(f"{path}: no training groups")
     return groups
 
 
