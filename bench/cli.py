@@ -137,7 +137,8 @@ def run_query_encoders(args: argparse.Namespace, settings: Settings) -> QueryEnc
     from bench.queries import question_sources
     from bench.query_latency import EncoderLatency, QueryEncoderBench, Side, latency_ratios, time_encoder
     from evaluation.configs import encodes_own_queries
-    from models.encoder import EncodeMode, load_encoder
+    from models.encoder import EncodeMode
+    from models.loading import load_encoder
     from models.manifest import read_manifest
 
     queries = _chosen(settings, args.query_model, lambda m: m.role == "query")
@@ -207,8 +208,8 @@ def corpus_sources(corpus: Path, count: int, min_chars: int) -> list[str]:
 
 def run_indexer(args: argparse.Namespace, settings: Settings) -> IndexerBench:
     from bench.throughput import FORMULA, IndexerBench, matmul_peak, time_indexing
-    from models.encoder import load_encoder
     from models.hf_encoder import HFEncoder
+    from models.loading import load_encoder
 
     corpus = Path(args.corpus)
     if not corpus.is_file():

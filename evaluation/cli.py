@@ -115,7 +115,7 @@ def _eval_in_process(args: argparse.Namespace, settings: Settings, split: BeirSp
     from evaluation.runner import InProcessEvaluation, Options
     from evaluation.sts import load_sts
     from indexer.reader import count_lines
-    from models.encoder import load_encoder
+    from models.loading import load_encoder
     from models.manifest import ManifestError
 
     tasks = _tasks(args)

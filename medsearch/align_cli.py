@@ -49,7 +49,7 @@ def corpus_vectors_from_cache(cache_root: Path, corpus_file: Path, threads: int)
     """A ``CorpusVectors`` reading and filling the evaluation's cache for this corpus file."""
     from evaluation.beir import file_fingerprint
     from evaluation.vectors import cached_vectors
-    from models.encoder import load_encoder
+    from models.loading import load_encoder
     from models.manifest import read_manifest
 
     def vectors(model_dir: Path, ids: Sequence[str], texts: Sequence[str]) -> Any:
@@ -73,7 +73,7 @@ def int8_gate(dataset: Path, split: str, document_dir: Path, corpus: Any, thread
     from evaluation.beir import iter_corpus, load_split
     from indexer.pipeline import document_text
     from models.align.negatives import rank_dense
-    from models.encoder import load_encoder
+    from models.loading import load_encoder
 
     def gate(fp32_dir: Path, int8_dir: Path) -> tuple[float, float]:
         evaluation = load_split(dataset, split)

@@ -176,7 +176,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.pipeline import DeleteGuard, Shard
     from indexer.progress import Progress
     from indexer.reader import InputError, resolve_inputs, total_lines
-    from models.encoder import load_encoder
+    from models.loading import load_encoder
     from models.manifest import ManifestError
 
     try:

@@ -1,4 +1,4 @@
-"""The encoder interface shared by every runtime, and the one place that picks a runtime.
+"""The encoder interface shared by every runtime (``models.loading`` picks the runtime).
 
 An encoder is three steps with a typed value between them: tokenize -> run -> pool/normalize. The
 ONNX runtime bakes pooling into the graph; the transformers runtime pools in torch. Callers only see
@@ -8,12 +8,11 @@ ONNX runtime bakes pooling into the graph; the transformers runtime pools in tor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from models.manifest import ModelManifest, read_manifest
+from models.manifest import ModelManifest
 
 Device = Literal["auto", "cpu", "cuda"]
 # "query": a document encoder with a query prompt of its own (an LLM embedder) encoding queries.
@@ -48,30 +47,3 @@ class Chunkable(Protocol):
         """Character span ``(start, end)`` in ``text`` of each token of the raw text (no prompt, no
         special tokens, no truncation), in order."""
         ...
-
-
-def load_encoder(
-    model_dir: Path,
-    threads: int = 0,
-    device: Device = "auto",
-    mode: EncodeMode = "document",
-    precision: Precision = "fp32",
-) -> Encoder:
-    """Open the encoder in ``model_dir`` with the runtime its manifest names.
-
-    ``precision`` applies to the transformers runtime (models/precision.py: a fast path is used only
-    when it passes the quality gate); an ONNX graph runs in the precision it was exported in.
-
-    torch is imported only for ``format == "hf"``: the service, which loads ONNX query encoders,
-    never imports it.
-    """
-    manifest = read_manifest(model_dir)
-    if manifest.format == "onnx":
-        from models.onnx_encoder import OnnxEncoder
-
-        return OnnxEncoder(model_dir, manifest=manifest, threads=threads)
-    from models.hf_encoder import HFEncoder
-
-    return HFEncoder(
-        model_dir, manifest=manifest, threads=threads, device=device, mode=mode, precision=precision
-    )

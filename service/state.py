@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from models.encoder import Encoder, load_encoder
+from models.encoder import Encoder
+from models.loading import load_encoder
 from models.manifest import ManifestError, ModelManifest, named_model_dir, read_manifest
 from service.errors import NotReady
 from settings import Settings

@@ -61,7 +61,7 @@ def served_home(
     ``query_model`` in models/query, and ``rows`` ({"id", "text"}) indexed with ``document_model``
     into ``collection`` of the embedded store."""
     from indexer.pipeline import index_files  # torch: only for the tests that serve
-    from models.encoder import load_encoder
+    from models.loading import load_encoder
     from store.factory import open_store
 
     query_model_home(home, query_model)

@@ -23,8 +23,8 @@ from models.align.artifacts import (
 )
 from models.align.document_side import DocumentSideConfig, DocumentTower
 from models.align.query_side import QuerySideConfig, QueryTower
-from models.encoder import load_encoder
 from models.export import export_query_encoder
+from models.loading import load_encoder
 from models.manifest import read_manifest, verify_manifest, write_manifest
 from models.projection import PROJECTION_FILE
 from tests.tiny_models import make_tiny_decoder

@@ -15,7 +15,7 @@ from models.align.frozen import REPORT_FILE, FrozenAlignRecipe, QualityGateError
 from models.align.pseudo import PseudoQueries, corpus_sentences, pseudo_queries, question_bodies
 from models.align.query_side import QuerySideConfig, QueryTower
 from models.align.train import TeacherSignal, TrainConfig, train_query_distillation
-from models.encoder import load_encoder
+from models.loading import load_encoder
 from models.manifest import verify_manifest
 
 SYMPTOMS = ["头痛", "发烧", "咳嗽", "腹泻", "失眠", "恶心", "便秘", "贫血"]

@@ -30,7 +30,7 @@ from models.align.train import (
     stage_one_config,
     stage_two_config,
 )
-from models.encoder import load_encoder
+from models.loading import load_encoder
 from models.manifest import verify_manifest
 
 SYMPTOMS = ["头痛", "发烧", "咳嗽", "腹泻", "失眠", "恶心", "便秘", "贫血", "胃痛", "耳鸣", "牙痛", "过敏"]

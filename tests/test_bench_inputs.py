@@ -9,7 +9,7 @@ import pytest
 
 from bench.inputs import CountingEncoder, InputLengthError, cut_to_tokens, exact_inputs
 from bench.queries import QUESTIONS, question_sources
-from models.encoder import load_encoder
+from models.loading import load_encoder
 
 LENGTHS = (8, 16, 32, 64)
 

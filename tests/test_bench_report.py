@@ -131,7 +131,7 @@ def test_bench_refuses_non_loopback_and_absent_service(capsys: pytest.CaptureFix
 def served_home(tmp_path: Path, tiny_bert: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A home whose collection was indexed by tiny-bert, served by its ONNX export (same space)."""
     from indexer.pipeline import index_files
-    from models.encoder import load_encoder
+    from models.loading import load_encoder
     from store.factory import open_store
 
     for key in [k for k in os.environ if k.startswith("MEDSEARCH_")]:
@@ -249,7 +249,8 @@ def test_query_bench_runs_llm_embedders_as_query_encoders_with_their_query_promp
     tiny_embedder: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from models.encoder import EncodeMode, Encoder, load_encoder
+    from models.encoder import EncodeMode, Encoder
+    from models.loading import load_encoder
 
     models = tmp_path / "models"
     models.mkdir()
@@ -266,7 +267,7 @@ def test_query_bench_runs_llm_embedders_as_query_encoders_with_their_query_promp
         return load_encoder(path, threads, device, mode)
 
     # The command imports load_encoder when it runs, so the patched one is what it uses.
-    monkeypatch.setattr("models.encoder.load_encoder", recording)
+    monkeypatch.setattr("models.loading.load_encoder", recording)
     results = tmp_path / "results"
     argv = ["bench", "query", "--query-lengths", "20,32", "--repeats", "2", "--query-warmup", "0"]
     assert main([*argv, "--inputs", "2", "--results-dir", str(results)]) == 0

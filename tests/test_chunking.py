@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from indexer.chunking import Chunk, Span, split_text
-from models.encoder import Chunkable, load_encoder
+from models.encoder import Chunkable
+from models.loading import load_encoder
 
 # A stand-in tokenizer: every word, and every CJK character or punctuation mark, is a token.
 _TOKEN = re.compile(r"[\u3000-\u9fff\uff00-\uffef]|[^\s\u3000-\u9fff\uff00-\uffef]+")

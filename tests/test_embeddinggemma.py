@@ -33,8 +33,8 @@ from models.bootstrap.embeddinggemma import (
     build_embeddinggemma,
     wheel_name,
 )
-from models.encoder import load_encoder
 from models.hf_encoder import HFEncoder
+from models.loading import load_encoder
 from models.manifest import (
     MANIFEST_FILE,
     ManifestError,

@@ -18,7 +18,8 @@ import pytest
 from evaluation.blackbox import ServiceError, fetch_pair
 from indexer.pipeline import index_files
 from medsearch.cli import main
-from models.encoder import EncodeMode, Encoder, load_encoder
+from models.encoder import EncodeMode, Encoder
+from models.loading import load_encoder
 from models.manifest import read_manifest
 from service.app import create_app
 from service.state import ServingState
@@ -131,7 +132,7 @@ def encode_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
         return Recording(load_encoder(path, threads, device, mode, precision=precision), name, log)
 
     # The CLI imports load_encoder when it runs, so the patched one is what it uses.
-    monkeypatch.setattr("models.encoder.load_encoder", recording_loader)
+    monkeypatch.setattr("models.loading.load_encoder", recording_loader)
     return log
 
 

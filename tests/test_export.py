@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
-from models.encoder import load_encoder
 from models.export import ExportParityError, export_query_encoder, quantize_int8
+from models.loading import load_encoder
 from models.manifest import ManifestError, read_manifest, verify_manifest
 from models.onnx_encoder import OnnxEncoder
 

@@ -16,8 +16,8 @@ from evaluation.configs import discover, scan_models
 from medsearch.align_cli import ndcg10
 from medsearch.cli import main
 from models.align.data import AlignDataError
-from models.encoder import load_encoder
 from models.finetune import REPORT_SUFFIX, FinetuneConfig, FinetuneError, FinetuneResult, finetune, lr_factor
+from models.loading import load_encoder
 from models.manifest import read_manifest, verify_manifest
 
 SYMPTOMS = ["头痛", "发烧", "咳嗽", "腹泻", "失眠", "恶心", "便秘", "贫血", "胃痛", "耳鸣", "牙痛", "过敏"]

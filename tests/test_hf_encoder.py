@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.encoder import load_encoder
 from models.hf_encoder import HFEncoder, pad_batch
+from models.loading import load_encoder
 from models.manifest import ManifestError, ModelManifest, read_manifest
 from tests.tiny_models import make_tiny_decoder
 

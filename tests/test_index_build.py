@@ -335,7 +335,7 @@ def test_a_changed_manifest_is_a_new_encoding_not_unchanged_documents(
 ) -> None:
     import shutil
 
-    from models.encoder import load_encoder
+    from models.loading import load_encoder
     from models.manifest import read_manifest, write_manifest
 
     model = tmp_path / "model"
@@ -396,7 +396,7 @@ def test_a_plain_collection_of_the_alias_name_is_updated_in_place_not_replaced(
 def test_long_documents_are_chunked_and_come_back_once_with_their_best_chunk(
     tmp_path: Path, tiny_bert: Path, store: VectorStore
 ) -> None:
-    from models.encoder import load_encoder
+    from models.loading import load_encoder
 
     encoder = load_encoder(tiny_bert)
     budget = encoder.text_budget  # type: ignore[attr-defined]

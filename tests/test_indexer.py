@@ -9,7 +9,7 @@ import pytest
 
 from indexer.pipeline import FilterFields, IndexingError, Retry, index_files
 from indexer.reader import Document, Rejected, read_documents
-from models.encoder import load_encoder
+from models.loading import load_encoder
 from store.base import DocumentPoint, StoreError, StoreUnavailable, VectorStore
 from store.factory import open_store
 from store.filters import Condition, Filter, Range

@@ -41,7 +41,7 @@ asyncio.run(main())
 
 def test_service_answers_without_torch(tiny_bert: Path, tiny_onnx: Path, tmp_path: Path) -> None:
     from indexer.pipeline import index_files
-    from models.encoder import load_encoder
+    from models.loading import load_encoder
     from store.factory import open_store
 
     corpus = tmp_path / "corpus.jsonl"

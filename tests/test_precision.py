@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from models import precision as precision_module
-from models.encoder import load_encoder
 from models.hf_encoder import CUDA_BATCH_SIZE, HFEncoder
+from models.loading import load_encoder
 from models.manifest import read_manifest
 from models.precision import PrecisionError, fast_path_for
 from models.precision_gate import GATE_TEXTS, MIN_GATE_COSINE, check, row_cosines

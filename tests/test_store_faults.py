@@ -106,7 +106,7 @@ def test_server_backend_dead_port_then_back_then_dead_again(
     tmp_path: Path, tiny_bert: Path, tiny_onnx: Path
 ) -> None:
     from indexer.pipeline import index_files
-    from models.encoder import load_encoder
+    from models.loading import load_encoder
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")

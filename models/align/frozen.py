@@ -41,7 +41,7 @@ from models.align.pipeline import SELECTION_DEPTH, Scorer, split_selection
 from models.align.pseudo import PseudoQueries, pseudo_queries
 from models.align.query_side import QuerySideConfig, QueryTower, fit_projection
 from models.align.train import CHECKPOINT_FILE, TeacherSignal, TrainConfig, train_query_distillation
-from models.encoder import load_encoder
+from models.loading import load_encoder
 from models.manifest import ManifestError, ModelManifest, verify_manifest
 
 Log = Callable[[str], None]

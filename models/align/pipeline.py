@@ -51,7 +51,7 @@ from models.align.train import (
     train_query_alignment,
     train_query_retrieval,
 )
-from models.encoder import load_encoder
+from models.loading import load_encoder
 from models.manifest import ModelManifest, verify_manifest
 
 # (rankings: query id -> doc ids best first, relevant: query id -> doc ids) -> nDCG@10 in percent.
