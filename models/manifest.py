@@ -171,6 +171,15 @@ def named_model_dir(models_dir: Path, name: str) -> Path:
     return models_dir / name
 
 
+def model_dir(models_dir: Path, name: str) -> Path:
+    """A model given on the command line: a name lives in ``models_dir`` (and never leads outside it,
+    see ``named_model_dir``); an explicit path to an existing directory is taken as is."""
+    path = Path(name)
+    if path.is_dir() and ("/" in name or name.startswith(".")):
+        return path
+    return named_model_dir(models_dir, name)
+
+
 def replace_model_dir(built: Path, target: Path) -> None:
     """Swap a finished build into place so readers never see a half-written model directory.
 
