@@ -22,7 +22,7 @@ from settings import Settings
 
 if TYPE_CHECKING:
     from indexer.build import Report
-    from indexer.pipeline import FilterFields
+    from indexer.planning import FilterFields
 
 
 ArgumentsAdder = Callable[[argparse.ArgumentParser], None]
@@ -181,7 +181,7 @@ def cmd_models_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def declared_fields(args: argparse.Namespace) -> FilterFields | None:
     """The filter fields named on the command line; None (keep the collection's) when none are."""
-    from indexer.pipeline import FilterFields
+    from indexer.planning import FilterFields
 
     if not (args.keyword_field or args.integer_field or args.date_field):
         return None
@@ -196,7 +196,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     import tempfile
 
     from indexer.build import ExitCode, RunOptions, full_build, incremental
-    from indexer.pipeline import DeleteGuard, Shard
+    from indexer.pipeline import DeleteGuard, Partition
     from indexer.progress import Progress
     from indexer.reader import InputError, resolve_inputs, total_lines
     from models.encoder import load_encoder
@@ -204,10 +204,10 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     from service.configured_store import open_configured_store
 
     try:
-        shard = Shard.parse(args.shard) if args.shard else None
+        partition = Partition.parse(args.shard) if args.shard else None
     except ValueError as exc:
         return fail(str(exc))
-    if shard is not None and args.incremental:
+    if partition is not None and args.incremental:
         return fail("--shard builds a new version; it cannot be combined with --incremental")
     if args.chunk_overlap < 0:
         return fail("--chunk-overlap must be 0 or more tokens")
@@ -241,7 +241,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
             rejects_path=Path(args.rejects) if args.rejects else None,
             keep=args.keep,
             chunk_overlap=None if args.no_chunking else args.chunk_overlap,
-            shard=shard,
+            partition=partition,
             allow_space_change=args.allow_space_change,
             accept_rejects=args.accept_rejects,
             delete_guard=DeleteGuard(args.max_delete_fraction),
