@@ -61,19 +61,16 @@ def _int_list(value: str) -> list[int]:
 
 def _built(settings: Settings, keep: Callable[[ModelManifest], bool]) -> list[Path]:
     """Directories in the models directory whose valid manifest ``keep`` accepts, by name."""
-    from models.manifest import ManifestError, read_manifest
+    from models.manifest import ManifestError, built_models
 
     root = settings.models_path
     if not root.is_dir():
         raise BenchSetupError(f"models directory {root} not found; build it with: medsearch models build")
     found = []
-    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            manifest = read_manifest(path)
-        except ManifestError as exc:
-            _note(f"skipping {path.name}: {exc}")
-            continue
-        if keep(manifest):
+    for path, manifest in built_models(root):
+        if isinstance(manifest, ManifestError):
+            _note(f"skipping {path.name}: {manifest}")
+        elif keep(manifest):
             found.append(path)
     return found
 

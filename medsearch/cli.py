@@ -145,16 +145,14 @@ def cmd_models_build(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
-    from models.manifest import ManifestError, read_manifest
+    from models.manifest import ManifestError, built_models
 
     root = settings.models_path
     if not root.is_dir():
         return fail(f"models directory {root} not found; build it with: medsearch models build")
-    for built in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            m = read_manifest(built)
-        except ManifestError as exc:
-            print(f"{built.name:36s} INVALID: {exc}")
+    for built, m in built_models(root):
+        if isinstance(m, ManifestError):
+            print(f"{built.name:36s} INVALID: {m}")
             continue
         quant = m.quantization or "fp32"
         print(f"{m.name:36s} {m.role:8s} {m.format:4s} {quant:32s} dim {m.dim:<5d} space {m.space}")

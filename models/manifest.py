@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -169,6 +170,16 @@ def named_model_dir(models_dir: Path, name: str) -> Path:
             "(medsearch models list) or give the path of a model directory"
         )
     return models_dir / name
+
+
+def built_models(models_dir: Path) -> Iterator[tuple[Path, ModelManifest | ManifestError]]:
+    """Each model directory in ``models_dir``, by name (hidden ones, builds in progress, left out),
+    with its manifest or the ManifestError that says why it has none."""
+    for path in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            yield path, read_manifest(path)
+        except ManifestError as exc:
+            yield path, exc
 
 
 def model_dir(models_dir: Path, name: str) -> Path:
