@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bench.query_latency import QueryEncoderBench
-    from bench.report import BenchReport
     from bench.service_load import ServiceBench
 
 
@@ -44,10 +43,11 @@ def _encoder_panel(ax: Any, bench: QueryEncoderBench) -> None:
     ax.legend(fontsize="small")
 
 
-def plot_report(report: BenchReport, path: Path) -> bool:
+def plot_latency(
+    service: ServiceBench | None, encoders: QueryEncoderBench | None, title: str, path: Path
+) -> bool:
     """Write the figure to ``path``; False (nothing written) when the run measured no latency."""
     panels: list[Callable[[Any], None]] = []
-    service, encoders = report.service, report.query_encoders
     if service is not None and any(level.samples_ms for level in service.levels):
         panels.append(lambda ax: _service_panel(ax, service))
     if encoders is not None and encoders.encoders:
@@ -63,7 +63,7 @@ def plot_report(report: BenchReport, path: Path) -> bool:
     for ax, draw in zip(axes[0], panels, strict=True):
         draw(ax)
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"medsearch bench {report.created:%Y-%m-%d %H:%M} UTC, commit {report.commit}")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from bench.machine import MachineInfo
+from bench.plot import plot_latency
 from bench.precision import PrecisionBench, precision_table
 from bench.query_latency import QueryEncoderBench
 from bench.service_load import ServiceBench
@@ -174,11 +175,16 @@ def compared_table(service: ServiceBench) -> list[str]:
     return lines
 
 
+def title(report: BenchReport) -> str:
+    """The run's heading, in the markdown and on the figure."""
+    return f"medsearch bench {report.created:%Y-%m-%d %H:%M} UTC, commit {report.commit}"
+
+
 def markdown(report: BenchReport) -> str:
     m = report.machine
     versions = ", ".join(f"{k} {v}" for k, v in m.packages.items() if v)
     parts = [
-        f"## medsearch bench {report.created:%Y-%m-%d %H:%M} UTC, commit {report.commit}",
+        f"## {title(report)}",
         "",
         f"{m.cpu_model}, {m.cores_usable}/{m.cores_logical} cores usable, {m.ram_gib} GiB RAM, "
         f"Python {m.python}, {versions}.",
@@ -197,8 +203,6 @@ def markdown(report: BenchReport) -> str:
 def write_report(report: BenchReport, results_dir: Path) -> ReportFiles:
     """``bench-<date>-<time>-<commit>.{json,md,png}`` in ``results_dir``; no PNG when the run has no
     latency to plot."""
-    from bench.plot import plot_report
-
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = results_dir / file_stem(report)
     json_path = stem.with_suffix(".json")
@@ -207,7 +211,7 @@ def write_report(report: BenchReport, results_dir: Path) -> ReportFiles:
     text = markdown(report)
     md_path.write_text(text, encoding="utf-8")
     png_path = stem.with_suffix(".png")
-    if not plot_report(report, png_path):
+    if not plot_latency(report.service, report.query_encoders, title(report), png_path):
         return ReportFiles(json=json_path, markdown=md_path, png=None)
     md_path.write_text(text + f"\n![latency]({png_path.name})\n", encoding="utf-8")
     return ReportFiles(json=json_path, markdown=md_path, png=png_path)

@@ -21,18 +21,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from indexer import versions
-from indexer.pipeline import (
-    DeleteGuard,
-    FilterFields,
-    IndexingError,
-    IndexSummary,
-    Retry,
-    Shard,
-    chunking_of,
-    index_files,
-    measure_corpus,
-    planned_spec,
-)
+from indexer.pipeline import DeleteGuard, IndexSummary, Partition, Retry, index_files, measure_corpus
+from indexer.planning import FilterFields, IndexingError, chunking_of, planned_spec
 from models.encoder import Encoder
 from store.base import StoreError, StoreUnavailable, VectorStore
 
@@ -100,7 +90,7 @@ class RunOptions:
     # many tokens; None: whole documents (truncated by the encoder). Incremental runs keep the
     # collection's choice.
     chunk_overlap: int | None = DEFAULT_CHUNK_OVERLAP
-    shard: Shard | None = None
+    partition: Partition | None = None  # --shard i/N
     allow_space_change: bool = False
     accept_rejects: bool = False
     delete_guard: DeleteGuard = field(default_factory=DeleteGuard)
@@ -127,10 +117,10 @@ def full_build(
     paths: Sequence[Path], encoder: Encoder, store: VectorStore, alias: str, options: RunOptions
 ) -> Report:
     """Load a new version of ``alias`` (or continue it), validate it and switch the alias to it."""
-    mode: Literal["full", "shard"] = "shard" if options.shard else "full"
+    mode: Literal["full", "shard"] = "shard" if options.partition else "full"
     report = Report(mode=mode, alias=alias, collection="")
-    if options.shard:
-        report.shard = f"{options.shard.index}/{options.shard.count}"
+    if options.partition:
+        report.shard = f"{options.partition.index}/{options.partition.count}"
     summary: IndexSummary | None = None
     try:
         versions.check_alias_name(store, alias)
@@ -149,7 +139,7 @@ def full_build(
         spec = planned_spec(None, encoder, fields, sparse, lambda: measure_corpus(paths), chunking)
         name, report.resumed = versions.version_for(store, alias, versions.build_identity(spec, paths))
         report.collection = name
-        if name == current and options.shard is None:
+        if name == current and options.partition is None:
             # Validated when it was switched to; reopening it could also collide with the service,
             # which holds the embedded engine's served shard.
             report.up_to_date = True
@@ -166,10 +156,10 @@ def full_build(
             rejects_path=options.rejects_path,
             retry=options.retry,
             on_progress=options.on_progress,
-            shard=options.shard,
+            partition=options.partition,
         )
         code, error = _outcome(summary, options.accept_rejects)
-        if code != ExitCode.OK or options.shard is not None:
+        if code != ExitCode.OK or options.partition is not None:
             return _finish(report, summary, code, error)  # a shard worker leaves validation to the final run
         store.optimize(name)
         validation = versions.validate(store, name, summary.accepted, summary.sample_ids)

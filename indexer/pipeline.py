@@ -1,10 +1,10 @@
-"""The indexing job: documents -> batches -> document encoder -> store, resumable by content hash.
+"""The indexing job: documents -> groups -> document encoder -> store, resumable by content hash.
 
 Point ids are UUID5 of the document id, so a rerun overwrites rather than duplicates; documents whose
 content hash is already stored are skipped without encoding, so a rerun over an indexed corpus takes
 seconds. A store that cannot be reached is retried with back-off; whatever still fails (a refusal,
 a document the encoder cannot encode) is reported per document, never silently dropped, and never
-takes the rest of its batch with it.
+takes the rest of its group with it.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from indexer.chunking import split_text
+from indexer.planning import FilterFields, IndexingError, prepare_collection
 from indexer.reader import Document, Rejected, read_documents
 from models.encoder import Chunkable, Encoder
-from store.base import ChunkingSpec, CollectionSpec, DocumentPoint, StoreError, StoreUnavailable, VectorStore
+from store.base import ChunkingSpec, DocumentPoint, StoreError, StoreUnavailable, VectorStore
 from store.filters import FieldKind, field_kinds, metadata_problem
-from store.schema import spec_difference
 from store.sparse import Bm25Encoder, Bm25Spec, measure_spec
 
 REJECTED_SAMPLES = 20
@@ -34,28 +34,25 @@ DELETE_BATCH = 1000
 T = TypeVar("T")
 
 
-class IndexingError(RuntimeError):
-    """The run cannot start (e.g. the collection holds another document space)."""
-
-
 @dataclass(frozen=True)
-class Shard:
-    """Part ``index`` of ``count``: the documents whose id hashes to it. Workers given the same input
-    and different parts write disjoint documents into one collection."""
+class Partition:
+    """Part ``index`` of ``count`` of the documents (``--shard i/N``): those whose id hashes to it.
+    Workers given the same input and different parts write disjoint documents into one collection.
+    (Not a Qdrant shard: the collection is one, whichever worker writes a document.)"""
 
     index: int
     count: int
 
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.count:
-            raise ValueError(f"shard {self.index}/{self.count}: need 0 <= i < N")
+            raise ValueError(f"--shard {self.index}/{self.count}: need 0 <= i < N")
 
     @classmethod
-    def parse(cls, text: str) -> Shard:
+    def parse(cls, text: str) -> Partition:
         try:
             index, count = (int(part) for part in text.split("/"))
         except ValueError:
-            raise ValueError(f"shard {text!r}: expected i/N, e.g. 0/4") from None
+            raise ValueError(f"--shard {text!r}: expected i/N, e.g. 0/4") from None
         return cls(index, count)
 
     def owns(self, doc_id: str) -> bool:
@@ -71,9 +68,9 @@ class IndexSummary:
     # are in the rejects file, so memory does not grow with a bad input.
     rejected: list[Rejected] = field(default_factory=list)
     rejected_count: int = 0
-    failed: list[str] = field(default_factory=list)  # doc ids whose batch the store refused
+    failed: list[str] = field(default_factory=list)  # doc ids whose group the store refused
     seconds: float = 0.0
-    # Valid documents of the input (of this shard, with --shard) and the first few of their ids: a
+    # Valid documents of the input (of this partition, with --shard) and the first few of their ids: a
     # full build must then hold exactly `accepted` points, and the sample is searched to check it.
     accepted: int = 0
     sample_ids: list[str] = field(default_factory=list)
@@ -109,119 +106,15 @@ def content_hash(doc: Document, encoder_fingerprint: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class FilterFields:
-    """Metadata keys declared for filtering, by the type their values must have."""
-
-    keyword: tuple[str, ...] = ()
-    integer: tuple[str, ...] = ()
-    date: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, spec: CollectionSpec) -> FilterFields:
-        return cls(spec.keyword_fields, spec.integer_fields, spec.date_fields)
-
-
-def chunking_of(encoder: Encoder, overlap: int | None) -> ChunkingSpec | None:
-    """Chunks as long as the encoder reads, consecutive ones sharing ``overlap`` tokens; None (whole
-    documents, truncated by the encoder) when ``overlap`` is None or the encoder cannot say how it
-    counts tokens."""
-    if overlap is None or not isinstance(encoder, Chunkable):
-        return None
-    budget = encoder.text_budget
-    return ChunkingSpec(max_tokens=budget, overlap=min(overlap, budget // 2))
-
-
-def collection_spec(
-    encoder: Encoder, fields: FilterFields, chunking: ChunkingSpec | None = None
-) -> CollectionSpec:
-    manifest = encoder.manifest
-    if manifest.role != "document":
-        raise IndexingError(f"{manifest.name} is a {manifest.role} encoder; index with a document encoder")
-    declared = [*fields.keyword, *fields.integer, *fields.date]
-    repeated = sorted({key for key in declared if declared.count(key) > 1})
-    if repeated:
-        raise IndexingError(f"metadata fields declared with more than one type: {repeated}")
-    return CollectionSpec(
-        dim=manifest.dim,
-        space=manifest.space,
-        encoder=manifest.name,
-        encoder_fingerprint=manifest.fingerprint,
-        encoding_fingerprint=manifest.encoding_fingerprint,
-        keyword_fields=tuple(sorted(set(fields.keyword))),
-        integer_fields=tuple(sorted(set(fields.integer))),
-        date_fields=tuple(sorted(set(fields.date))),
-        chunking=chunking,
-    )
-
-
-def _describe(spec: CollectionSpec) -> str:
-    bm25 = "with BM25 vectors" if spec.sparse is not None else "no BM25 vectors"
-    return f"{spec.encoder} (space {spec.space!r}, filter fields {list(spec.filter_fields())}, {bm25})"
-
-
-def planned_spec(
-    existing: CollectionSpec | None,
-    encoder: Encoder,
-    fields: FilterFields | None,
-    sparse: bool | None = None,
-    measure_bm25: Callable[[], Bm25Spec] | None = None,
-    chunking: ChunkingSpec | Literal["keep"] | None = "keep",
-) -> CollectionSpec:
-    """The spec a run writes: ``fields`` / ``sparse`` None and ``chunking`` "keep" keep ``existing``'s
-    choice. New BM25 vectors take their average document length from ``measure_bm25`` (a pass over
-    the input)."""
-    if chunking == "keep":
-        chunking = existing.chunking if existing is not None else None
-    if fields is None:
-        fields = FilterFields.of(existing) if existing is not None else FilterFields()
-    if sparse is None:
-        sparse = existing is not None and existing.sparse is not None
-    bm25 = None
-    if sparse:
-        if existing is not None and existing.sparse is not None:
-            bm25 = existing.sparse
-        elif measure_bm25 is not None:
-            bm25 = measure_bm25()
-        else:
-            raise IndexingError("a collection with BM25 vectors needs its corpus to measure their lengths")
-    return collection_spec(encoder, fields, chunking).model_copy(update={"sparse": bm25})
-
-
-def prepare_collection(
-    store: VectorStore,
-    collection: str,
-    encoder: Encoder,
-    fields: FilterFields | None,
-    sparse: bool | None = None,
-    measure_bm25: Callable[[], Bm25Spec] | None = None,
-) -> CollectionSpec:
-    """Create the collection, or check that an existing one holds this encoder's vectors. Chunking is
-    the existing collection's (none for a new one): a full build creates its version, chunked or
-    not, before indexing into it."""
-    existing = store.get_collection(collection)
-    spec = planned_spec(existing, encoder, fields, sparse, measure_bm25)
-    if existing is not None and existing != spec:
-        raise IndexingError(
-            f"collection {collection!r} holds vectors of {_describe(existing)}; this run would write "
-            f"{_describe(spec)} ({spec_difference(existing, spec)}). Its documents cannot be updated in "
-            "place: run a full build (without --incremental), or index into another collection."
-        )
-    # Also for an existing collection: creating is idempotent and completes one whose creation was
-    # interrupted (a server collection without its payload indexes).
-    store.create_collection(collection, spec)
-    return spec
-
-
-def _batches(items: Iterable[Document | Rejected], size: int) -> Iterator[list[Document | Rejected]]:
-    batch: list[Document | Rejected] = []
+def _groups(items: Iterable[Document | Rejected], size: int) -> Iterator[list[Document | Rejected]]:
+    group: list[Document | Rejected] = []
     for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        group.append(item)
+        if len(group) >= size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 @dataclass(frozen=True)
@@ -318,15 +211,15 @@ class _SeenIds:
 
 
 def _accept(
-    chunk: list[Document | Rejected],
+    group: list[Document | Rejected],
     seen: _SeenIds,
     kinds: Mapping[str, FieldKind],
     summary: IndexSummary,
     log: _RejectLog,
 ) -> list[Document]:
-    """The chunk's valid documents; rejected lines and repeated ids are recorded, not indexed."""
+    """The group's valid documents; rejected lines and repeated ids are recorded, not indexed."""
     docs: list[Document] = []
-    for item in chunk:
+    for item in group:
         if isinstance(item, Document) and (first := seen.first(item.doc_id)) is not None:
             reason = f"duplicate id {item.doc_id!r} (first at {first})"
             item = Rejected(item.path, item.line, reason, "")
@@ -442,13 +335,13 @@ def index_files(
     rejects_path: Path | None = None,
     retry: Retry = Retry(),
     on_progress: Callable[[int, int], None] | None = None,
-    shard: Shard | None = None,
+    partition: Partition | None = None,
     delete_missing: DeleteGuard | None = None,
 ) -> IndexSummary:
-    """Index every document of ``paths``. ``on_progress(done_lines, indexed)`` is called per chunk.
+    """Index every document of ``paths``. ``on_progress(done_lines, indexed)`` is called per group.
 
     ``group_size`` documents are read, encoded (the encoder sorts them by length into ``batch_size``
-    batches) and upserted together. ``shard``: only the documents of that part of the id space are
+    batches) and upserted together. ``partition``: only the documents of that part of the id space are
     written (every line is still read and checked). ``delete_missing``: afterwards, delete the
     stored documents the input no longer has, within the guard's limit.
     """
@@ -463,11 +356,11 @@ def index_files(
     done = 0
     try:
         for path in paths:
-            for chunk in _batches(read_documents(path), group_size):
-                done += len(chunk)
-                docs = _accept(chunk, seen, kinds, summary, log)
-                if shard is not None:
-                    docs = [d for d in docs if shard.owns(d.doc_id)]
+            for group in _groups(read_documents(path), group_size):
+                done += len(group)
+                docs = _accept(group, seen, kinds, summary, log)
+                if partition is not None:
+                    docs = [d for d in docs if partition.owns(d.doc_id)]
                 summary.accepted += len(docs)
                 room = SAMPLE_IDS - len(summary.sample_ids)
                 summary.sample_ids.extend(d.doc_id for d in docs[:room])

@@ -17,7 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# Imported at load (the CLI loads this module only for `medsearch models align`): where torch or the
+# evaluation package is missing (the api image), loading fails and the CLI says so in one line.
+from evaluation.metrics import ndcg_at_k
 from medsearch.cli_support import fail
+from models.align.pipeline import AlignRecipe, run_alignment
 from settings import Settings
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "models" / "recipes" / "care-embeddinggemma-300m.json"
@@ -25,8 +29,6 @@ DEFAULT_DELTAS = Path(__file__).resolve().parents[1] / "models" / "deltas"
 
 
 def ndcg10(rankings: Mapping[str, Sequence[str]], relevant: Mapping[str, Sequence[str]]) -> float:
-    from evaluation.metrics import ndcg_at_k
-
     if not rankings:
         return 0.0
     total = sum(ndcg_at_k(list(ranked), dict.fromkeys(relevant[q], 1), 10) for q, ranked in rankings.items())
@@ -108,7 +110,6 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
 
     from models.align.data import AlignDataError
     from models.align.frozen import FrozenAlignRecipe
-    from models.align.pipeline import AlignRecipe, run_alignment
     from models.align.train import CheckpointMismatchError
     from models.manifest import ManifestError
 

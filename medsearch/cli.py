@@ -2,26 +2,57 @@
 
 Heavy imports (torch via the document encoders, the service stack) happen inside each subcommand, so
 `medsearch serve` never imports torch and `medsearch --help` is instant. The development commands
-(eval, bench, models align, models finetune-e5) live in modules the serving image does not ship:
-their modules are imported only when that command is run, so every other command works without them.
+(eval, bench, models align, models finetune-e5) ship in every image, but need packages the serving
+image lacks (evaluation, bench, torch): their modules are imported only when that command is run, so
+every other command works without them, and one of them run where its packages are missing says so in
+one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medsearch.cli_support import fail, model_dir, open_configured_store
+from medsearch.cli_support import fail
 from settings import Settings
 
 if TYPE_CHECKING:
     from indexer.build import Report
-    from indexer.pipeline import FilterFields
+    from indexer.planning import FilterFields
+
+
+ArgumentsAdder = Callable[[argparse.ArgumentParser], None]
+
+
+# One loader per development command, with a plain import (not importlib), so the layering test sees
+# what the CLI depends on. Each module imports its packages at load: where they are missing, loading
+# fails and `_add_lazy` prints one line.
+def _align_arguments() -> ArgumentsAdder:
+    from medsearch.align_cli import add_align_arguments
+
+    return add_align_arguments
+
+
+def _finetune_arguments() -> ArgumentsAdder:
+    from medsearch.finetune_cli import add_finetune_arguments
+
+    return add_finetune_arguments
+
+
+def _eval_arguments() -> ArgumentsAdder:
+    from medsearch.eval_cli import add_eval_arguments
+
+    return add_eval_arguments
+
+
+def _bench_arguments() -> ArgumentsAdder:
+    from medsearch.bench_cli import add_bench_arguments
+
+    return add_bench_arguments
 
 
 @dataclass(frozen=True)
@@ -30,8 +61,7 @@ class LazyCommand:
 
     parents: tuple[str, ...]  # () for a top-level command, ("models",) under `medsearch models`
     name: str
-    module: str
-    adder: str  # module function that fills the subcommand's parser with its arguments
+    load: Callable[[], ArgumentsAdder]  # imports the command's module; its adder fills the parser
     help: str
 
     @property
@@ -43,23 +73,17 @@ LAZY_COMMANDS = (
     LazyCommand(
         ("models",),
         "align",
-        "medsearch.align_cli",
-        "add_align_arguments",
+        _align_arguments,
         "train a query encoder and an LLM document encoder into one space (CARE's two stages)",
     ),
     LazyCommand(
         ("models",),
         "finetune-e5",
-        "medsearch.finetune_cli",
-        "add_finetune_arguments",
+        _finetune_arguments,
         "fine-tune e5-small symmetrically on BEIR training qrels (the fair small baseline)",
     ),
-    LazyCommand(
-        (), "eval", "evaluation.cli", "add_eval_arguments", "compare encoder configurations on a BEIR set"
-    ),
-    LazyCommand(
-        (), "bench", "bench.cli", "add_bench_arguments", "benchmarks: service load, query encoders, indexer"
-    ),
+    LazyCommand((), "eval", _eval_arguments, "compare encoder configurations on a BEIR set"),
+    LazyCommand((), "bench", _bench_arguments, "benchmarks: service load, query encoders, indexer"),
 )
 
 
@@ -78,9 +102,9 @@ def _add_lazy(subparsers: Any, command: LazyCommand, chosen: bool) -> None:
     if not chosen:  # listed in --help, never run: its module stays unimported
         return
     try:
-        fill = getattr(importlib.import_module(command.module), command.adder)
+        fill = command.load()
     except ImportError as exc:
-        missing = exc.name or command.module
+        missing = exc.name or " ".join(command.path)
 
         def unavailable(_args: argparse.Namespace, _settings: Settings) -> int:
             return fail(
@@ -122,16 +146,14 @@ def cmd_models_build(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
-    from models.manifest import ManifestError, read_manifest
+    from models.manifest import ManifestError, built_models
 
     root = settings.models_path
     if not root.is_dir():
         return fail(f"models directory {root} not found; build it with: medsearch models build")
-    for built in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            m = read_manifest(built)
-        except ManifestError as exc:
-            print(f"{built.name:36s} INVALID: {exc}")
+    for built, m in built_models(root):
+        if isinstance(m, ManifestError):
+            print(f"{built.name:36s} INVALID: {m}")
             continue
         quant = m.quantization or "fp32"
         print(f"{m.name:36s} {m.role:8s} {m.format:4s} {quant:32s} dim {m.dim:<5d} space {m.space}")
@@ -158,7 +180,7 @@ def cmd_models_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def declared_fields(args: argparse.Namespace) -> FilterFields | None:
     """The filter fields named on the command line; None (keep the collection's) when none are."""
-    from indexer.pipeline import FilterFields
+    from indexer.planning import FilterFields
 
     if not (args.keyword_field or args.integer_field or args.date_field):
         return None
@@ -173,17 +195,18 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     import tempfile
 
     from indexer.build import ExitCode, RunOptions, full_build, incremental
-    from indexer.pipeline import DeleteGuard, Shard
+    from indexer.pipeline import DeleteGuard, Partition
     from indexer.progress import Progress
     from indexer.reader import InputError, resolve_inputs, total_lines
     from models.loading import load_encoder
-    from models.manifest import ManifestError
+    from models.manifest import ManifestError, model_dir
+    from service.configured_store import open_configured_store
 
     try:
-        shard = Shard.parse(args.shard) if args.shard else None
+        partition = Partition.parse(args.shard) if args.shard else None
     except ValueError as exc:
         return fail(str(exc))
-    if shard is not None and args.incremental:
+    if partition is not None and args.incremental:
         return fail("--shard builds a new version; it cannot be combined with --incremental")
     if args.chunk_overlap < 0:
         return fail("--chunk-overlap must be 0 or more tokens")
@@ -196,7 +219,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
             return fail(str(exc))
         try:
             encoder = load_encoder(
-                model_dir(settings, args.model or settings.document_model),
+                model_dir(settings.models_path, args.model or settings.document_model),
                 threads=settings.threads,
                 device=args.device,
                 precision=args.precision,
@@ -217,7 +240,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
             rejects_path=Path(args.rejects) if args.rejects else None,
             keep=args.keep,
             chunk_overlap=None if args.no_chunking else args.chunk_overlap,
-            shard=shard,
+            partition=partition,
             allow_space_change=args.allow_space_change,
             accept_rejects=args.accept_rejects,
             delete_guard=DeleteGuard(args.max_delete_fraction),
@@ -261,6 +284,7 @@ def _print_report(report: Report, path: Path | None) -> None:
 
 def cmd_index_rollback(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.versions import VersionError, rollback
+    from service.configured_store import open_configured_store
     from store.base import StoreError
 
     alias = args.collection or settings.collection
@@ -277,6 +301,7 @@ def cmd_index_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_index_versions(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.versions import documents_in, served, versions
+    from service.configured_store import open_configured_store
 
     alias = args.collection or settings.collection
     store = open_configured_store(settings)

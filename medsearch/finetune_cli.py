@@ -12,6 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
+# Imported at load (the CLI loads this module only for `medsearch models finetune-e5`): where torch or
+# the evaluation package is missing (the api image), loading fails and the CLI says so in one line.
+from medsearch.align_cli import ndcg10
 from medsearch.cli_support import fail
 from settings import Settings
 
@@ -41,7 +44,6 @@ def _log(message: str) -> None:
 def cmd_models_finetune(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import ValidationError
 
-    from medsearch.align_cli import ndcg10
     from models.align.data import AlignDataError
     from models.export import ExportParityError
     from models.finetune import FinetuneConfig, FinetuneError, finetune

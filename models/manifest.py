@@ -205,6 +205,25 @@ def check_replaceable(target: Path, name: str | None = None) -> None:
         raise ModelDirRefusedError(f"refusing to replace {target}: it holds another model ({held}); {fix}")
 
 
+def built_models(models_dir: Path) -> Iterator[tuple[Path, ModelManifest | ManifestError]]:
+    """Each model directory in ``models_dir``, by name (hidden ones, builds in progress, left out),
+    with its manifest or the ManifestError that says why it has none."""
+    for path in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            yield path, read_manifest(path)
+        except ManifestError as exc:
+            yield path, exc
+
+
+def model_dir(models_dir: Path, name: str) -> Path:
+    """A model given on the command line: a name lives in ``models_dir`` (and never leads outside it,
+    see ``named_model_dir``); an explicit path to an existing directory is taken as is."""
+    path = Path(name)
+    if path.is_dir() and ("/" in name or name.startswith(".")):
+        return path
+    return named_model_dir(models_dir, name)
+
+
 def replace_model_dir(built: Path, target: Path) -> None:
     """Swap a finished build into place so readers never see a half-written model directory.
 

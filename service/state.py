@@ -18,10 +18,10 @@ import anyio
 from models.encoder import Encoder
 from models.loading import load_encoder
 from models.manifest import ManifestError, ModelManifest, named_model_dir, read_manifest
+from service.configured_store import open_configured_store
 from service.errors import NotReady
 from settings import Settings
 from store.base import CollectionSpec, StoreError, StoreUnavailable, VectorStore
-from store.factory import open_store
 from store.sparse import Bm25Encoder, SparseVector
 
 logger = logging.getLogger("medsearch.service")
@@ -220,11 +220,8 @@ def load_state(settings: Settings) -> ServingState:
     checks the collection when the store answers.
     """
     manifest = _read_query_manifest(settings)
-    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
     try:
-        store = open_store(
-            settings.qdrant_url, settings.store_path, api_key, settings.qdrant_timeout_s, settings.hnsw_ef
-        )
+        store = open_configured_store(settings)
     except (StoreError, ValueError) as exc:
         raise StartupError(f"cannot open the vector store at {_store_location(settings)}: {exc}") from exc
     try:

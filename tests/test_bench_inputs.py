@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.inputs import CountingEncoder, InputLengthError, cut_to_tokens, exact_inputs
 from bench.queries import QUESTIONS, question_sources
+from bench.query_latency import time_encoder
 from models.loading import load_encoder
 
 LENGTHS = (8, 16, 32, 64)
@@ -46,9 +49,41 @@ def test_decoder_inputs_have_exact_lengths_with_eos(tiny_gemma: Path) -> None:
         assert text in "".join(QUESTIONS)
 
 
-def test_both_runtimes_satisfy_the_counting_protocol(tiny_onnx: Path, tiny_gemma: Path) -> None:
-    assert isinstance(load_encoder(tiny_onnx), CountingEncoder)
-    assert isinstance(load_encoder(tiny_gemma, device="cpu"), CountingEncoder)
+class RecordingEncoder:
+    """A ``CountingEncoder`` that keeps every ``encode`` call of the one it wraps."""
+
+    def __init__(self, encoder: CountingEncoder) -> None:
+        self.inner, self.manifest = encoder, encoder.manifest
+        self.calls: list[tuple[list[str], int]] = []
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        self.calls.append((list(texts), batch_size))
+        return self.inner.encode(texts, batch_size=batch_size)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return self.inner.count_tokens(texts)
+
+
+@pytest.mark.parametrize("model", ["tiny_onnx", "tiny_gemma"])
+def test_the_latency_bench_encodes_one_exact_input_per_source_at_each_length(
+    model: str, request: pytest.FixtureRequest
+) -> None:
+    encoder = load_encoder(Path(request.getfixturevalue(model)), device="cpu")
+    assert isinstance(encoder, CountingEncoder)
+    recording = RecordingEncoder(encoder)
+    ticks = itertools.count(0.0, 0.5)  # every timed encode takes one tick: 500 ms
+    result = time_encoder(recording, "query", (16, 32), question_sources(3), 4, 2, lambda: next(ticks))
+
+    assert (result.name, result.format) == (encoder.manifest.name, encoder.manifest.format)
+    assert [x.tokens for x in result.lengths] == [16, 32]
+    assert all(x.samples_ms == [500.0] * 4 and x.latency.p50_ms == 500.0 for x in result.lengths)
+    assert all(len(texts) == 1 and batch_size == 1 for texts, batch_size in recording.calls)
+    for i, tokens in enumerate((16, 32)):
+        texts = [texts[0] for texts, _ in recording.calls[6 * i : 6 * (i + 1)]]  # 2 warm-up, 4 timed
+        assert encoder.count_tokens(texts) == [tokens] * 6
+        first, second, third = texts[2:5]
+        assert len({first, second, third}) == 3  # one input cut from each source, cycled through
+        assert texts == [first, second, first, second, third, first]
 
 
 def merging_counter(texts: Sequence[str]) -> list[int]:

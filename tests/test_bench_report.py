@@ -225,7 +225,7 @@ def test_bench_all_with_spawned_service(
 def test_what_was_measured_before_a_failure_is_written(
     tiny_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bench.cli import run_parts
+    from medsearch.bench_cli import run_parts
     from medsearch.cli import build_parser
     from settings import Settings
 

@@ -94,9 +94,28 @@ def test_a_text_within_budget_is_one_chunk_equal_to_the_text() -> None:
     assert split_text(exactly, word_spans, 8, 0) == [Chunk(0, exactly, 0, len(exactly))]
 
 
-def test_splitting_is_deterministic() -> None:
-    for text in TEXTS:
-        assert split_text(text, word_spans, 20, 5) == split_text(text, word_spans, 20, 5)
+def test_the_chunks_of_a_short_text_worked_by_hand() -> None:
+    # 8 tokens, 4 a window, 1 shared: each window ends at its last sentence end, and the next starts
+    # on the window's last token.
+    assert split_text("A b. C d. E f. G h.", word_spans, 4, 1) == [
+        Chunk(0, "A b. C d.", 0, 9),
+        Chunk(1, "d. E f.", 7, 14),
+        Chunk(2, "f. G h.", 12, 19),
+    ]
+    # A sentence end in the first half of a window is passed over: the window fills its budget to a
+    # space instead of leaving more than half of it empty.
+    assert split_text("One two three. four five six seven eight nine ten eleven.", word_spans, 9, 0) == [
+        Chunk(0, "One two three. four five six seven eight nine", 0, 45),
+        Chunk(1, "ten eleven.", 46, 57),
+    ]
+    # One token a character: 。 ends a sentence, the full-width comma does not, so the third window,
+    # with no sentence end in its second half, fills its budget (6 tokens) up to a character.
+    assert split_text("胸痛三天。血压高。头晕，乏力。", word_spans, 6, 2) == [
+        Chunk(0, "胸痛三天。", 0, 5),
+        Chunk(1, "天。血压高。", 3, 9),
+        Chunk(2, "高。头晕，乏", 7, 13),
+        Chunk(3, "，乏力。", 11, 15),
+    ]
 
 
 def test_chinese_text_splits_between_characters_within_budget() -> None:

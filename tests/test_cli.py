@@ -161,7 +161,14 @@ def test_build_all_skips_aligned_models_without_deltas_and_says_so(
     assert not any((home / "models").iterdir())
 
 
-DEV_COMMAND_MODULES = ("bench.cli", "evaluation.cli", "medsearch.align_cli", "medsearch.finetune_cli")
+# The development commands' modules, and what they need that the serving image lacks.
+DEV_COMMAND_MODULES = (
+    "medsearch.bench_cli",
+    "medsearch.eval_cli",
+    "medsearch.align_cli",
+    "medsearch.finetune_cli",
+)
+NOT_IN_THE_API_IMAGE = ("evaluation", "bench", "torch", "transformers")
 
 
 @pytest.mark.parametrize(
@@ -169,33 +176,70 @@ DEV_COMMAND_MODULES = ("bench.cli", "evaluation.cli", "medsearch.align_cli", "me
     [
         (["serve", "--port", "1"], []),
         (["models", "list"], []),
-        (["eval", "some-dir"], ["evaluation.cli"]),
-        (["models", "align"], ["medsearch.align_cli"]),
+        (["eval", "some-dir"], ["medsearch.eval_cli", "evaluation"]),
+        (["models", "align"], ["medsearch.align_cli", "evaluation", "torch", "transformers"]),
     ],
 )
 def test_a_command_imports_only_its_own_module(argv: list[str], imported: list[str]) -> None:
-    # The serving image ships without the development commands' modules: parsing `serve` must not
-    # import them. A fresh interpreter, since this one's tests import everything.
+    # The serving image lacks the development commands' packages: parsing `serve` must not import
+    # them. A fresh interpreter, since this one's tests import everything.
+    modules = DEV_COMMAND_MODULES + NOT_IN_THE_API_IMAGE
     script = (
         "import json, sys\n"
         "from medsearch.cli import build_parser\n"
         f"build_parser({argv!r}).parse_args({argv!r})\n"
-        f"print(json.dumps([m for m in {DEV_COMMAND_MODULES!r} if m in sys.modules]))\n"
+        f"print(json.dumps([m for m in {modules!r} if m in sys.modules]))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == imported
 
 
-def test_a_command_whose_module_is_not_installed_says_so(
-    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setitem(sys.modules, "bench.cli", None)  # as in the api image, which has no bench/
-    assert main(["bench", "all", "--spawn"]) == 2
-    assert "medsearch bench is not part of this installation (module bench.cli is missing)" in (
-        capsys.readouterr().err
+# A fresh interpreter where the packages the api image lacks cannot be imported, as there.
+API_IMAGE_SCRIPT = r"""
+import contextlib, importlib.abc, io, json, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in MISSING:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Block())
+from medsearch.cli import main
+
+answers = []
+for argv in COMMANDS:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    answers.append([code, err.getvalue()])
+print(json.dumps(answers))
+"""
+
+
+def test_a_development_command_says_in_one_line_what_the_install_lacks(home: Path) -> None:
+    commands = [
+        ["eval", "some-dir"],
+        ["bench", "all", "--spawn"],
+        ["models", "align"],
+        ["models", "finetune-e5", "some-dir"],
+        ["models", "list"],  # other commands still run (this one: no models dir)
+    ]
+    script = API_IMAGE_SCRIPT.replace("MISSING", repr(set(NOT_IN_THE_API_IMAGE))).replace(
+        "COMMANDS", repr(commands)
     )
-    assert main(["models", "list"]) == 2  # other commands still run (this one: no models dir)
-    assert "models directory" in capsys.readouterr().err
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    answers = json.loads(out.stdout)
+    missing = ["evaluation", "bench", "evaluation", "evaluation"]
+    for (code, err), argv, module in zip(answers, commands, missing, strict=False):
+        assert code == 2
+        assert err == (
+            f"medsearch: error: medsearch {' '.join(argv[: 2 if argv[0] == 'models' else 1])} is not part "
+            f"of this installation (module {module} is missing); it ships with the source checkout: "
+            "pip install -e '.[index,dev]'\n"
+        )
+    assert answers[-1][0] == 2 and "models directory" in answers[-1][1]
 
 
 def test_index_from_stdin_then_versions_and_rollback(

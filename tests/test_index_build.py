@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from indexer.build import ExitCode, RunOptions, full_build, incremental
-from indexer.pipeline import DeleteGuard, Shard
+from indexer.pipeline import DeleteGuard, Partition
 from indexer.reader import resolve_inputs, spool_stdin
 from indexer.versions import rollback, served, versions
 from models.manifest import ModelManifest
@@ -191,7 +191,7 @@ def test_two_shard_workers_and_a_final_run_equal_a_single_build(tmp_path: Path) 
         threads = [
             threading.Thread(
                 target=lambda i=i: reports.append(
-                    full_build([path], workers[i], sharded, ALIAS, RunOptions(shard=Shard(i, 2)))
+                    full_build([path], workers[i], sharded, ALIAS, RunOptions(partition=Partition(i, 2)))
                 )
             )
             for i in range(2)

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.pipeline import FilterFields, IndexingError, Retry, index_files
+from indexer.pipeline import Retry, index_files
+from indexer.planning import FilterFields, IndexingError
 from indexer.reader import Document, Rejected, read_documents
 from models.loading import load_encoder
 from store.base import DocumentPoint, StoreError, StoreUnavailable, VectorStore

@@ -10,17 +10,17 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from medsearch.cli_support import fail, model_dir
+# Imported at load (the CLI loads this module only for `medsearch bench`): where the bench package is
+# missing (the api image), loading fails and the CLI says so in one line.
+from bench.precision import PrecisionBench
+from bench.query_latency import QueryEncoderBench
+from bench.service_load import ServiceBench
+from bench.throughput import IndexerBench
+from medsearch.cli_support import fail
+from models.manifest import ModelManifest, model_dir
 from settings import Settings
-
-if TYPE_CHECKING:
-    from bench.precision import PrecisionBench
-    from bench.query_latency import QueryEncoderBench
-    from bench.service_load import ServiceBench
-    from bench.throughput import IndexerBench
-    from models.manifest import ModelManifest
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_CORPUS = "data/demo/corpus.jsonl"
@@ -61,25 +61,22 @@ def _int_list(value: str) -> list[int]:
 
 def _built(settings: Settings, keep: Callable[[ModelManifest], bool]) -> list[Path]:
     """Directories in the models directory whose valid manifest ``keep`` accepts, by name."""
-    from models.manifest import ManifestError, read_manifest
+    from models.manifest import ManifestError, built_models
 
     root = settings.models_path
     if not root.is_dir():
         raise BenchSetupError(f"models directory {root} not found; build it with: medsearch models build")
     found = []
-    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            manifest = read_manifest(path)
-        except ManifestError as exc:
-            _note(f"skipping {path.name}: {exc}")
-            continue
-        if keep(manifest):
+    for path, manifest in built_models(root):
+        if isinstance(manifest, ManifestError):
+            _note(f"skipping {path.name}: {manifest}")
+        elif keep(manifest):
             found.append(path)
     return found
 
 
 def _chosen(settings: Settings, names: list[str] | None, keep: Callable[[ModelManifest], bool]) -> list[Path]:
-    return [model_dir(settings, n) for n in names] if names else _built(settings, keep)
+    return [model_dir(settings.models_path, n) for n in names] if names else _built(settings, keep)
 
 
 # --- service ------------------------------------------------------------------------------------
@@ -253,7 +250,7 @@ def run_precision(args: argparse.Namespace, settings: Settings) -> PrecisionBenc
     corpus = Path(args.corpus)
     if not corpus.is_file():
         raise BenchSetupError(f"corpus {corpus} not found (pass --corpus FILE)")
-    path = model_dir(settings, args.document_model or settings.document_model)
+    path = model_dir(settings.models_path, args.document_model or settings.document_model)
     manifest = read_manifest(path)
     if manifest.format != "hf":
         raise BenchSetupError(f"{path}: precision applies to transformers document encoders")

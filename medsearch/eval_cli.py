@@ -17,15 +17,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from medsearch.cli_support import fail, model_dir
+# Imported at load (the CLI loads this module only for `medsearch eval`): where the evaluation package
+# is missing (the api image), loading fails and the CLI says so in one line.
+from evaluation.beir import BeirSplit
+from evaluation.blackbox import ServedPair
+from evaluation.metrics import Run
+from medsearch.cli_support import fail
+from models.manifest import model_dir
 from settings import Settings
 
 if TYPE_CHECKING:
-    # Only for annotations: the modules behind them import numpy and the store, which
-    # `medsearch --help` should not pay for.
-    from evaluation.beir import BeirSplit
-    from evaluation.blackbox import ServedPair
-    from evaluation.metrics import Run
+    # Only for annotations: the runner imports the store client, which `medsearch eval --help`
+    # should not pay for.
     from evaluation.runner import Task
 
 TASK_CHOICES = ("retrieval", "rerank", "sts")
@@ -125,8 +128,8 @@ def _eval_in_process(args: argparse.Namespace, settings: Settings, split: BeirSp
         configs = discover(models)
         default = find_default(
             configs,
-            model_dir(settings, args.query_model or settings.query_model),
-            model_dir(settings, args.document_model or settings.document_model),
+            model_dir(settings.models_path, args.query_model or settings.query_model),
+            model_dir(settings.models_path, args.document_model or settings.document_model),
         )
         if default is None:
             warnings.append(
