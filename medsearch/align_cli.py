@@ -71,15 +71,15 @@ def int8_gate(dataset: Path, split: str, document_dir: Path, corpus: Any, thread
     """A ``QualityGate``: nDCG@10 of the fp32 and int8 query encoders on ``split`` (a check that
     refuses to publish, never a tuning signal)."""
     from evaluation.beir import iter_corpus, load_split
-    from indexer.pipeline import document_text
     from models.align.negatives import rank_dense
+    from models.documents import document_text
     from models.encoder import load_encoder
 
     def gate(fp32_dir: Path, int8_dir: Path) -> tuple[float, float]:
         evaluation = load_split(dataset, split)
         docs = list(iter_corpus(dataset / "corpus.jsonl"))
         doc_ids = [d.doc_id for d in docs]
-        matrix = corpus(document_dir, doc_ids, [document_text(d) for d in docs])
+        matrix = corpus(document_dir, doc_ids, [document_text(d.title, d.text) for d in docs])
         ids = list(evaluation.queries)
         texts = [evaluation.queries[q].text for q in ids]
         relevant = {q: [d for d, g in evaluation.qrels[q].items() if g > 0] for q in ids}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from indexer.pipeline import index_files
 from models.align.data import (
     AlignDataError,
     TrainingGroup,
@@ -17,6 +19,8 @@ from models.align.data import (
     self_pair_texts,
 )
 from models.align.negatives import hard_negatives, rank_dense, rank_with
+from models.encoder import Encoder, load_encoder
+from store.factory import open_store
 from tests.conftest import SHARED_DATA
 
 CARE_SAMPLES = SHARED_DATA / "care-samples"
@@ -66,6 +70,34 @@ def test_beir_train_split(beir: Path) -> None:
     assert data.corpus["d3"] == "糖尿病饮食"
     question = load_beir_train(beir, query_field="metadata.question")
     assert question.queries["q1"] == "我有高血压，能吃党参吗？"
+
+
+class _RecordingEncoder:
+    """The tiny encoder, keeping every text it is asked to encode."""
+
+    def __init__(self, inner: Encoder) -> None:
+        self.inner = inner
+        self.manifest = inner.manifest
+        self.texts: list[str] = []
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        self.texts.extend(texts)
+        return self.inner.encode(texts, batch_size=batch_size)
+
+
+def test_alignment_trains_on_the_text_the_indexer_encodes(
+    beir: Path, tiny_bert: Path, tmp_path: Path
+) -> None:
+    """A document side trained on one layout and served another loses quality silently."""
+    encoder = _RecordingEncoder(load_encoder(tiny_bert, threads=1))
+    store = open_store(None, tmp_path / "qdrant")
+    try:
+        summary = index_files([beir / "corpus.jsonl"], encoder, store, "c", sparse=False)
+    finally:
+        store.close()
+    assert summary.indexed == 3
+    assert any("\n" in text for text in encoder.texts)  # a titled document is among them
+    assert sorted(encoder.texts) == sorted(load_beir_train(beir).corpus.values())
 
 
 def test_held_out_splits_are_refused(beir: Path) -> None:

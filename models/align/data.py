@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.documents import document_text
+
 # Held-out splits are for reporting only: training on them would make every figure meaningless.
 REFUSED_SPLITS = frozenset({"dev", "test", "validation", "val"})
 
@@ -37,11 +39,6 @@ class BeirTrainData:
     corpus: dict[str, str]  # doc id -> text as the indexer encodes it
     queries: dict[str, str]  # training queries that have a positive, in file order
     positives: dict[str, tuple[str, ...]]  # query id -> relevant doc ids (qrels score > 0)
-
-
-def document_text(title: str, text: str) -> str:
-    """The text a document is encoded as; must match indexer/pipeline.py, which sits above models."""
-    return f"{title}\n{text}" if title else text
 
 
 def _read_json_lines(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
