@@ -106,10 +106,10 @@ def _work_dir(args: argparse.Namespace, settings: Settings, name: str) -> Path:
 def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import ValidationError
 
-    from models.align.data import AlignDataError
     from models.align.frozen import FrozenAlignRecipe
     from models.align.pipeline import AlignRecipe, run_alignment
     from models.align.train import CheckpointMismatchError
+    from models.data_files import DatasetError
     from models.manifest import ManifestError
 
     recipe_path = Path(args.recipe)
@@ -140,7 +140,7 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
             log=_log,
             threads=settings.threads,
         )
-    except (AlignDataError, CheckpointMismatchError, ManifestError, OSError, ValueError) as exc:
+    except (DatasetError, CheckpointMismatchError, ManifestError, OSError, ValueError) as exc:
         return fail(str(exc))
     print(f"document encoder {result.document.name} (space {result.document.space})")
     for manifest in (result.query, result.query_onnx, result.query_int8):
@@ -152,9 +152,9 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_frozen(recipe: Any, args: argparse.Namespace, settings: Settings) -> int:
-    from models.align.data import AlignDataError
     from models.align.frozen import QualityGateError, run_frozen_alignment
     from models.align.train import CheckpointMismatchError
+    from models.data_files import DatasetError
     from models.manifest import ManifestError
 
     work_dir = _work_dir(args, settings, recipe.name)
@@ -186,7 +186,7 @@ def _run_frozen(recipe: Any, args: argparse.Namespace, settings: Settings) -> in
         )
     except (
         QualityGateError,
-        AlignDataError,
+        DatasetError,
         CheckpointMismatchError,
         ManifestError,
         OSError,

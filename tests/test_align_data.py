@@ -11,7 +11,6 @@ import pytest
 
 from indexer.pipeline import index_files
 from models.align.data import (
-    AlignDataError,
     TrainingGroup,
     beir_groups,
     load_beir_train,
@@ -19,6 +18,7 @@ from models.align.data import (
     self_pair_texts,
 )
 from models.align.negatives import hard_negatives, rank_dense, rank_with
+from models.data_files import DatasetError
 from models.encoder import Encoder, load_encoder
 from store.factory import open_store
 from tests.conftest import SHARED_DATA
@@ -102,7 +102,7 @@ def test_alignment_trains_on_the_text_the_indexer_encodes(
 
 def test_held_out_splits_are_refused(beir: Path) -> None:
     for split in ("dev", "test"):
-        with pytest.raises(AlignDataError, match="held out"):
+        with pytest.raises(DatasetError, match="held out"):
             load_beir_train(beir, split)
 
 
@@ -117,21 +117,21 @@ def test_held_out_splits_are_refused(beir: Path) -> None:
 )
 def test_bad_qrels_name_the_line(beir: Path, qrels: str, error: str) -> None:
     (beir / "qrels" / "train.tsv").write_text(qrels, encoding="utf-8")
-    with pytest.raises(AlignDataError, match=error):
+    with pytest.raises(DatasetError, match=error):
         load_beir_train(beir)
 
 
 def test_bad_corpus_and_query_lines_name_the_line(beir: Path) -> None:
     corpus = (beir / "corpus.jsonl").read_text(encoding="utf-8")
     (beir / "corpus.jsonl").write_text(corpus + '{"_id": "d4", "text": ""}\n', encoding="utf-8")
-    with pytest.raises(AlignDataError, match=r"corpus.jsonl:4: field 'text'"):
+    with pytest.raises(DatasetError, match=r"corpus.jsonl:4: field 'text'"):
         load_beir_train(beir)
     (beir / "corpus.jsonl").write_text(corpus + "{oops\n", encoding="utf-8")
-    with pytest.raises(AlignDataError, match=r"corpus.jsonl:4: invalid JSON"):
+    with pytest.raises(DatasetError, match=r"corpus.jsonl:4: invalid JSON"):
         load_beir_train(beir)
     (beir / "corpus.jsonl").write_text(corpus, encoding="utf-8")
     _write_lines(beir / "queries.jsonl", [{"_id": "q3", "text": "x"}, {"_id": "q1", "text": "高血压"}])
-    with pytest.raises(AlignDataError, match=r"queries.jsonl:2: query field 'metadata.question'"):
+    with pytest.raises(DatasetError, match=r"queries.jsonl:2: field 'metadata.question'"):
         load_beir_train(beir, query_field="metadata.question")
 
 
@@ -177,7 +177,7 @@ def test_flag_groups(tmp_path: Path) -> None:
 def test_bad_flag_lines_name_file_and_line(tmp_path: Path, line: str, error: str) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"query": "ok", "pos": ["p"]}\n' + line + "\n", encoding="utf-8")
-    with pytest.raises(AlignDataError, match=f"bad.jsonl:2: {error}"):
+    with pytest.raises(DatasetError, match=f"bad.jsonl:2: {error}"):
         read_flag_groups(path)
 
 

@@ -13,7 +13,6 @@ import pytest
 
 from evaluation.metrics import ndcg_at_k
 from models.align.artifacts import read_query_delta
-from models.align.data import AlignDataError
 from models.align.document_side import DocumentSideConfig
 from models.align.pipeline import (
     REPORT_FILE,
@@ -30,6 +29,7 @@ from models.align.train import (
     stage_one_config,
     stage_two_config,
 )
+from models.data_files import DatasetError
 from models.encoder import load_encoder
 from models.manifest import verify_manifest
 
@@ -195,7 +195,7 @@ def test_selection_queries_come_from_the_training_split(tmp_path: Path) -> None:
     assert set(train) | set(held) == set(data.queries)
     assert split_selection(data, 4, seed=0) == (train, held)
     recipe = _recipe(tmp_path / "data").model_copy(update={"split": "dev"})
-    with pytest.raises(AlignDataError, match="held out"):
+    with pytest.raises(DatasetError, match="held out"):
         _align(recipe, tmp_path, tmp_path / "w", tmp_path / "d")
 
 
