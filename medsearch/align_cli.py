@@ -108,9 +108,9 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
 
     from models.align.frozen import FrozenAlignRecipe
     from models.align.pipeline import AlignRecipe, run_alignment
-    from models.align.train import CheckpointMismatchError
     from models.data_files import DatasetError
     from models.manifest import ManifestError
+    from models.training_loop import CheckpointMismatchError
 
     recipe_path = Path(args.recipe)
     try:
@@ -127,7 +127,7 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        return fail(f"{recipe_path}: field {where!r}: {first['msg']}")
+        return fail(f"{recipe_path}: field {where!r}: {first['msg'].removeprefix('Value error, ')}")
     work_dir = _work_dir(args, settings, recipe.name)
     try:
         result = run_alignment(
@@ -153,9 +153,9 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run_frozen(recipe: Any, args: argparse.Namespace, settings: Settings) -> int:
     from models.align.frozen import QualityGateError, run_frozen_alignment
-    from models.align.train import CheckpointMismatchError
     from models.data_files import DatasetError
     from models.manifest import ManifestError
+    from models.training_loop import CheckpointMismatchError
 
     work_dir = _work_dir(args, settings, recipe.name)
     corpus = corpus_vectors_from_cache(

@@ -17,8 +17,9 @@ from medsearch.align_cli import ndcg10
 from medsearch.cli import main
 from models.data_files import DatasetError
 from models.encoder import load_encoder
-from models.finetune import REPORT_SUFFIX, FinetuneConfig, FinetuneError, FinetuneResult, finetune, lr_factor
+from models.finetune import REPORT_SUFFIX, FinetuneConfig, FinetuneError, FinetuneResult, finetune
 from models.manifest import read_manifest, verify_manifest
+from models.training_loop import lr_factor
 
 SYMPTOMS = ["头痛", "发烧", "咳嗽", "腹泻", "失眠", "恶心", "便秘", "贫血", "胃痛", "耳鸣", "牙痛", "过敏"]
 

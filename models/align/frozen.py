@@ -40,9 +40,11 @@ from models.align.negatives import rank_dense
 from models.align.pipeline import SELECTION_DEPTH, Scorer, split_selection
 from models.align.pseudo import PseudoQueries, pseudo_queries
 from models.align.query_side import QuerySideConfig, QueryTower, fit_projection
-from models.align.train import CHECKPOINT_FILE, TeacherSignal, TrainConfig, train_query_distillation
+from models.align.stage_configs import QueryDistillationConfig
+from models.align.train import TeacherSignal, train_query_distillation
 from models.encoder import load_encoder
 from models.manifest import ManifestError, ModelManifest, verify_manifest
+from models.training_loop import CHECKPOINT_FILE
 
 Log = Callable[[str], None]
 # (document model dir, doc ids, doc texts) -> (len(ids), dim) document vectors, in order.
@@ -75,7 +77,7 @@ class FrozenAlignRecipe(BaseModel):
     query_side: QuerySideConfig = QuerySideConfig()
     pseudo_queries: PseudoQueries | None = PseudoQueries()
     fit_projection: bool = True
-    training: TrainConfig
+    training: QueryDistillationConfig
     select_every: int = Field(default=50, gt=0)
     encode_batch_size: int = Field(default=16, gt=0)
     int8_max_drop: float = Field(

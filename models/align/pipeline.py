@@ -43,9 +43,16 @@ from models.align.data import BeirTrainData, beir_groups, load_beir_train, self_
 from models.align.document_side import DocumentSideConfig, DocumentTower
 from models.align.negatives import Ranker, hard_negatives, rank_dense, rank_with
 from models.align.query_side import QuerySideConfig, QueryTower, fit_projection
+from models.align.stage_configs import (
+    DocumentDistillationConfig,
+    JointConfig,
+    QueryAlignmentConfig,
+    QueryRetrievalConfig,
+    StageConfig,
+    StageTwoConfig,
+)
 from models.align.train import (
     DistillationProbes,
-    TrainConfig,
     train_document_distillation,
     train_joint,
     train_query_alignment,
@@ -90,7 +97,7 @@ class AlignRecipe(BaseModel):
     query_side: QuerySideConfig = QuerySideConfig()
     document_side: DocumentSideConfig = DocumentSideConfig()
     fit_projection_texts: int = Field(default=2000, ge=0, description="Ridge-fit start of a projection.")
-    distillation: TrainConfig | None = None
+    distillation: DocumentDistillationConfig | None = None
     distillation_probe_depth: int = Field(
         default=0,
         ge=0,
@@ -98,9 +105,9 @@ class AlignRecipe(BaseModel):
         "the teacher fill the batches, and the student must rank them as the teacher does for the "
         "query side as it starts (0: random documents, vectors only).",
     )
-    stage_one: TrainConfig | None = None
+    stage_one: QueryAlignmentConfig | None = None
     negatives: NegativeMining = NegativeMining()
-    stage_two: TrainConfig | None = Field(
+    stage_two: StageTwoConfig | None = Field(
         default=None,
         description="A joint config trains both sides on mined groups (CARE); a query_retrieval config "
         "keeps the document side frozen and trains the query side against the whole corpus.",
@@ -317,7 +324,7 @@ def run_alignment(
         document,
     )
 
-    def phase(name: str, config: TrainConfig, train: Callable[[Path], tuple[int, list[float]]]) -> None:
+    def phase(name: str, config: StageConfig, train: Callable[[Path], tuple[int, list[float]]]) -> None:
         nonlocal doc_vectors
         began = time.perf_counter()
         steps, losses = train(work_dir / name)
@@ -379,7 +386,7 @@ def run_alignment(
 
         phase("stage-one", stage_one, do_stage_one)
 
-    if recipe.stage_two is not None and recipe.stage_two.stage == "query_retrieval":
+    if isinstance(recipe.stage_two, QueryRetrievalConfig):
         frozen_two = recipe.stage_two
         row = {doc_id: i for i, doc_id in enumerate(run.doc_ids)}
         labelled = [q for q in run.train_ids if any(d in row for d in run.data.positives[q])]
@@ -397,7 +404,7 @@ def run_alignment(
             return result.steps, result.losses
 
         phase("stage-two", frozen_two, do_query_retrieval)
-    elif recipe.stage_two is not None:
+    elif isinstance(recipe.stage_two, JointConfig):
         stage_two = recipe.stage_two
         negatives = _mine(run, query, doc_vectors)
         train_only = BeirTrainData(
