@@ -43,8 +43,7 @@ from transformers import AutoTokenizer
 
 from models.align.data import BeirTrainData, load_beir_train
 from models.align.losses import info_nce
-from models.align.negatives import rank_dense
-from models.align.pipeline import SELECTION_DEPTH, PhaseReport, Scorer, split_selection
+from models.align.selection import PhaseReport, Scorer, selection_score, split_selection
 from models.hf_loading import load_hf_model
 from models.manifest import (
     MANIFEST_FILE,
@@ -201,8 +200,8 @@ def _score(encoder: SymmetricEncoder, config: FinetuneConfig, data: _Data, score
     queries = encoder.encode(
         [beir.queries[q] for q in data.selection_ids], config.query_prompt, config.encode_batch_size
     )
-    rankings = rank_dense(data.selection_ids, queries, data.doc_ids, documents, SELECTION_DEPTH)
-    return scorer(rankings, {q: beir.positives[q] for q in data.selection_ids})
+    relevant = {q: beir.positives[q] for q in data.selection_ids}
+    return selection_score(scorer, data.selection_ids, queries, data.doc_ids, documents, relevant)
 
 
 def train(

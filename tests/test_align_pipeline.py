@@ -15,15 +15,9 @@ from evaluation.metrics import ndcg_at_k
 from medsearch.cli import main
 from models.align.artifacts import read_query_delta
 from models.align.document_side import DocumentSideConfig
-from models.align.pipeline import (
-    REPORT_FILE,
-    AlignRecipe,
-    AlignResult,
-    Scorer,
-    run_alignment,
-    split_selection,
-)
+from models.align.pipeline import REPORT_FILE, AlignRecipe, AlignResult, run_alignment
 from models.align.query_side import QuerySideConfig
+from models.align.selection import Scorer, split_selection
 from models.align.stage_configs import (
     DocumentDistillationConfig,
     JointConfig,

@@ -22,9 +22,8 @@ and lexical ranking live above this package (``evaluation``), so they are passed
 from __future__ import annotations
 
 import json
-import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,6 +42,7 @@ from models.align.data import BeirTrainData, beir_groups, load_beir_train, self_
 from models.align.document_side import DocumentSideConfig, DocumentTower
 from models.align.negatives import Ranker, hard_negatives, rank_dense, rank_with
 from models.align.query_side import QuerySideConfig, QueryTower, fit_projection
+from models.align.selection import PhaseReport, Scorer, selection_score, split_selection
 from models.align.stage_configs import (
     DocumentDistillationConfig,
     JointConfig,
@@ -61,12 +61,9 @@ from models.align.train import (
 from models.encoder import load_encoder
 from models.manifest import ModelManifest, verify_manifest
 
-# (rankings: query id -> doc ids best first, relevant: query id -> doc ids) -> nDCG@10 in percent.
-Scorer = Callable[[Mapping[str, Sequence[str]], Mapping[str, Sequence[str]]], float]
 Log = Callable[[str], None]
 CACHE_FILE = "lower-states.safetensors"
 REPORT_FILE = "report.json"
-SELECTION_DEPTH = 100
 
 
 class NegativeMining(BaseModel):
@@ -121,15 +118,6 @@ class AlignRecipe(BaseModel):
 
 
 @dataclass
-class PhaseReport:
-    phase: str
-    seconds: float
-    steps: int = 0
-    last_loss: float | None = None
-    selection_ndcg10: float | None = None
-
-
-@dataclass
 class AlignResult:
     document: ModelManifest
     query: ModelManifest
@@ -137,14 +125,6 @@ class AlignResult:
     query_int8: ModelManifest
     phases: list[PhaseReport] = field(default_factory=list)
     kept_phase: str | None = None
-
-
-def split_selection(data: BeirTrainData, count: int, seed: int) -> tuple[list[str], list[str]]:
-    """(training query ids, selection query ids): a seeded random ``count`` held out for selection."""
-    ids = list(data.queries)
-    random.Random(seed).shuffle(ids)
-    held = set(ids[:count])
-    return [q for q in data.queries if q not in held], [q for q in data.queries if q in held]
 
 
 @dataclass
@@ -190,14 +170,14 @@ class _Run:
         if not self.selection_ids:
             return None
         texts = [self.data.queries[q] for q in self.selection_ids]
-        rankings = rank_dense(
+        return selection_score(
+            self.scorer,
             self.selection_ids,
             query.encode(texts).numpy(),
             self.doc_ids,
             doc_vectors.numpy(),
-            SELECTION_DEPTH,
+            {q: self.data.positives[q] for q in self.selection_ids},
         )
-        return self.scorer(rankings, {q: self.data.positives[q] for q in self.selection_ids})
 
     def corpus_vectors(self, document: DocumentTower) -> torch.Tensor:
         return document.encode(self.doc_texts, self.recipe.encode_batch_size, progress=self.progress)
