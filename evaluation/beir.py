@@ -6,22 +6,16 @@ A query line may carry ``candidates`` (a list of corpus ids) for the reranking t
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from indexer.reader import Document, Rejected, read_documents
+from models.data_files import DatasetError, read_json_objects, read_qrels, text_field
 
 CORPUS_FILE = "corpus.jsonl"
 QUERIES_FILE = "queries.jsonl"
-
-
-class DatasetError(ValueError):
-    """The directory is not a usable BEIR dataset; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -59,31 +53,10 @@ def qrels_path(root: Path, split: str) -> Path:
 
 
 def load_qrels(path: Path) -> dict[str, dict[str, int]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (expected qrels/<split>.tsv in BEIR layout)")
     qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t")
-        for line, row in enumerate(reader, start=1):
-            if line == 1 and row and row[0] == "query-id":
-                continue
-            if not row:
-                continue
-            if len(row) < 3:
-                raise DatasetError(f"{path}:{line}: expected 'query-id<TAB>corpus-id<TAB>score'")
-            try:
-                qrels.setdefault(row[0], {})[row[1]] = int(row[2])
-            except ValueError as exc:
-                raise DatasetError(f"{path}:{line}: score {row[2]!r} is not an integer") from exc
+    for row in read_qrels(path):
+        qrels.setdefault(row.query_id, {})[row.corpus_id] = row.score
     return qrels
-
-
-def _field(obj: dict[str, Any], name: str) -> object:
-    """``text``, a top-level key, or ``metadata.KEY``."""
-    if name.startswith("metadata."):
-        metadata = obj.get("metadata")
-        return metadata.get(name.removeprefix("metadata.")) if isinstance(metadata, dict) else None
-    return obj.get(name)
 
 
 def _candidates(value: object, where: str) -> tuple[str, ...] | None:
@@ -103,25 +76,16 @@ def load_split(
     """
     qrels = load_qrels(qrels_path(root, split))
     queries: dict[str, BeirQuery] = {}
-    path = root / QUERIES_FILE
-    with path.open(encoding="utf-8") as fh:
-        for line, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line}"
-            try:
-                obj = json.loads(raw)
-                qid = str(obj["_id"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DatasetError(f"{where}: not a BEIR query line ({exc})") from exc
-            if qid not in qrels:
-                continue
-            text = _field(obj, query_field)
-            if not isinstance(text, str) or not text.strip():
-                raise DatasetError(f"{where}: query {qid!r} has no text in field {query_field!r}")
-            queries[qid] = BeirQuery(qid, text, _candidates(obj.get("candidates"), where))
-            if max_queries is not None and len(queries) >= max_queries:
-                break
+    for where, obj in read_json_objects(root / QUERIES_FILE):
+        if "_id" not in obj:
+            raise DatasetError(f"{where}: field '_id' is missing")
+        qid = str(obj["_id"])
+        if qid not in qrels:
+            continue
+        text = text_field(obj, query_field, where)
+        queries[qid] = BeirQuery(qid, text, _candidates(obj.get("candidates"), where))
+        if max_queries is not None and len(queries) >= max_queries:
+            break
     return BeirSplit(root=root, split=split, queries=queries, qrels=qrels)
 
 

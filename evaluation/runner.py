@@ -38,8 +38,8 @@ from evaluation.retrieval import (
 )
 from evaluation.sts import StsSet, score_sts
 from evaluation.vectors import Vectors, cached_vectors
-from indexer.pipeline import document_text
 from indexer.reader import count_lines
+from models.documents import document_text
 from models.encoder import EncodeMode, Encoder
 
 Task = Literal["retrieval", "rerank", "sts"]
@@ -114,7 +114,9 @@ class InProcessEvaluation:
         return self._query_vectors[key]
 
     def _corpus_texts(self) -> Iterator[tuple[str, str]]:
-        return ((doc.doc_id, document_text(doc)) for doc in iter_corpus(self.split.corpus_path))
+        return (
+            (doc.doc_id, document_text(doc.title, doc.text)) for doc in iter_corpus(self.split.corpus_path)
+        )
 
     def document_vectors(self, model: BuiltModel) -> Vectors:
         label = f"document vectors {model.manifest.name}"

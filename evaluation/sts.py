@@ -12,7 +12,6 @@ so an asymmetric pair is measured the way it is used.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 
 from evaluation.metrics import pearson, spearman
 from evaluation.retrieval import unit_rows
+from models.data_files import DatasetError, read_json_objects, text_field, text_list
 
 
 @dataclass(frozen=True)
@@ -46,54 +46,36 @@ class StsSet:
         return list(dict.fromkeys(texts))
 
 
-def _text(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: field {key!r} is missing or not a non-empty string")
-    return value
-
-
 def _pairs_of(obj: dict[str, Any], where: str) -> tuple[list[StsPair], str]:
     if "sentence1" in obj:
         score = obj.get("score")
         if isinstance(score, bool) or not isinstance(score, int | float):
-            raise ValueError(f"{where}: field 'score' is missing or not a number")
+            raise DatasetError(f"{where}: field 'score' is missing or not a number")
         return [
-            StsPair(_text(obj, "sentence1", where), _text(obj, "sentence2", where), float(score))
+            StsPair(text_field(obj, "sentence1", where), text_field(obj, "sentence2", where), float(score))
         ], "plain"
     if "query" in obj and ("pos" in obj or "neg" in obj):
-        query = _text(obj, "query", where)
-        pairs: list[StsPair] = []
-        for key, score in (("pos", 1.0), ("neg", 0.0)):
-            texts = obj.get(key, [])
-            if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
-                raise ValueError(f"{where}: field {key!r} must be a list of non-empty strings")
-            pairs.extend(StsPair(query, t, score) for t in texts)
+        query = text_field(obj, "query", where)
+        pairs = [
+            StsPair(query, text, score)
+            for key, score in (("pos", 1.0), ("neg", 0.0))
+            for text in text_list(obj, key, where, required=False)
+        ]
         return pairs, "flagembedding"
-    raise ValueError(f"{where}: expected sentence1/sentence2/score or query/pos/neg fields")
+    raise DatasetError(f"{where}: expected sentence1/sentence2/score or query/pos/neg fields")
 
 
 def load_sts(path: Path) -> StsSet:
     pairs: list[StsPair] = []
     layouts: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for line, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line}"
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            found, layout = _pairs_of(obj, where)
-            pairs.extend(found)
-            layouts.add(layout)
+    for where, obj in read_json_objects(path):
+        found, layout = _pairs_of(obj, where)
+        pairs.extend(found)
+        layouts.add(layout)
     if len(pairs) < 2:
-        raise ValueError(f"{path}: an STS set needs at least two pairs, found {len(pairs)}")
+        raise DatasetError(f"{path}: an STS set needs at least two pairs, found {len(pairs)}")
     if len({p.score for p in pairs}) < 2:
-        raise ValueError(f"{path}: every gold score is equal; correlation is undefined")
+        raise DatasetError(f"{path}: every gold score is equal; correlation is undefined")
     return StsSet(path, pairs, "+".join(sorted(layouts)))
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from indexer.chunking import split_text
 from indexer.planning import FilterFields, IndexingError, prepare_collection
 from indexer.reader import Document, Rejected, read_documents
+from models.documents import document_text
 from models.encoder import Chunkable, Encoder
 from store.base import ChunkingSpec, DocumentPoint, StoreError, StoreUnavailable, VectorStore
 from store.filters import FieldKind, field_kinds, metadata_problem
@@ -93,10 +94,6 @@ class IndexSummary:
             f"indexed {self.indexed}, skipped {self.skipped} (unchanged), rejected {self.rejected_count}, "
             f"failed {len(self.failed)} in {self.seconds:.1f} s ({rate:.1f} docs/s)"
         )
-
-
-def document_text(doc: Document) -> str:
-    return f"{doc.title}\n{doc.text}" if doc.title else doc.text
 
 
 def content_hash(doc: Document, encoder_fingerprint: str) -> str:
@@ -306,7 +303,7 @@ class _GroupWriter:
 
     def pieces(self, doc: Document) -> list[_Piece]:
         """What is encoded for ``doc``: the document whole, or its chunks (chunked collections)."""
-        text = document_text(doc)
+        text = document_text(doc.title, doc.text)
         if self.chunking is None:
             return [_Piece(None, text, doc.text)]
         assert isinstance(self.encoder, Chunkable)
@@ -380,7 +377,10 @@ def index_files(
 def measure_corpus(paths: Sequence[Path]) -> Bm25Spec:
     """BM25 statistics of the documents in ``paths`` (one pass, nothing kept)."""
     return measure_spec(
-        document_text(item) for path in paths for item in read_documents(path) if isinstance(item, Document)
+        document_text(item.title, item.text)
+        for path in paths
+        for item in read_documents(path)
+        if isinstance(item, Document)
     )
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from models.data_files import LineError, decode_line, parse_object
+
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz")
 STDIN = "-"
 
@@ -56,11 +58,9 @@ class Rejected:
 
 def parse_line(raw: str, path: Path, line: int) -> Document | Rejected:
     try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return Rejected(path, line, f"invalid JSON: {exc.msg} at column {exc.colno}", raw)
-    if not isinstance(obj, dict):
-        return Rejected(path, line, f"expected a JSON object, got {type(obj).__name__}", raw)
+        obj = parse_object(raw)
+    except LineError as exc:
+        return Rejected(path, line, str(exc), raw)
     doc_id = obj.get("_id", obj.get("id"))
     # Ids are taken exactly as written: turning 1 into "1" or " 1" into "1" would make different
     # documents (in this file or across runs) overwrite one another without a word.
@@ -88,9 +88,9 @@ def read_documents(path: Path) -> Iterator[Document | Rejected]:
     with open_input(path) as fh:
         for line, raw_bytes in enumerate(fh, start=1):
             try:
-                raw = raw_bytes.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield Rejected(path, line, f"not valid UTF-8 at byte {exc.start}", repr(raw_bytes))
+                raw = decode_line(raw_bytes)
+            except LineError as exc:
+                yield Rejected(path, line, str(exc), repr(raw_bytes))
                 continue
             if raw.strip():
                 yield parse_line(raw, path, line)

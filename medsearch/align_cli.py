@@ -73,15 +73,15 @@ def int8_gate(dataset: Path, split: str, document_dir: Path, corpus: Any, thread
     """A ``QualityGate``: nDCG@10 of the fp32 and int8 query encoders on ``split`` (a check that
     refuses to publish, never a tuning signal)."""
     from evaluation.beir import iter_corpus, load_split
-    from indexer.pipeline import document_text
     from models.align.negatives import rank_dense
+    from models.documents import document_text
     from models.loading import load_encoder
 
     def gate(fp32_dir: Path, int8_dir: Path) -> tuple[float, float]:
         evaluation = load_split(dataset, split)
         docs = list(iter_corpus(dataset / "corpus.jsonl"))
         doc_ids = [d.doc_id for d in docs]
-        matrix = corpus(document_dir, doc_ids, [document_text(d) for d in docs])
+        matrix = corpus(document_dir, doc_ids, [document_text(d.title, d.text) for d in docs])
         ids = list(evaluation.queries)
         texts = [evaluation.queries[q].text for q in ids]
         relevant = {q: [d for d, g in evaluation.qrels[q].items() if g > 0] for q in ids}
@@ -108,10 +108,10 @@ def _work_dir(args: argparse.Namespace, settings: Settings, name: str) -> Path:
 def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import ValidationError
 
-    from models.align.data import AlignDataError
     from models.align.frozen import FrozenAlignRecipe
-    from models.align.train import CheckpointMismatchError
+    from models.data_files import DatasetError
     from models.manifest import ManifestError
+    from models.training_loop import CheckpointMismatchError
 
     recipe_path = Path(args.recipe)
     try:
@@ -128,7 +128,7 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        return fail(f"{recipe_path}: field {where!r}: {first['msg']}")
+        return fail(f"{recipe_path}: field {where!r}: {first['msg'].removeprefix('Value error, ')}")
     work_dir = _work_dir(args, settings, recipe.name)
     try:
         result = run_alignment(
@@ -141,7 +141,7 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
             log=_log,
             threads=settings.threads,
         )
-    except (AlignDataError, CheckpointMismatchError, ManifestError, OSError, ValueError) as exc:
+    except (DatasetError, CheckpointMismatchError, ManifestError, OSError, ValueError) as exc:
         return fail(str(exc))
     print(f"document encoder {result.document.name} (space {result.document.space})")
     for manifest in (result.query, result.query_onnx, result.query_int8):
@@ -153,10 +153,10 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_frozen(recipe: Any, args: argparse.Namespace, settings: Settings) -> int:
-    from models.align.data import AlignDataError
     from models.align.frozen import QualityGateError, run_frozen_alignment
-    from models.align.train import CheckpointMismatchError
+    from models.data_files import DatasetError
     from models.manifest import ManifestError
+    from models.training_loop import CheckpointMismatchError
 
     work_dir = _work_dir(args, settings, recipe.name)
     corpus = corpus_vectors_from_cache(
@@ -187,7 +187,7 @@ def _run_frozen(recipe: Any, args: argparse.Namespace, settings: Settings) -> in
         )
     except (
         QualityGateError,
-        AlignDataError,
+        DatasetError,
         CheckpointMismatchError,
         ManifestError,
         OSError,

@@ -186,10 +186,10 @@ def run_query_encoders(args: argparse.Namespace, settings: Settings) -> QueryEnc
 def corpus_sources(corpus: Path, count: int, min_chars: int) -> list[str]:
     """``count`` texts built as the indexer builds document text, consecutive documents joined
     until each has at least ``min_chars`` characters."""
-    from indexer.pipeline import document_text
     from indexer.reader import Document, read_documents
+    from models.documents import document_text
 
-    texts = [document_text(d) for d in read_documents(corpus) if isinstance(d, Document)]
+    texts = [document_text(d.title, d.text) for d in read_documents(corpus) if isinstance(d, Document)]
     if not texts:
         raise BenchSetupError(f"{corpus}: no documents")
     sources = []
@@ -240,8 +240,8 @@ def run_precision(args: argparse.Namespace, settings: Settings) -> PrecisionBenc
 
     from bench.precision import Kind, PrecisionBench, compare_precisions
     from bench.throughput import PeakProbe, matmul_peak
-    from indexer.pipeline import document_text
     from indexer.reader import Document, read_documents
+    from models.documents import document_text
     from models.hf_encoder import HFEncoder
     from models.manifest import read_manifest
     from models.precision import FAST_PATHS, fast_path_for, native_cpu_bf16
@@ -257,7 +257,7 @@ def run_precision(args: argparse.Namespace, settings: Settings) -> PrecisionBenc
     texts = []
     for doc in read_documents(corpus):
         if isinstance(doc, Document):
-            texts.append(document_text(doc))
+            texts.append(document_text(doc.title, doc.text))
             if len(texts) == args.limit:
                 break
     if not texts:

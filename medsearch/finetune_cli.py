@@ -44,7 +44,7 @@ def _log(message: str) -> None:
 def cmd_models_finetune(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import ValidationError
 
-    from models.align.data import AlignDataError
+    from models.data_files import DatasetError
     from models.export import ExportParityError
     from models.finetune import FinetuneConfig, FinetuneError, finetune
     from models.manifest import ManifestError
@@ -68,7 +68,7 @@ def cmd_models_finetune(args: argparse.Namespace, settings: Settings) -> int:
         )
     except ManifestError as exc:
         return fail(f"{exc}; build the base with: medsearch models build {config.base_model}")
-    except (AlignDataError, FinetuneError, ExportParityError, FileExistsError, OSError, ValueError) as exc:
+    except (DatasetError, FinetuneError, ExportParityError, FileExistsError, OSError, ValueError) as exc:
         return fail(str(exc))
     for phase in result.phases:
         figure = "-" if phase.selection_ndcg10 is None else f"{phase.selection_ndcg10:.1f}"

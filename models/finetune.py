@@ -38,15 +38,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tqdm import tqdm
+from pydantic import Field, model_validator
 from transformers import AutoTokenizer
 
 from models.align.data import BeirTrainData, load_beir_train
 from models.align.losses import info_nce
-from models.align.negatives import rank_dense
-from models.align.pipeline import SELECTION_DEPTH, PhaseReport, Scorer, split_selection
-from models.align.train import batch_items
+from models.align.selection import PhaseReport, Scorer, selection_score, split_selection
 from models.hf_loading import load_hf_model
 from models.manifest import (
     MANIFEST_FILE,
@@ -58,6 +55,7 @@ from models.manifest import (
     write_manifest,
 )
 from models.pooling import finish, pool
+from models.training_loop import LoopConfig, ParamGroup, run_loop
 
 Log = Callable[[str], None]
 DEFAULT_BASE = "multilingual-e5-small"
@@ -70,10 +68,8 @@ class FinetuneError(ValueError):
     """Input the fine-tuning cannot use (dataset, base model, sizes); the message says which."""
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(LoopConfig):
     """Everything a run depends on; recorded whole in the report."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(default=DEFAULT_NAME, description="Built document encoder, and its new space.")
     base_model: str = Field(default=DEFAULT_BASE, description="Built BERT-family document encoder.")
@@ -81,14 +77,11 @@ class FinetuneConfig(BaseModel):
     split: str = "train"
     query_field: str = "text"
     selection_queries: int = Field(default=300, ge=0, description="Held out of the training split.")
-    seed: int = 0
     steps: int = Field(default=300, gt=0)
     batch_size: int = Field(default=32, gt=1, description="Queries per step (and as many positives).")
     lr: float = Field(default=5e-5, gt=0)
-    weight_decay: float = Field(default=0.01, ge=0, description="On weight matrices; none on biases/norms.")
     warmup_steps: int = Field(default=30, ge=0)
     temperature: float = Field(default=0.02, gt=0)
-    max_grad_norm: float | None = Field(default=1.0, gt=0)
     query_prompt: str = Field(default="query: {text}", description="Must hold {text}; the export's prompt.")
     query_max_tokens: int = Field(default=64, gt=0, description="Truncation of training queries.")
     document_max_tokens: int = Field(
@@ -116,13 +109,6 @@ class FinetuneResult:
     report_path: Path
     phases: list[PhaseReport] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
-
-
-def lr_factor(step: int, warmup_steps: int, steps: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then linear decay to zero at the last step."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return max(0.0, (steps - step) / max(1, steps - warmup_steps))
 
 
 class SymmetricEncoder:
@@ -214,17 +200,8 @@ def _score(encoder: SymmetricEncoder, config: FinetuneConfig, data: _Data, score
     queries = encoder.encode(
         [beir.queries[q] for q in data.selection_ids], config.query_prompt, config.encode_batch_size
     )
-    rankings = rank_dense(data.selection_ids, queries, data.doc_ids, documents, SELECTION_DEPTH)
-    return scorer(rankings, {q: beir.positives[q] for q in data.selection_ids})
-
-
-def _optimizer(encoder: SymmetricEncoder, config: FinetuneConfig) -> torch.optim.Optimizer:
-    params = list(encoder.named_trainable().values())
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    relevant = {q: beir.positives[q] for q in data.selection_ids}
+    return selection_score(scorer, data.selection_ids, queries, data.doc_ids, documents, relevant)
 
 
 def train(
@@ -238,53 +215,42 @@ def train(
     """``config.steps`` steps of in-batch InfoNCE; returns the loss of every step.
 
     Step s takes the queries of ``batch_items(seed, s, ...)`` and, per query, one of its positives
-    drawn from a generator seeded by (seed, s); dropout draws from the torch RNG seeded once here.
+    drawn from a generator seeded by (seed, s); dropout draws from the torch RNG the loop seeds.
     """
     beir = data.beir
-    optimizer = _optimizer(encoder, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config.warmup_steps, config.steps)
-    )
-    params = list(encoder.named_trainable().values())
-    torch.manual_seed(config.seed)
-    losses: list[float] = []
     every = max(1, config.steps // 10)
-    encoder.model.train()  # dropout on, as in any fine-tuning
-    bar = tqdm(total=config.steps, desc="finetune", unit="step", disable=not progress)
-    try:
-        for step in range(config.steps):
-            rng = np.random.default_rng([config.seed, step])
-            qids = [
-                data.train_ids[i]
-                for i in batch_items(config.seed, step, len(data.train_ids), config.batch_size)
-            ]
-            chosen = [beir.positives[q][int(rng.integers(len(beir.positives[q])))] for q in qids]
-            # A document of the batch that is one of query i's positives is never its negative.
-            exclude = torch.tensor([[doc in beir.positives[q] for doc in chosen] for q in qids])
-            queries = encoder.embed(
-                [beir.queries[q] for q in qids], config.query_prompt, config.query_max_tokens
-            )
-            documents = encoder.embed(
-                [beir.corpus[d] for d in chosen], encoder.manifest.prompt, config.document_max_tokens
-            )
-            loss = info_nce(queries, documents, torch.arange(len(qids)), config.temperature, exclude)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            value = float(loss.detach())
-            losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}")
-            bar.update()
-            if (step + 1) % every == 0 or step + 1 == config.steps:
-                window = losses[-every:]
-                log(f"finetune: step {step + 1}/{config.steps}, mean loss {sum(window) / len(window):.4f}")
-    finally:
-        bar.close()
-        encoder.model.eval()
-    return losses
+
+    def step_loss(step: int, items: list[int]) -> torch.Tensor:
+        rng = np.random.default_rng([config.seed, step])
+        qids = [data.train_ids[i] for i in items]
+        chosen = [beir.positives[q][int(rng.integers(len(beir.positives[q])))] for q in qids]
+        # A document of the batch that is one of query i's positives is never its negative.
+        exclude = torch.tensor([[doc in beir.positives[q] for doc in chosen] for q in qids])
+        queries = encoder.embed([beir.queries[q] for q in qids], config.query_prompt, config.query_max_tokens)
+        documents = encoder.embed(
+            [beir.corpus[d] for d in chosen], encoder.manifest.prompt, config.document_max_tokens
+        )
+        return info_nce(queries, documents, torch.arange(len(qids)), config.temperature, exclude)
+
+    losses: list[float] = []
+
+    def report(steps: int, loss: float) -> None:
+        losses.append(loss)
+        if steps % every == 0 or steps == config.steps:
+            window = losses[-every:]
+            log(f"finetune: step {steps}/{config.steps}, mean loss {sum(window) / len(window):.4f}")
+
+    result = run_loop(
+        config,
+        [ParamGroup(list(encoder.named_trainable().values()), config.lr)],
+        len(data.train_ids),
+        step_loss,
+        desc="finetune",
+        train_mode=[encoder.model],  # dropout on, as in any fine-tuning
+        progress=progress,
+        on_step=report,
+    )
+    return result.losses
 
 
 def _check_replaceable(out_dir: Path, name: str) -> None:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from indexer.pipeline import index_files
 from models.align.data import (
-    AlignDataError,
     TrainingGroup,
     beir_groups,
     load_beir_train,
     self_pair_texts,
 )
 from models.align.negatives import hard_negatives, rank_dense, rank_with
+from models.data_files import DatasetError
+from models.encoder import Encoder
+from models.loading import load_encoder
+from store.factory import open_store
 
 
 def _write_lines(path: Path, rows: list[object]) -> Path:
@@ -64,9 +69,37 @@ def test_beir_train_split(beir: Path) -> None:
     assert question.queries["q1"] == "我有高血压，能吃党参吗？"
 
 
+class _RecordingEncoder:
+    """The tiny encoder, keeping every text it is asked to encode."""
+
+    def __init__(self, inner: Encoder) -> None:
+        self.inner = inner
+        self.manifest = inner.manifest
+        self.texts: list[str] = []
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        self.texts.extend(texts)
+        return self.inner.encode(texts, batch_size=batch_size)
+
+
+def test_alignment_trains_on_the_text_the_indexer_encodes(
+    beir: Path, tiny_bert: Path, tmp_path: Path
+) -> None:
+    """A document side trained on one layout and served another loses quality silently."""
+    encoder = _RecordingEncoder(load_encoder(tiny_bert, threads=1))
+    store = open_store(None, tmp_path / "qdrant")
+    try:
+        summary = index_files([beir / "corpus.jsonl"], encoder, store, "c", sparse=False)
+    finally:
+        store.close()
+    assert summary.indexed == 3
+    assert any("\n" in text for text in encoder.texts)  # a titled document is among them
+    assert sorted(encoder.texts) == sorted(load_beir_train(beir).corpus.values())
+
+
 def test_held_out_splits_are_refused(beir: Path) -> None:
     for split in ("dev", "test"):
-        with pytest.raises(AlignDataError, match="held out"):
+        with pytest.raises(DatasetError, match="held out"):
             load_beir_train(beir, split)
 
 
@@ -81,21 +114,21 @@ def test_held_out_splits_are_refused(beir: Path) -> None:
 )
 def test_bad_qrels_name_the_line(beir: Path, qrels: str, error: str) -> None:
     (beir / "qrels" / "train.tsv").write_text(qrels, encoding="utf-8")
-    with pytest.raises(AlignDataError, match=error):
+    with pytest.raises(DatasetError, match=error):
         load_beir_train(beir)
 
 
 def test_bad_corpus_and_query_lines_name_the_line(beir: Path) -> None:
     corpus = (beir / "corpus.jsonl").read_text(encoding="utf-8")
     (beir / "corpus.jsonl").write_text(corpus + '{"_id": "d4", "text": ""}\n', encoding="utf-8")
-    with pytest.raises(AlignDataError, match=r"corpus.jsonl:4: field 'text'"):
+    with pytest.raises(DatasetError, match=r"corpus.jsonl:4: field 'text'"):
         load_beir_train(beir)
     (beir / "corpus.jsonl").write_text(corpus + "{oops\n", encoding="utf-8")
-    with pytest.raises(AlignDataError, match=r"corpus.jsonl:4: invalid JSON"):
+    with pytest.raises(DatasetError, match=r"corpus.jsonl:4: invalid JSON"):
         load_beir_train(beir)
     (beir / "corpus.jsonl").write_text(corpus, encoding="utf-8")
     _write_lines(beir / "queries.jsonl", [{"_id": "q3", "text": "x"}, {"_id": "q1", "text": "高血压"}])
-    with pytest.raises(AlignDataError, match=r"queries.jsonl:2: query field 'metadata.question'"):
+    with pytest.raises(DatasetError, match=r"queries.jsonl:2: field 'metadata.question'"):
         load_beir_train(beir, query_field="metadata.question")
 
 

@@ -12,26 +12,22 @@ import numpy as np
 import pytest
 
 from evaluation.metrics import ndcg_at_k
+from medsearch.cli import main
 from models.align.artifacts import read_query_delta
-from models.align.data import AlignDataError
 from models.align.document_side import DocumentSideConfig
-from models.align.pipeline import (
-    REPORT_FILE,
-    AlignRecipe,
-    AlignResult,
-    Scorer,
-    run_alignment,
-    split_selection,
-)
+from models.align.pipeline import REPORT_FILE, AlignRecipe, AlignResult, run_alignment
 from models.align.query_side import QuerySideConfig
-from models.align.train import (
-    distillation_config,
-    query_retrieval_config,
-    stage_one_config,
-    stage_two_config,
+from models.align.selection import Scorer, split_selection
+from models.align.stage_configs import (
+    DocumentDistillationConfig,
+    JointConfig,
+    QueryAlignmentConfig,
+    QueryRetrievalConfig,
 )
+from models.data_files import DatasetError
 from models.loading import load_encoder
 from models.manifest import verify_manifest
+from tests.align_recipes import EMBEDDINGGEMMA, GEMMA, RECIPES, shipped_stage
 
 SYMPTOMS = ["头痛", "发烧", "咳嗽", "腹泻", "失眠", "恶心", "便秘", "贫血", "胃痛", "耳鸣", "牙痛", "过敏"]
 
@@ -87,7 +83,8 @@ def models_dir(tmp_path: Path, tiny_bert: Path, tiny_gemma: Path) -> Path:
 
 
 def _recipe(dataset: Path) -> AlignRecipe:
-    fast = {"checkpoint_every": 2, "document_lr": 1e-3, "query_lr": 1e-3, "projection_lr": 1e-3}
+    tiny = {"steps": 3, "batch_size": 4, "warmup_steps": 0, "checkpoint_every": 2}
+    fast = {"query_lr": 1e-3, "projection_lr": 1e-3}
     return AlignRecipe(
         name="tiny-care",
         query_model="tiny-bert",
@@ -100,9 +97,12 @@ def _recipe(dataset: Path) -> AlignRecipe:
             mode="top_layers", trainable_layers=1, cache_lower_states=True, output_dim=16
         ),
         fit_projection_texts=8,
-        distillation=distillation_config(3, batch_size=4, **fast),
-        stage_one=stage_one_config(3, batch_size=4, **fast),
-        stage_two=stage_two_config(3, batch_size=4, negatives_per_group=2, **fast),
+        distillation=shipped_stage(
+            DocumentDistillationConfig, GEMMA, "distillation", document_lr=1e-3, **tiny
+        ),
+        stage_one=shipped_stage(QueryAlignmentConfig, GEMMA, "stage_one", **fast, **tiny),
+        # CARE's joint stage II: no shipped recipe trains both sides yet.
+        stage_two=JointConfig(temperature=0.02, negatives_per_group=2, document_lr=1e-3, **fast, **tiny),
         encode_batch_size=4,
     )
 
@@ -166,12 +166,12 @@ def test_distillation_phase_and_its_teacher(tmp_path: Path, models_dir: Path, pr
 
 
 def test_frozen_document_stage_two_keeps_the_document_side(tmp_path: Path, models_dir: Path) -> None:
-    fast = {"checkpoint_every": 2, "query_lr": 1e-3, "projection_lr": 1e-3}
+    tiny = {"steps": 3, "batch_size": 4, "warmup_steps": 0, "checkpoint_every": 2, "query_lr": 1e-3}
     recipe = _recipe(_dataset(tmp_path / "data")).model_copy(
         update={
             "teacher_model": None,
             "distillation": None,
-            "stage_two": query_retrieval_config(3, batch_size=4, **fast),
+            "stage_two": shipped_stage(QueryRetrievalConfig, GEMMA, "stage_two", projection_lr=1e-3, **tiny),
         }
     )
     logs: list[str] = []
@@ -195,7 +195,7 @@ def test_selection_queries_come_from_the_training_split(tmp_path: Path) -> None:
     assert set(train) | set(held) == set(data.queries)
     assert split_selection(data, 4, seed=0) == (train, held)
     recipe = _recipe(tmp_path / "data").model_copy(update={"split": "dev"})
-    with pytest.raises(AlignDataError, match="held out"):
+    with pytest.raises(DatasetError, match="held out"):
         _align(recipe, tmp_path, tmp_path / "w", tmp_path / "d")
 
 
@@ -220,3 +220,34 @@ def test_a_phase_that_scores_lower_is_not_shipped(tmp_path: Path, models_dir: Pa
     _meta, tensors = read_query_delta(tmp_path / "deltas" / "tiny-care-query.safetensors")
     layers = {k: v for k, v in tensors.items() if not k.startswith("projection")}
     assert layers and all(float(v.abs().max()) == 0.0 for v in layers.values())
+
+
+@pytest.mark.parametrize(
+    ("recipe", "field", "key", "stage"),
+    [
+        (GEMMA, "stage_two", "kl_weight", "query_retrieval"),
+        (GEMMA, "stage_one", "negatives_per_group", "query_alignment"),
+        (GEMMA, "distillation", "query_lr", "document_distillation"),
+        (EMBEDDINGGEMMA, "training", "document_lr", "query_distillation"),
+    ],
+)
+def test_a_setting_on_a_stage_that_ignores_it_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    recipe: str,
+    field: str,
+    key: str,
+    stage: str,
+) -> None:
+    """A shipped recipe with one misplaced key: refused in one line naming the stage and the key,
+    never trained without it."""
+    monkeypatch.setenv("MEDSEARCH_HOME", str(tmp_path))
+    raw = json.loads((RECIPES / f"{recipe}.json").read_text(encoding="utf-8"))
+    raw[field][key] = 1.0
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    assert main(["models", "align", "--recipe", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"field '{field}" in err and f"stage {stage} has no setting {key!r}" in err

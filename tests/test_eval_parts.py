@@ -169,9 +169,9 @@ def test_load_split_keeps_queries_with_qrels_in_file_order(tmp_path: Path) -> No
     assert list(load_split(tmp_path, "dev", max_queries=2).queries) == ["q1", "q2"]
     full = load_split(tmp_path, "dev", query_field="metadata.question", max_queries=1)
     assert full.queries["q1"].text == "高血压病人能不能吃党参？"
-    with pytest.raises(DatasetError, match="q2"):
+    with pytest.raises(DatasetError, match=r"queries.jsonl:\d+: field 'metadata.question'"):
         load_split(tmp_path, "dev", query_field="metadata.question")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DatasetError, match=r"test.tsv not found"):
         load_split(tmp_path, "test")
 
 

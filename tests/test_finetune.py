@@ -15,10 +15,11 @@ from safetensors.numpy import load_file
 from evaluation.configs import discover, scan_models
 from medsearch.align_cli import ndcg10
 from medsearch.cli import main
-from models.align.data import AlignDataError
-from models.finetune import REPORT_SUFFIX, FinetuneConfig, FinetuneError, FinetuneResult, finetune, lr_factor
+from models.data_files import DatasetError
+from models.finetune import REPORT_SUFFIX, FinetuneConfig, FinetuneError, FinetuneResult, finetune
 from models.loading import load_encoder
 from models.manifest import read_manifest, verify_manifest
+from models.training_loop import lr_factor
 
 SYMPTOMS = ["头痛", "发烧", "咳嗽", "腹泻", "失眠", "恶心", "便秘", "贫血", "胃痛", "耳鸣", "牙痛", "过敏"]
 
@@ -181,7 +182,7 @@ def test_bad_input_fails_with_a_clear_message(
     models = models_with_base(tmp_path / "models", tiny_bert)
     with pytest.raises(FinetuneError, match=r"dataset directory .* not found"):
         run(config(tmp_path / "missing"), models)
-    with pytest.raises(AlignDataError, match="held out for evaluation"):
+    with pytest.raises(DatasetError, match="held out for evaluation"):
         run(config(dataset, split="dev"), models)
     with pytest.raises(FinetuneError, match="cannot fill one batch of 16"):
         run(config(dataset, batch_size=16), models)

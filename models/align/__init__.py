@@ -7,6 +7,8 @@ change ships as a small delta over the base weights.
 
 Modules, in data-flow order: ``data`` (training groups and self-pair texts), ``negatives`` (hard
 negative mining), ``losses``, ``lora``, ``state_cache`` (frozen lower-layer states), ``document_side``,
-``query_side``, ``train`` (the loop, checkpoints, resume), ``artifacts`` (delta files, rebuilt encoder
-directories and manifests naming the new space), ``probe`` (seconds per training step).
+``query_side``, ``stage_configs`` (one config per stage), ``train`` (each stage's batches and loss on
+the one loop of ``models.training_loop``), ``selection`` (held-out selection queries and their score),
+``artifacts`` (delta files, rebuilt encoder directories and manifests naming the new space), ``probe``
+(seconds per training step); ``pipeline`` and ``frozen`` run them from a recipe.
 """

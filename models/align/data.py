@@ -6,19 +6,15 @@ separately). Every bad line is reported as ``file:line``.
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from models.data_files import DatasetError, read_json_objects, read_qrels, text_field
+from models.documents import document_text
 
 # Held-out splits are for reporting only: training on them would make every figure meaningless.
 REFUSED_SPLITS = frozenset({"dev", "test", "validation", "val"})
-
-
-class AlignDataError(ValueError):
-    """Training data that cannot be used; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -38,53 +34,13 @@ class BeirTrainData:
     positives: dict[str, tuple[str, ...]]  # query id -> relevant doc ids (qrels score > 0)
 
 
-def document_text(title: str, text: str) -> str:
-    """The text a document is encoded as; must match indexer/pipeline.py, which sits above models."""
-    return f"{title}\n{text}" if title else text
-
-
-def _read_json_lines(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
-    """(``file:line``, object) for every non-blank line; anything but a JSON object is an error."""
-    with path.open(encoding="utf-8") as fh:
-        for line, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line}"
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise AlignDataError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}") from exc
-            if not isinstance(obj, dict):
-                raise AlignDataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield where, obj
-
-
 def _read_positives(path: Path) -> dict[str, list[tuple[str, str]]]:
     """query id -> [(doc id, file:line)] for qrels rows with a positive score."""
-    if not path.is_file():
-        raise AlignDataError(f"{path} not found (expected qrels/<split>.tsv in BEIR layout)")
     positives: dict[str, list[tuple[str, str]]] = {}
-    with path.open(encoding="utf-8", newline="") as fh:
-        for line, row in enumerate(csv.reader(fh, delimiter="\t"), start=1):
-            if not row or (line == 1 and row[0] == "query-id"):
-                continue
-            where = f"{path}:{line}"
-            if len(row) < 3:
-                raise AlignDataError(f"{where}: expected 'query-id<TAB>corpus-id<TAB>score'")
-            try:
-                score = int(row[2])
-            except ValueError as exc:
-                raise AlignDataError(f"{where}: score {row[2]!r} is not an integer") from exc
-            if score > 0:
-                positives.setdefault(row[0], []).append((row[1], where))
+    for row in read_qrels(path):
+        if row.score > 0:
+            positives.setdefault(row.query_id, []).append((row.corpus_id, row.where))
     return positives
-
-
-def _query_text(obj: dict[str, Any], field: str) -> object:
-    if field.startswith("metadata."):
-        metadata = obj.get("metadata")
-        return metadata.get(field.removeprefix("metadata.")) if isinstance(metadata, dict) else None
-    return obj.get(field)
 
 
 def load_beir_train(root: Path, split: str = "train", *, query_field: str = "text") -> BeirTrainData:
@@ -93,38 +49,35 @@ def load_beir_train(root: Path, split: str = "train", *, query_field: str = "tex
     ``query_field`` is ``text`` or ``metadata.KEY``. Held-out splits (``dev``, ``test``...) are refused.
     """
     if split in REFUSED_SPLITS:
-        raise AlignDataError(f"split {split!r} is held out for evaluation; train on a training split")
+        raise DatasetError(f"split {split!r} is held out for evaluation; train on a training split")
     labelled = _read_positives(root / "qrels" / f"{split}.tsv")
 
     corpus: dict[str, str] = {}
-    for where, obj in _read_json_lines(root / "corpus.jsonl"):
+    for where, obj in read_json_objects(root / "corpus.jsonl"):
         doc_id, text, title = obj.get("_id"), obj.get("text"), obj.get("title") or ""
         if not isinstance(doc_id, str | int) or isinstance(doc_id, bool) or not str(doc_id).strip():
-            raise AlignDataError(f"{where}: field '_id' is missing or not a string")
+            raise DatasetError(f"{where}: field '_id' is missing or not a string")
         if not isinstance(text, str) or not text.strip() or not isinstance(title, str):
-            raise AlignDataError(f"{where}: field 'text' (or 'title') is missing, empty or not a string")
+            raise DatasetError(f"{where}: field 'text' (or 'title') is missing, empty or not a string")
         corpus[str(doc_id)] = document_text(title, text)
 
     queries: dict[str, str] = {}
-    for where, obj in _read_json_lines(root / "queries.jsonl"):
+    for where, obj in read_json_objects(root / "queries.jsonl"):
         qid = str(obj.get("_id", ""))
         if qid not in labelled:
             continue
-        text = _query_text(obj, query_field)
-        if not isinstance(text, str) or not text.strip():
-            raise AlignDataError(f"{where}: query field {query_field!r} is missing, empty or not a string")
-        queries[qid] = text
+        queries[qid] = text_field(obj, query_field, where)
 
     positives: dict[str, tuple[str, ...]] = {}
     for qid, rows in labelled.items():
         for doc_id, where in rows:
             if doc_id not in corpus:
-                raise AlignDataError(f"{where}: corpus id {doc_id!r} is not in corpus.jsonl")
+                raise DatasetError(f"{where}: corpus id {doc_id!r} is not in corpus.jsonl")
         if qid not in queries:
-            raise AlignDataError(f"{rows[0][1]}: query id {qid!r} is not in queries.jsonl")
+            raise DatasetError(f"{rows[0][1]}: query id {qid!r} is not in queries.jsonl")
         positives[qid] = tuple(dict.fromkeys(doc_id for doc_id, _ in rows))
     if not queries:
-        raise AlignDataError(f"{root}: split {split!r} has no labelled queries")
+        raise DatasetError(f"{root}: split {split!r} has no labelled queries")
     return BeirTrainData(corpus=corpus, queries=queries, positives=positives)
 
 

@@ -36,13 +36,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.align.artifacts import build_query_encoder, save_query_delta
 from models.align.data import load_beir_train
-from models.align.negatives import rank_dense
-from models.align.pipeline import SELECTION_DEPTH, Scorer, split_selection
 from models.align.pseudo import PseudoQueries, pseudo_queries
 from models.align.query_side import QuerySideConfig, QueryTower, fit_projection
-from models.align.train import CHECKPOINT_FILE, TeacherSignal, TrainConfig, train_query_distillation
+from models.align.selection import Scorer, selection_score, split_selection
+from models.align.stage_configs import QueryDistillationConfig
+from models.align.train import TeacherSignal, train_query_distillation
 from models.loading import load_encoder
 from models.manifest import ManifestError, ModelManifest, verify_manifest
+from models.training_loop import CHECKPOINT_FILE
 
 Log = Callable[[str], None]
 # (document model dir, doc ids, doc texts) -> (len(ids), dim) document vectors, in order.
@@ -75,7 +76,7 @@ class FrozenAlignRecipe(BaseModel):
     query_side: QuerySideConfig = QuerySideConfig()
     pseudo_queries: PseudoQueries | None = PseudoQueries()
     fit_projection: bool = True
-    training: TrainConfig
+    training: QueryDistillationConfig
     select_every: int = Field(default=50, gt=0)
     encode_batch_size: int = Field(default=16, gt=0)
     int8_max_drop: float = Field(
@@ -134,10 +135,8 @@ class _Selection:
     scores: dict[int, float] = field(default_factory=dict)
 
     def score(self, query: QueryTower) -> float:
-        rankings = rank_dense(
-            self.ids, query.encode(self.texts).numpy(), self.doc_ids, self.doc_vectors, SELECTION_DEPTH
-        )
-        return self.scorer(rankings, self.relevant)
+        vectors = query.encode(self.texts).numpy()
+        return selection_score(self.scorer, self.ids, vectors, self.doc_ids, self.doc_vectors, self.relevant)
 
     def record(self, step: int, query: QueryTower) -> float:
         score = self.score(query)

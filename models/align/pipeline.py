@@ -22,9 +22,8 @@ and lexical ranking live above this package (``evaluation``), so they are passed
 from __future__ import annotations
 
 import json
-import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,9 +42,17 @@ from models.align.data import BeirTrainData, beir_groups, load_beir_train, self_
 from models.align.document_side import DocumentSideConfig, DocumentTower
 from models.align.negatives import Ranker, hard_negatives, rank_dense, rank_with
 from models.align.query_side import QuerySideConfig, QueryTower, fit_projection
+from models.align.selection import PhaseReport, Scorer, selection_score, split_selection
+from models.align.stage_configs import (
+    DocumentDistillationConfig,
+    JointConfig,
+    QueryAlignmentConfig,
+    QueryRetrievalConfig,
+    StageConfig,
+    StageTwoConfig,
+)
 from models.align.train import (
     DistillationProbes,
-    TrainConfig,
     train_document_distillation,
     train_joint,
     train_query_alignment,
@@ -54,12 +61,9 @@ from models.align.train import (
 from models.loading import load_encoder
 from models.manifest import ModelManifest, verify_manifest
 
-# (rankings: query id -> doc ids best first, relevant: query id -> doc ids) -> nDCG@10 in percent.
-Scorer = Callable[[Mapping[str, Sequence[str]], Mapping[str, Sequence[str]]], float]
 Log = Callable[[str], None]
 CACHE_FILE = "lower-states.safetensors"
 REPORT_FILE = "report.json"
-SELECTION_DEPTH = 100
 
 
 class NegativeMining(BaseModel):
@@ -90,7 +94,7 @@ class AlignRecipe(BaseModel):
     query_side: QuerySideConfig = QuerySideConfig()
     document_side: DocumentSideConfig = DocumentSideConfig()
     fit_projection_texts: int = Field(default=2000, ge=0, description="Ridge-fit start of a projection.")
-    distillation: TrainConfig | None = None
+    distillation: DocumentDistillationConfig | None = None
     distillation_probe_depth: int = Field(
         default=0,
         ge=0,
@@ -98,9 +102,9 @@ class AlignRecipe(BaseModel):
         "the teacher fill the batches, and the student must rank them as the teacher does for the "
         "query side as it starts (0: random documents, vectors only).",
     )
-    stage_one: TrainConfig | None = None
+    stage_one: QueryAlignmentConfig | None = None
     negatives: NegativeMining = NegativeMining()
-    stage_two: TrainConfig | None = Field(
+    stage_two: StageTwoConfig | None = Field(
         default=None,
         description="A joint config trains both sides on mined groups (CARE); a query_retrieval config "
         "keeps the document side frozen and trains the query side against the whole corpus.",
@@ -114,15 +118,6 @@ class AlignRecipe(BaseModel):
 
 
 @dataclass
-class PhaseReport:
-    phase: str
-    seconds: float
-    steps: int = 0
-    last_loss: float | None = None
-    selection_ndcg10: float | None = None
-
-
-@dataclass
 class AlignResult:
     document: ModelManifest
     query: ModelManifest
@@ -130,14 +125,6 @@ class AlignResult:
     query_int8: ModelManifest
     phases: list[PhaseReport] = field(default_factory=list)
     kept_phase: str | None = None
-
-
-def split_selection(data: BeirTrainData, count: int, seed: int) -> tuple[list[str], list[str]]:
-    """(training query ids, selection query ids): a seeded random ``count`` held out for selection."""
-    ids = list(data.queries)
-    random.Random(seed).shuffle(ids)
-    held = set(ids[:count])
-    return [q for q in data.queries if q not in held], [q for q in data.queries if q in held]
 
 
 @dataclass
@@ -183,14 +170,14 @@ class _Run:
         if not self.selection_ids:
             return None
         texts = [self.data.queries[q] for q in self.selection_ids]
-        rankings = rank_dense(
+        return selection_score(
+            self.scorer,
             self.selection_ids,
             query.encode(texts).numpy(),
             self.doc_ids,
             doc_vectors.numpy(),
-            SELECTION_DEPTH,
+            {q: self.data.positives[q] for q in self.selection_ids},
         )
-        return self.scorer(rankings, {q: self.data.positives[q] for q in self.selection_ids})
 
     def corpus_vectors(self, document: DocumentTower) -> torch.Tensor:
         return document.encode(self.doc_texts, self.recipe.encode_batch_size, progress=self.progress)
@@ -317,7 +304,7 @@ def run_alignment(
         document,
     )
 
-    def phase(name: str, config: TrainConfig, train: Callable[[Path], tuple[int, list[float]]]) -> None:
+    def phase(name: str, config: StageConfig, train: Callable[[Path], tuple[int, list[float]]]) -> None:
         nonlocal doc_vectors
         began = time.perf_counter()
         steps, losses = train(work_dir / name)
@@ -379,7 +366,7 @@ def run_alignment(
 
         phase("stage-one", stage_one, do_stage_one)
 
-    if recipe.stage_two is not None and recipe.stage_two.stage == "query_retrieval":
+    if isinstance(recipe.stage_two, QueryRetrievalConfig):
         frozen_two = recipe.stage_two
         row = {doc_id: i for i, doc_id in enumerate(run.doc_ids)}
         labelled = [q for q in run.train_ids if any(d in row for d in run.data.positives[q])]
@@ -397,7 +384,7 @@ def run_alignment(
             return result.steps, result.losses
 
         phase("stage-two", frozen_two, do_query_retrieval)
-    elif recipe.stage_two is not None:
+    elif isinstance(recipe.stage_two, JointConfig):
         stage_two = recipe.stage_two
         negatives = _mine(run, query, doc_vectors)
         train_only = BeirTrainData(

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from models.align.data import document_text
 from models.align.document_side import DocumentSideConfig, DocumentTower
 from models.align.losses import info_nce
 from models.align.query_side import QuerySideConfig, QueryTower
+from models.documents import document_text
 from models.manifest import read_manifest
 
 DOCUMENT_MODES: dict[str, DocumentSideConfig] = {

@@ -1,259 +1,108 @@
-"""The two CARE training stages: one loop, deterministic from a seed, resumable from a checkpoint.
-
-Determinism without replaying anything: the items of step s come from a permutation seeded by
-(seed, epoch of s), stage-II positives and negatives from a generator seeded by (seed, s), and the
-only other randomness (query-side dropout) from the torch RNG, whose state the checkpoint keeps. So a
-run resumed from the checkpoint of step n takes exactly the steps an uninterrupted run would.
-"""
+"""The CARE training stages: each supplies its batches and loss to the one loop (models/training_loop.py),
+which makes every stage deterministic from a seed and resumable from a checkpoint."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
 
 from models.align.data import TrainingGroup
 from models.align.document_side import DocumentTower
 from models.align.losses import embedding_mse, group_positive_index, info_nce, score_distillation
 from models.align.query_side import QueryTower
-
-CHECKPOINT_FILE = "checkpoint.pt"
-Stage = Literal["document_distillation", "query_alignment", "joint", "query_retrieval", "query_distillation"]
-StepCallback = Callable[[int, float], None]  # (steps done, loss of the last step)
-
-
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    stage: Stage
-    steps: int = Field(gt=0)
-    seed: int = 0
-    batch_size: int = Field(default=8, gt=1, description="Queries (stage I: texts) per step.")
-    temperature: float = Field(gt=0)
-    mse_weight: float = Field(default=0.0, ge=0)
-    negatives_per_group: int = Field(default=7, ge=0, description="Stage II: given negatives per query.")
-    query_lr: float = Field(default=2e-5, gt=0)
-    projection_lr: float = Field(default=1e-4, gt=0)
-    document_lr: float = Field(default=1e-4, gt=0, description="LoRA; full top layers want ~1e-5.")
-    weight_decay: float = Field(default=0.01, ge=0)
-    documents_per_probe: int = Field(
-        default=4, gt=0, description="Distillation with probes: documents drawn per probe query."
-    )
-    probe_temperature: float = Field(default=0.02, gt=0, description="Distillation with probes.")
-    kl_weight: float = Field(
-        default=1.0, ge=0, description="Query distillation: weight of the KL to the teacher's scores."
-    )
-    kl_temperature: float = Field(default=0.02, gt=0, description="Query distillation: score temperature.")
-    pseudo_per_step: int = Field(
-        default=0, ge=0, description="Query distillation: unlabelled pseudo-queries added to each step."
-    )
-    duplicate_cosine: float | None = Field(
-        default=None,
-        gt=0,
-        le=1,
-        description="Query distillation: documents at least this close to a query's positive are not "
-        "its negatives (near-duplicate answers); None: only the labelled positives are masked.",
-    )
-    warmup_steps: int = Field(default=0, ge=0)
-    max_grad_norm: float | None = Field(default=1.0, gt=0)
-    checkpoint_every: int = Field(default=50, gt=0)
-
-
-def stage_one_config(steps: int, **overrides: Any) -> TrainConfig:
-    """CARE stage I: InfoNCE at temperature 0.1 plus MSE, document side frozen."""
-    return TrainConfig(stage="query_alignment", steps=steps, temperature=0.1, mse_weight=1.0, **overrides)
-
-
-def distillation_config(steps: int, **overrides: Any) -> TrainConfig:
-    """Warm start of the document side: its vectors pulled onto a teacher's (InfoNCE at 0.05 + MSE)."""
-    return TrainConfig(
-        stage="document_distillation", steps=steps, temperature=0.05, mse_weight=1.0, **overrides
-    )
-
-
-def stage_two_config(steps: int, **overrides: Any) -> TrainConfig:
-    """CARE stage II: InfoNCE at temperature 0.02 over (query, positive, 7 negatives) groups."""
-    return TrainConfig(stage="joint", steps=steps, temperature=0.02, **overrides)
-
-
-def query_retrieval_config(steps: int, **overrides: Any) -> TrainConfig:
-    """Stage II with the document side frozen: InfoNCE at 0.05 over the whole corpus."""
-    return TrainConfig(**{"stage": "query_retrieval", "steps": steps, "temperature": 0.05, **overrides})
-
-
-class CheckpointMismatchError(RuntimeError):
-    """The checkpoint directory holds a run with another configuration or other data."""
-
-
-@dataclass
-class TrainResult:
-    steps: int  # steps done in total, including those before a resume
-    resumed_from: int  # 0 for a fresh run
-    losses: list[float] = field(default_factory=list)  # one per step run by this call
-
-
-def batch_items(seed: int, step: int, n_items: int, batch_size: int) -> list[int]:
-    """Indices of step ``step``: epoch-wise permutations, the incomplete last batch dropped."""
-    per_epoch = n_items // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"{n_items} training items cannot fill one batch of {batch_size}")
-    permutation = np.random.default_rng([seed, step // per_epoch]).permutation(n_items)
-    offset = (step % per_epoch) * batch_size
-    return [int(i) for i in permutation[offset : offset + batch_size]]
+from models.align.stage_configs import (
+    DocumentDistillationConfig,
+    JointConfig,
+    QueryAlignmentConfig,
+    QueryDistillationConfig,
+    QueryRetrievalConfig,
+    QueryStageConfig,
+    StageConfig,
+)
+from models.training_loop import (
+    CHECKPOINT_FILE,
+    Checkpointing,
+    ParamGroup,
+    StepCallback,
+    StepLoss,
+    TrainResult,
+    batch_items,
+    run_loop,
+)
 
 
 def _fingerprint(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
-def _optimizer(
-    config: TrainConfig, query: QueryTower | None, document: DocumentTower | None
-) -> torch.optim.Optimizer:
-    """AdamW with one learning rate per part; no weight decay on biases and norm scales."""
-    named: dict[str, list[tuple[str, torch.nn.Parameter]]] = {"query": [], "projection": [], "document": []}
-    for name, param in (query.trainable_parameters() if query is not None else {}).items():
-        named["projection" if name.startswith("projection.") else "query"].append((name, param))
-    if document is not None:
-        named["document"] = list(document.trainable_parameters().items())
-    rates = {"query": config.query_lr, "projection": config.projection_lr, "document": config.document_lr}
-    groups = []
-    for part, params in named.items():
-        for decay in (True, False):
-            chosen = [p for _, p in params if (p.ndim >= 2) == decay]
-            if chosen:
-                groups.append(
-                    {
-                        "params": chosen,
-                        "lr": rates[part],
-                        "weight_decay": config.weight_decay if decay else 0.0,
-                    }
-                )
-    return torch.optim.AdamW(groups)
+def _query_groups(query: QueryTower, config: QueryStageConfig) -> list[ParamGroup]:
+    """The query encoder and its projection, each at its own learning rate."""
+    named = query.trainable_parameters()
+    return [
+        ParamGroup([p for name, p in named.items() if not name.startswith("projection.")], config.query_lr),
+        ParamGroup([p for name, p in named.items() if name.startswith("projection.")], config.projection_lr),
+    ]
 
 
-def _schedule(config: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up, then linear decay to zero at the last step."""
-
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        remaining = config.steps - step
-        return max(0.0, remaining / max(1, config.steps - config.warmup_steps))
-
-    return factor
+def _document_group(document: DocumentTower, lr: float) -> ParamGroup:
+    return ParamGroup(list(document.trainable_parameters().values()), lr)
 
 
 def _run(
-    config: TrainConfig,
+    config: StageConfig,
+    groups: list[ParamGroup],
     query: QueryTower | None,
     document: DocumentTower | None,
     n_items: int,
-    step_loss: Callable[[int, list[int]], torch.Tensor],
+    step_loss: StepLoss,
     data_fingerprint: str,
     checkpoint_dir: Path | None,
     progress: bool,
     on_step: StepCallback | None,
 ) -> TrainResult:
-    optimizer = _optimizer(config, query, document)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    checkpoint = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    identity = {"config": config.model_dump_json(), "data": data_fingerprint}
+    def state() -> dict[str, Any]:
+        return {
+            "query": query.trainable_state() if query is not None else {},
+            "document": document.trainable_state() if document is not None else {},
+        }
 
-    start = 0
-    if checkpoint is not None and checkpoint.is_file():
-        start = _restore(checkpoint, identity, query, document, optimizer, scheduler)
-    else:
-        torch.manual_seed(config.seed)
-    result = TrainResult(steps=start, resumed_from=start)
-
-    if query is not None:
-        query.train()  # dropout on, as in any fine-tuning; the document side has none and stays in eval
-    bar = tqdm(total=config.steps, initial=start, desc=config.stage, unit="step", disable=not progress)
-    try:
-        for step in range(start, config.steps):
-            loss = step_loss(step, batch_items(config.seed, step, n_items, config.batch_size))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            value = float(loss.detach())
-            result.losses.append(value)
-            result.steps = step + 1
-            bar.set_postfix(loss=f"{value:.4f}")
-            bar.update()
-            if checkpoint is not None and (
-                result.steps % config.checkpoint_every == 0 or result.steps == config.steps
-            ):
-                _save(checkpoint, identity, result.steps, query, document, optimizer, scheduler)
-            if on_step is not None:
-                on_step(result.steps, value)
-    finally:
-        bar.close()
+    def load(saved: dict[str, Any]) -> None:
         if query is not None:
-            query.eval()
-    return result
+            query.load_trainable_state(saved["query"])
+        if document is not None:
+            document.load_trainable_state(saved["document"])
 
-
-def _save(
-    path: Path,
-    identity: dict[str, str],
-    step: int,
-    query: QueryTower | None,
-    document: DocumentTower | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> None:
-    state = {
-        **identity,
-        "step": step,
-        "query": query.trainable_state() if query is not None else {},
-        "document": document.trainable_state() if document is not None else {},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)  # a crash mid-write leaves the previous checkpoint intact
-
-
-def _restore(
-    path: Path,
-    identity: dict[str, str],
-    query: QueryTower | None,
-    document: DocumentTower | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> int:
-    state = torch.load(path, weights_only=True)
-    for key, expected in identity.items():
-        if state.get(key) != expected:
-            raise CheckpointMismatchError(
-                f"{path} was written by a run with other {key}; resume with the same settings or "
-                "use another checkpoint directory"
-            )
-    if query is not None:
-        query.load_trainable_state(state["query"])
-    if document is not None:
-        document.load_trainable_state(state["document"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
+    checkpoint = (
+        Checkpointing(
+            path=checkpoint_dir / CHECKPOINT_FILE,
+            every=config.checkpoint_every,
+            identity={"config": config.model_dump_json(), "data": data_fingerprint},
+            state=state,
+            load=load,
+        )
+        if checkpoint_dir is not None
+        else None
+    )
+    # Dropout on the query side, as in any fine-tuning; the document side has none and stays in eval.
+    return run_loop(
+        config,
+        groups,
+        n_items,
+        step_loss,
+        desc=config.stage,
+        train_mode=[query] if query is not None else [],
+        checkpoint=checkpoint,
+        progress=progress,
+        on_step=on_step,
+    )
 
 
 @dataclass(frozen=True)
@@ -285,7 +134,7 @@ def train_document_distillation(
     document: DocumentTower,
     texts: Sequence[str],
     targets: torch.Tensor,
-    config: TrainConfig,
+    config: DocumentDistillationConfig,
     *,
     probes: DistillationProbes | None = None,
     checkpoint_dir: Path | None = None,
@@ -300,8 +149,6 @@ def train_document_distillation(
     probe queries and ``documents_per_probe`` of each one's teacher candidates, and adds
     ``score_distillation``: those queries must rank the student's vectors as they rank the teacher's.
     """
-    if config.stage != "document_distillation":
-        raise ValueError("train_document_distillation needs a document_distillation config")
     unit = _unit_targets(texts, targets, document.dim)
     payload: list[object] = [list(texts), hashlib.sha256(unit.numpy().tobytes()).hexdigest()]
     if probes is not None:
@@ -338,8 +185,18 @@ def train_document_distillation(
         return loss + score_distillation(probe_vectors[items], vectors, unit[rows], config.probe_temperature)
 
     n_items = len(texts) if probes is None else len(probes.vectors)
+    groups = [_document_group(document, config.document_lr)]
     return _run(
-        config, None, document, n_items, step_loss, _fingerprint(payload), checkpoint_dir, progress, on_step
+        config,
+        groups,
+        None,
+        document,
+        n_items,
+        step_loss,
+        _fingerprint(payload),
+        checkpoint_dir,
+        progress,
+        on_step,
     )
 
 
@@ -347,7 +204,7 @@ def train_query_alignment(
     query: QueryTower,
     texts: Sequence[str],
     targets: torch.Tensor,
-    config: TrainConfig,
+    config: QueryAlignmentConfig,
     *,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
@@ -355,8 +212,6 @@ def train_query_alignment(
 ) -> TrainResult:
     """Stage I: each text, as a query, against its own document vector (``targets``, from the frozen
     document side); the other texts of the batch are its negatives."""
-    if config.stage != "query_alignment":
-        raise ValueError("train_query_alignment needs a query_alignment config")
     unit = _unit_targets(texts, targets, query.dim)
     fingerprint = _fingerprint([list(texts), hashlib.sha256(unit.numpy().tobytes()).hexdigest()])
 
@@ -366,7 +221,10 @@ def train_query_alignment(
         loss = info_nce(vectors, wanted, torch.arange(len(items)), config.temperature)
         return loss + config.mse_weight * embedding_mse(vectors, wanted)
 
-    return _run(config, query, None, len(texts), step_loss, fingerprint, checkpoint_dir, progress, on_step)
+    groups = _query_groups(query, config)
+    return _run(
+        config, groups, query, None, len(texts), step_loss, fingerprint, checkpoint_dir, progress, on_step
+    )
 
 
 def _pick(rng: np.random.Generator, group: TrainingGroup, negatives: int) -> tuple[str, list[str]]:
@@ -383,7 +241,7 @@ def train_joint(
     query: QueryTower,
     document: DocumentTower,
     groups: Sequence[TrainingGroup],
-    config: TrainConfig,
+    config: JointConfig,
     *,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
@@ -391,8 +249,6 @@ def train_joint(
 ) -> TrainResult:
     """Stage II: each query against every document of the batch (its positive, its negatives and the
     other queries' documents), both sides trained; copies of a query's positives are never negatives."""
-    if config.stage != "joint":
-        raise ValueError("train_joint needs a joint config")
     if query.dim != document.dim:
         raise ValueError(f"query dim {query.dim} != document dim {document.dim}: set output_dim")
     fingerprint = _fingerprint([[g.query, g.positives, g.negatives, g.prompt] for g in groups])
@@ -415,8 +271,18 @@ def train_joint(
             loss = loss + config.mse_weight * embedding_mse(vectors, doc_vectors[positive_index])
         return loss
 
+    params = [*_query_groups(query, config), _document_group(document, config.document_lr)]
     return _run(
-        config, query, document, len(groups), step_loss, fingerprint, checkpoint_dir, progress, on_step
+        config,
+        params,
+        query,
+        document,
+        len(groups),
+        step_loss,
+        fingerprint,
+        checkpoint_dir,
+        progress,
+        on_step,
     )
 
 
@@ -437,7 +303,7 @@ def train_query_retrieval(
     queries: Sequence[str],
     positives: Sequence[Sequence[int]],
     corpus: torch.Tensor,
-    config: TrainConfig,
+    config: QueryRetrievalConfig,
     *,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
@@ -450,8 +316,6 @@ def train_query_retrieval(
     With the documents frozen their vectors are computed once, so every corpus document is a negative
     for the price of one matrix product: no mining, and the hardest negatives are always included.
     """
-    if config.stage != "query_retrieval":
-        raise ValueError("train_query_retrieval needs a query_retrieval config")
     if len(queries) != len(positives):
         raise ValueError(f"{len(queries)} queries but {len(positives)} positive lists")
     if corpus.ndim != 2 or corpus.shape[1] != query.dim:
@@ -473,7 +337,10 @@ def train_query_retrieval(
             loss = loss + config.mse_weight * embedding_mse(vectors, unit[chosen])
         return loss
 
-    return _run(config, query, None, len(queries), step_loss, fingerprint, checkpoint_dir, progress, on_step)
+    groups = _query_groups(query, config)
+    return _run(
+        config, groups, query, None, len(queries), step_loss, fingerprint, checkpoint_dir, progress, on_step
+    )
 
 
 @dataclass(frozen=True)
@@ -499,7 +366,7 @@ def train_query_distillation(
     positives: Sequence[Sequence[int]],
     corpus: torch.Tensor,
     teacher: TeacherSignal,
-    config: TrainConfig,
+    config: QueryDistillationConfig,
     *,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
@@ -514,8 +381,6 @@ def train_query_distillation(
     documents) to the student's, i.e. listwise distillation of the teacher's ranking; ``mse_weight``
     adds the squared distance to the teacher's query vector.
     """
-    if config.stage != "query_distillation":
-        raise ValueError("train_query_distillation needs a query_distillation config")
     if len(queries) != len(positives) or len(queries) != len(teacher.queries):
         raise ValueError("queries, positives and teacher query vectors must have one row per query")
     if corpus.ndim != 2 or corpus.shape[1] != query.dim:
@@ -563,4 +428,7 @@ def train_query_distillation(
             loss = loss + config.mse_weight * embedding_mse(vectors, targets)
         return loss
 
-    return _run(config, query, None, len(queries), step_loss, fingerprint, checkpoint_dir, progress, on_step)
+    groups = _query_groups(query, config)
+    return _run(
+        config, groups, query, None, len(queries), step_loss, fingerprint, checkpoint_dir, progress, on_step
+    )

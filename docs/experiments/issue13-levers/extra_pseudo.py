@@ -11,8 +11,8 @@ import numpy as np
 
 from models.align.data import load_beir_train
 from models.align.frozen import teacher_query_vectors
-from models.align.pipeline import split_selection
 from models.align.pseudo import corpus_sentences, question_bodies
+from models.align.selection import split_selection
 
 d = Path("../shared/data/cmedqa-im")
 data = load_beir_train(d, "train")

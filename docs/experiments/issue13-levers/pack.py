@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 
 from medsearch.align_cli import corpus_vectors_from_cache
 from models.align.data import load_beir_train
-from models.align.pipeline import split_selection
 from models.align.pseudo import PseudoQueries, pseudo_queries
+from models.align.selection import split_selection
 from models.bootstrap.e5_image import (
     DTYPE_Q4,
     EMBEDDING_TENSORS,
@@ -54,7 +54,7 @@ with open(d / "queries.jsonl", encoding="utf-8") as fh:
     for line in fh:
         o = json.loads(line)
         queries[o["_id"]] = o["text"]
-dev_pos = {}
+dev_pos: dict[str, list[int]] = {}
 with open(d / "qrels/dev.tsv") as fh:
     for r in csv.reader(fh, delimiter="\t"):
         if r[0] == "query-id" or int(r[2]) <= 0:
@@ -69,7 +69,7 @@ sets = {
     "sel": [data.queries[q] for q in sel_ids],
     "dev": [queries[q] for q in dev_ids],
 }
-out = {}
+out: dict[str, np.ndarray] = {}
 ids_all = {}
 for k, texts in sets.items():
     enc = tok(["query: " + t for t in texts], truncation=True, max_length=128)["input_ids"] if texts else []
@@ -144,5 +144,5 @@ out["meta"] = np.array(
         }
     )
 )
-np.savez_compressed("var/gpu/pack.npz", **out)
+np.savez_compressed("var/gpu/pack.npz", allow_pickle=False, **out)
 print("packed", Path("var/gpu/pack.npz").stat().st_size / 1e6, "MB", {k: len(v) for k, v in sets.items()})

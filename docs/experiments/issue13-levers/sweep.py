@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -173,7 +174,7 @@ def run(cfg: dict) -> dict:
     w = torch.linalg.solve(gram, feats.T @ T_TRAIN).T
     with torch.no_grad():
         tower.projection.weight.copy_(w)
-    named = {"query": [], "projection": []}
+    named: dict[str, list[torch.nn.Parameter]] = {"query": [], "projection": []}
     for name, p in tower.named_parameters():
         if p.requires_grad:
             named["projection" if name.startswith("projection.") else "query"].append(p)
@@ -181,17 +182,17 @@ def run(cfg: dict) -> dict:
     groups = []
     for part, params in named.items():
         for decay in (True, False):
-            chosen = [p for p in params if (p.ndim >= 2) == decay]
-            if chosen:
-                groups.append({"params": chosen, "lr": rates[part], "weight_decay": 0.01 if decay else 0.0})
+            picked = [p for p in params if (p.ndim >= 2) == decay]
+            if picked:
+                groups.append({"params": picked, "lr": rates[part], "weight_decay": 0.01 if decay else 0.0})
     opt = torch.optim.AdamW(groups)
     steps, warm = cfg["steps"], cfg["warmup"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm))
     )
     params = [p for g in opt.param_groups for p in g["params"]]
-    best = {"score": -1.0, "step": -1, "state": None}
-    curve = {}
+    best: dict[str, Any] = {"score": -1.0, "step": -1, "state": None}
+    curve: dict[int, float] = {}
 
     def select(step: int) -> None:
         s = scores(tower, "sel")["ndcg10"]
@@ -274,7 +275,7 @@ def run(cfg: dict) -> dict:
     }
 
 
-BASE_CFG = dict(
+BASE_CFG: dict[str, Any] = dict(
     steps=300,
     warmup=30,
     select_every=50,
@@ -290,7 +291,7 @@ BASE_CFG = dict(
     pseudo="base",
 )
 L = dict(steps=1000, warmup=100, select_every=100)
-SWEEP = [
+SWEEP: list[dict[str, Any]] = [
     dict(name="recipe-300"),
     dict(name="steps-1000", **L),
     dict(name="maxtok-128-1000", max_tokens=128, **L),
@@ -328,7 +329,8 @@ def save_state(res: dict, state: dict, directory: str) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
-    chunk, size, n = {}, 0, 0
+    chunk: dict[str, torch.Tensor] = {}
+    size, n = 0, 0
     for k, v in sorted(state.items()):
         # model tensors as trained-minus-base (the committed delta's form); the projection as is
         base = BASE.get(k.removeprefix("model."))
