@@ -59,13 +59,6 @@ class Overloaded(ServiceError):
         super().__init__(f"the service is at capacity ({pending} queries waiting); retry shortly")
 
 
-class DeadlineExceeded(ServiceError):
-    """The request ran past the configured deadline: 504."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"the search did not finish within {seconds:g} s")
-
-
 class BodyTooLarge(ServiceError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body exceeds {limit} bytes")
@@ -116,7 +109,10 @@ ERRORS: dict[type[BaseException], ErrorKind] = {
     BodyTimeout: ErrorKind(408, "body_timeout"),
     Unauthorized: ErrorKind(401, "unauthorized"),
     Overloaded: ErrorKind(429, "overloaded"),
-    DeadlineExceeded: ErrorKind(504, "deadline_exceeded"),
+    # What anyio.fail_after raises when a route runs past MEDSEARCH_REQUEST_TIMEOUT_S, whichever route.
+    TimeoutError: ErrorKind(
+        504, "deadline_exceeded", "the request did not finish within the service's deadline"
+    ),
     Forbidden: ErrorKind(403, "forbidden"),
     NotReady: ErrorKind(503, "not_ready"),
     StoreUnavailable: ErrorKind(503, "store_unavailable", "the vector store is unreachable; retry later"),
@@ -180,8 +176,8 @@ def error_response(exc: BaseException, metrics: ServiceMetrics) -> JSONResponse:
         logger.error(
             "the store refused a search (%s)", f"HTTP {exc.status}" if exc.status else type(exc).__name__
         )
-    elif status >= 500 and not isinstance(exc, ServiceError | StoreUnavailable):
-        # Server-side only; the client got the fixed message.
+    elif status >= 500 and not isinstance(exc, ServiceError | StoreUnavailable | TimeoutError):
+        # Server-side only; the client got the fixed message. A deadline is load, not a fault: no trace.
         logger.error("request failed: %s", type(exc).__name__, exc_info=exc)
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
     if isinstance(exc, Overloaded):

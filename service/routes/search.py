@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from service.auth import require
 from service.batcher import EncodeBatcher
 from service.deps import BatcherDep, MetricsDep, StateDep
-from service.errors import DeadlineExceeded, InvalidRequest
+from service.errors import InvalidRequest
 from service.metrics import ServiceMetrics
 from service.schemas import (
     AUTH_RESPONSES,
@@ -132,30 +132,26 @@ async def _search_all(
     requests: list[SearchRequest], state: ServingState, batcher: EncodeBatcher, metrics: ServiceMetrics
 ) -> list[SearchResponse]:
     """Encode every query (one batch, shared with concurrent requests), then search each; filters
-    are checked before any model work. Past the request deadline: DeadlineExceeded (504)."""
+    are checked before any model work. Past the request deadline: TimeoutError (504, service/errors.py)."""
     start = time.perf_counter()
-    deadline = state.settings.request_timeout_s
-    try:
-        with anyio.fail_after(deadline):
-            spec = state.known_spec()
-            if spec is None:
-                spec = await anyio.to_thread.run_sync(state.serving_spec, limiter=state.store_calls)
-            filters = [checked_filter(r.filter, spec) for r in requests]
-            for r in requests:
-                checked_mode(r, spec)
-            vectors = await batcher.encode([r.query for r in requests])
-            try:
-                found = await anyio.to_thread.run_sync(
-                    _search, state, vectors, requests, filters, metrics, limiter=state.store_calls
-                )
-            except StoreUnavailable as exc:
-                state.store_failed(exc)
-                raise
-            except StoreError:
-                state.spec_stale()
-                raise
-    except TimeoutError as exc:
-        raise DeadlineExceeded(deadline) from exc
+    with anyio.fail_after(state.settings.request_timeout_s):
+        spec = state.known_spec()
+        if spec is None:
+            spec = await anyio.to_thread.run_sync(state.serving_spec, limiter=state.store_calls)
+        filters = [checked_filter(r.filter, spec) for r in requests]
+        for r in requests:
+            checked_mode(r, spec)
+        vectors = await batcher.encode([r.query for r in requests])
+        try:
+            found = await anyio.to_thread.run_sync(
+                _search, state, vectors, requests, filters, metrics, limiter=state.store_calls
+            )
+        except StoreUnavailable as exc:
+            state.store_failed(exc)
+            raise
+        except StoreError:
+            state.spec_stale()
+            raise
     took_ms = (time.perf_counter() - start) * 1000
     responses = []
     for request, hits in zip(requests, found, strict=True):
