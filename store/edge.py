@@ -37,10 +37,11 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import cast
+from typing import Any
 
 import numpy as np
 import qdrant_edge as qe
@@ -48,7 +49,8 @@ from pydantic import ValidationError
 
 from store import schema
 from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, point_id
-from store.filters import Condition, Filter, FilterLike, checked_filter, field_kinds, parse_date
+from store.filters import FilterLike, Scalar, checked_filter
+from store.qdrant import DEFAULT_HNSW_EF, HNSW_M, QdrantModels, Vectors, dense_vectors
 from store.sparse import BM25_VECTOR, SparseVector
 
 SPEC_FILE = "collection.json"
@@ -99,63 +101,50 @@ _INDEX_TYPES = {
 }
 
 
-def _engine_condition(condition: Condition, kind: str) -> qe.FieldCondition:
-    key = schema.metadata_path(condition.key)
-    if condition.match is not None:
-        return qe.FieldCondition(key=key, match=qe.MatchValue(condition.match))
-    if condition.any is not None:
-        return qe.FieldCondition(key=key, match=qe.MatchAny(cast(list[str], list(condition.any))))
-    assert condition.range is not None
-    bounds = condition.range.bounds()
-    if kind == "date":
+class _EngineModels(QdrantModels[qe.FieldCondition, qe.Filter, qe.SparseVector, qe.Point]):
+    """qdrant-edge's classes for the mapping in store/qdrant.py."""
+
+    def match(self, key: str, value: Scalar) -> qe.FieldCondition:
+        return qe.FieldCondition(key=key, match=qe.MatchValue(value))
+
+    def match_any(self, key: str, values: list[str]) -> qe.FieldCondition:
+        return qe.FieldCondition(key=key, match=qe.MatchAny(values))
+
+    def number_range(self, key: str, bounds: Mapping[str, float]) -> qe.FieldCondition:
+        return qe.FieldCondition(key=key, range=qe.RangeFloat(**bounds))
+
+    def date_range(self, key: str, bounds: Mapping[str, datetime]) -> qe.FieldCondition:
         return qe.FieldCondition(
-            key=key, range=qe.RangeDateTime(**{k: parse_date(v).isoformat() for k, v in bounds.items()})
+            key=key, range=qe.RangeDateTime(**{k: v.isoformat() for k, v in bounds.items()})
         )
-    return qe.FieldCondition(key=key, range=qe.RangeFloat(**{k: float(v) for k, v in bounds.items()}))
+
+    def filter(
+        self,
+        must: list[qe.FieldCondition] | None = None,
+        should: list[qe.FieldCondition] | None = None,
+        must_not: list[qe.FieldCondition] | None = None,
+    ) -> qe.Filter:
+        # Copied into lists of the stub's wider condition type (lists are invariant).
+        return qe.Filter(
+            must=[*must] if must else None,
+            should=[*should] if should else None,
+            must_not=[*must_not] if must_not else None,
+        )
+
+    def sparse(self, vector: SparseVector) -> qe.SparseVector:
+        return qe.SparseVector(vector.indices, vector.values)
+
+    def point(self, id: str, vectors: Vectors[qe.SparseVector], payload: dict[str, Any]) -> qe.Point:
+        return qe.Point(id, vectors, payload)  # type: ignore[arg-type]  # the stub's dict is invariant
 
 
-def _vectors(point: DocumentPoint) -> qe.Vector:
-    if point.sparse is None:
-        return list(point.vector)
-    return {"": list(point.vector), BM25_VECTOR: _engine_sparse(point.sparse)}
-
-
-def _dense_of(vector: qe.Vector) -> list[float]:
-    dense = vector.get("") if isinstance(vector, dict) else vector
-    return [float(x) for x in cast(list[float], dense)]
-
-
-def _engine_sparse(vector: SparseVector) -> qe.SparseVector:
-    return qe.SparseVector(vector.indices, vector.values)
-
-
-def _engine_filter(spec: CollectionSpec, where: Filter | None) -> qe.Filter | None:
-    if where is None:
-        return None
-    kinds = field_kinds(spec)
-
-    def conditions(clause: list[Condition]) -> list[qe.ConditionType] | None:
-        return [_engine_condition(c, kinds[c.key]) for c in clause] or None
-
-    return qe.Filter(
-        must=conditions(where.must), should=conditions(where.should), must_not=conditions(where.must_not)
-    )
+ENGINE = _EngineModels()
 
 
 @dataclass(frozen=True)
 class _Open:
     shard: qe.EdgeShard
     spec: CollectionSpec
-
-
-def _chunks_from(doc_ids: list[str], first: int) -> qe.Filter:
-    """The chunks of ``doc_ids`` numbered ``first`` and above."""
-    return qe.Filter(
-        must=[
-            qe.FieldCondition(key=schema.DOC_ID_KEY, match=qe.MatchAny(doc_ids)),
-            qe.FieldCondition(key=schema.CHUNK_KEY, range=qe.RangeFloat(gte=float(first))),
-        ]
-    )
 
 
 def _retrieve(
@@ -182,10 +171,7 @@ def _retrieve_documents(
 
 # HNSW graph shape: Qdrant's defaults (m 16, ef_construct 100). Segments under the full-scan threshold
 # (in KB of vectors: 10,000 is ~6,600 384-d vectors) are searched exactly, which is cheap at that size.
-HNSW = qe.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10_000)
-# Measured on cmedqa-im (7,244 e5-small vectors, 300 queries, top 10 against exact search): ef 64
-# recall 0.976 in 0.50 ms, 128 0.989 in 0.61 ms, 256 0.995 in 0.87 ms; exact 1.9 ms.
-DEFAULT_HNSW_EF = 256
+HNSW = qe.HnswIndexConfig(m=HNSW_M, ef_construct=100, full_scan_threshold=10_000)
 
 
 class EdgeStore:
@@ -274,10 +260,12 @@ class EdgeStore:
             return
         coll = self._collection(name)
         schema.check_points(coll.spec, points)
-        batch = [qe.Point(point_id(p.doc_id, p.chunk), _vectors(p), schema.payload_of(p)) for p in points]
+        batch = ENGINE.points(points)
         try:
             for count, doc_ids in schema.stale_chunks(points).items():
-                coll.shard.update(qe.UpdateOperation.delete_points_by_filter(_chunks_from(doc_ids, count)))
+                coll.shard.update(
+                    qe.UpdateOperation.delete_points_by_filter(ENGINE.chunks_from(doc_ids, count))
+                )
             coll.shard.update(qe.UpdateOperation.upsert_points(batch))
         except Exception as exc:
             raise _engine_error(f"upsert into {name!r}", exc) from exc
@@ -294,7 +282,7 @@ class EdgeStore:
         schema.check_top_k(top_k)
         coll = self._collection(name)
         query = schema.query_vector(coll.spec, vector)
-        where = _engine_filter(coll.spec, checked_filter(coll.spec, filters))
+        where = ENGINE.query_filter(coll.spec, checked_filter(coll.spec, filters))
         if sparse is not None:
             schema.check_hybrid(coll.spec)
 
@@ -339,7 +327,7 @@ class EdgeStore:
                     ),
                     qe.Prefetch(
                         limit=depth,
-                        query=qe.Query.Nearest(_engine_sparse(sparse), using=BM25_VECTOR),
+                        query=qe.Query.Nearest(ENGINE.sparse(sparse), using=BM25_VECTOR),
                         filter=where,
                     ),
                 ],
@@ -448,8 +436,7 @@ class EdgeStore:
         coll = self._collection(name)
         unique = list(dict.fromkeys(doc_ids))
         if coll.spec.chunking is not None:  # every chunk of each document
-            match = qe.FieldCondition(key=schema.DOC_ID_KEY, match=qe.MatchAny(unique))
-            operation = qe.UpdateOperation.delete_points_by_filter(qe.Filter(must=[match]))
+            operation = qe.UpdateOperation.delete_points_by_filter(ENGINE.documents(unique))
         else:
             operation = qe.UpdateOperation.delete_points([point_id(d) for d in unique])
         try:
@@ -461,11 +448,7 @@ class EdgeStore:
         if not doc_ids:
             return {}
         records = _retrieve_documents(self._collection(name), name, doc_ids, ["doc_id"], [""])
-        return {
-            str(r.payload["doc_id"]): _dense_of(r.vector)
-            for r in records
-            if r.payload and r.vector is not None
-        }
+        return dense_vectors((r.payload, r.vector) for r in records)
 
     def close(self) -> None:
         with self._lock:
