@@ -34,7 +34,8 @@ from indexer.pipeline import (
     planned_spec,
 )
 from models.encoder import Encoder
-from store.base import StoreError, StoreUnavailable, VectorStore
+from store.base import VectorStore
+from store.errors import StoreError, StoreUnavailable
 
 DEFAULT_CHUNK_OVERLAP = 32
 

@@ -23,10 +23,12 @@ import numpy as np
 from indexer.chunking import split_text
 from indexer.reader import Document, Rejected, read_documents
 from models.encoder import Chunkable, Encoder
-from store.base import ChunkingSpec, CollectionSpec, DocumentPoint, StoreError, StoreUnavailable, VectorStore
+from store.base import DocumentPoint, VectorStore
+from store.errors import StoreError, StoreUnavailable
 from store.filters import FieldKind, field_kinds, metadata_problem
 from store.schema import spec_difference
 from store.sparse import Bm25Encoder, Bm25Spec, measure_spec
+from store.spec import ChunkingSpec, CollectionSpec
 
 REJECTED_SAMPLES = 20
 SAMPLE_IDS = 32  # documents searched for by their own vectors before a build is served

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 
 from service.metrics import ServiceMetrics
 from service.schemas import FILTER_FORMS
-from store.base import StoreError, StoreUnavailable
+from store.errors import StoreError, StoreUnavailable
 
 logger = logging.getLogger("medsearch.service")
 

@@ -19,9 +19,11 @@ from models.encoder import Encoder, load_encoder
 from models.manifest import ManifestError, ModelManifest, named_model_dir, read_manifest
 from service.errors import NotReady
 from settings import Settings
-from store.base import CollectionSpec, StoreError, StoreUnavailable, VectorStore
+from store.base import VectorStore
+from store.errors import StoreError, StoreUnavailable
 from store.factory import open_store
 from store.sparse import Bm25Encoder, SparseVector
+from store.spec import CollectionSpec
 
 logger = logging.getLogger("medsearch.service")
 

@@ -48,10 +48,12 @@ import qdrant_edge as qe
 from pydantic import ValidationError
 
 from store import schema
-from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, point_id
+from store.base import DocumentPoint, Hit, point_id
+from store.errors import StoreError, StoreUnavailable
 from store.filters import FilterLike, Scalar, checked_filter
 from store.qdrant import DEFAULT_HNSW_EF, HNSW_M, QdrantModels, Vectors, dense_vectors
 from store.sparse import BM25_VECTOR, SparseVector
+from store.spec import CollectionSpec
 
 SPEC_FILE = "collection.json"
 ALIASES_FILE = "aliases.json"

@@ -15,7 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from store.base import CollectionSpec, StoreError
+from store.errors import StoreError
+from store.spec import CollectionSpec
 
 FieldKind = Literal["keyword", "integer", "date"]
 Scalar = str | int

@@ -14,9 +14,10 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar, cast
 
 from store import schema
-from store.base import CollectionSpec, DocumentPoint, point_id
+from store.base import DocumentPoint, point_id
 from store.filters import Condition, FieldKind, Filter, Scalar, field_kinds, parse_date
 from store.sparse import BM25_VECTOR, SparseVector
+from store.spec import CollectionSpec
 
 # HNSW candidates per search. Measured on cmedqa-im (7,244 e5-small vectors, 300 queries, top 10
 # against exact search): ef 64 recall 0.976 in 0.50 ms, 128 0.989 in 0.61 ms, 256 0.995 in 0.87 ms;

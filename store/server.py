@@ -30,10 +30,12 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ApiException, ResponseHandlingException, UnexpectedResponse
 
 from store import schema
-from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, point_id
+from store.base import DocumentPoint, Hit, point_id
+from store.errors import StoreError, StoreUnavailable
 from store.filters import FilterLike, Scalar, checked_filter
 from store.qdrant import DEFAULT_HNSW_EF, HNSW_M, QdrantModels, Vectors, dense_vectors
 from store.sparse import BM25_VECTOR, SparseVector
+from store.spec import CollectionSpec
 
 MEMORY = ":memory:"
 SPEC_KEY = "medsearch"

@@ -10,7 +10,8 @@ import pytest
 from indexer.pipeline import FilterFields, IndexingError, Retry, index_files
 from indexer.reader import Document, Rejected, read_documents
 from models.encoder import load_encoder
-from store.base import DocumentPoint, StoreError, StoreUnavailable, VectorStore
+from store.base import DocumentPoint, VectorStore
+from store.errors import StoreError, StoreUnavailable
 from store.factory import open_store
 from store.filters import Condition, Filter, Range
 from store.sparse import Bm25Encoder

@@ -30,19 +30,13 @@ from service.errors import NOT_READY_MESSAGE
 from service.server import serve
 from service.state import ServingState, StartupError, load_state
 from settings import Settings
-from store.base import (
-    ChunkingSpec,
-    CollectionSpec,
-    DocumentPoint,
-    Hit,
-    StoreError,
-    StoreUnavailable,
-    VectorStore,
-)
+from store.base import DocumentPoint, Hit, VectorStore
+from store.errors import StoreError, StoreUnavailable
 from store.factory import open_store
 from store.filters import FilterLike
 from store.server import ServerStore
 from store.sparse import Bm25Encoder, SparseVector, measure_spec
+from store.spec import ChunkingSpec, CollectionSpec
 
 OPENAPI_SNAPSHOT = Path(__file__).with_name("openapi.json")
 REGENERATE = (

@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, VectorStore
+from store.base import DocumentPoint, Hit, VectorStore
 from store.edge import SPEC_FILE, STAGING_PREFIX, EdgeStore
+from store.errors import StoreError, StoreUnavailable
 from store.factory import open_store
 from store.filters import Condition, Filter, Range
 from store.server import SPEC_KEY, ServerStore
 from store.sparse import Bm25Encoder, measure_spec
+from store.spec import CollectionSpec
 from tests.servers import free_port
 
 # qdrant-client's local mode warns that payload indexes are no-ops there; the server path still

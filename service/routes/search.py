@@ -27,8 +27,10 @@ from service.schemas import (
     SearchResponse,
 )
 from service.state import ServingState
-from store.base import CollectionSpec, Hit, StoreError, StoreUnavailable
+from store.base import Hit
+from store.errors import StoreError, StoreUnavailable
 from store.filters import Filter, FilterLike, as_filter, filter_problems
+from store.spec import CollectionSpec
 
 logger = logging.getLogger("medsearch.service")
 
