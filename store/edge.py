@@ -4,11 +4,11 @@ Layout under the data directory::
 
     <root>/<collection>/collection.json   the CollectionSpec
     <root>/<collection>/shard/            the EdgeShard (segments, WAL)
-    <root>/aliases.json                   alias -> collection, replaced atomically (Qdrant's aliases)
+    <root>/aliases.json                   alias -> collection (store/aliases.py)
 
 Aliases are how a reindex switches what is served without a restart: the indexer builds a new
-collection and then rewrites the alias file in one rename; readers stat the file on every call and
-follow it, while searches already running finish on the collection they started on.
+collection and then points the alias at it; every call resolves the alias afresh, while searches
+already running finish on the collection they started on.
 
 A collection is built in ``<root>/.creating-<collection>/`` and renamed into place once its shard,
 payload indexes and spec are on disk, so a crash mid-creation never leaves a half-made collection
@@ -31,8 +31,6 @@ time; a second process gets StoreUnavailable until the first closes it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import re
 import shutil
@@ -48,7 +46,9 @@ import qdrant_edge as qe
 from pydantic import ValidationError
 
 from store import schema
+from store.aliases import AliasCatalog
 from store.base import DocumentPoint, Hit, point_id
+from store.durable import fsync_dir, write_atomic
 from store.errors import StoreError, StoreUnavailable
 from store.filters import FilterLike, Scalar, checked_filter
 from store.qdrant import DEFAULT_HNSW_EF, HNSW_M, QdrantModels, Vectors, dense_vectors
@@ -56,8 +56,6 @@ from store.sparse import BM25_VECTOR, SparseVector
 from store.spec import CollectionSpec
 
 SPEC_FILE = "collection.json"
-ALIASES_FILE = "aliases.json"
-ALIASES_LOCK = ".aliases.lock"
 DELETING_PREFIX = ".deleting-"
 SHARD_DIR = "shard"
 STAGING_PREFIX = ".creating-"
@@ -68,24 +66,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 def _check_name(name: str) -> None:
     if not _NAME.match(name):
         raise StoreError(f"invalid collection name {name!r}: use letters, digits, '_' and '-' (max 128)")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _engine_error(action: str, exc: Exception) -> StoreError:
@@ -185,9 +165,7 @@ class EdgeStore:
         self._lock = threading.Lock()
         self._open: dict[str, _Open] = {}
         self._closed = False
-        # The alias file as last read, keyed by its (mtime_ns, size, inode) so a stat tells if it moved.
-        self._aliases: dict[str, str] = {}
-        self._aliases_stamp: tuple[int, int, int] | None = None
+        self._catalog = AliasCatalog(root)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -234,7 +212,7 @@ class EdgeStore:
                 shutil.rmtree(staging, ignore_errors=True)
                 self._build(staging, spec)
                 os.rename(staging, target)
-                _fsync_dir(self._root)
+                fsync_dir(self._root)
             except OSError as exc:
                 raise StoreError(f"cannot create collection {name!r} in {self._root}: {exc}") from exc
             self._open[name] = _Open(self._load_shard(name), spec)
@@ -361,7 +339,7 @@ class EdgeStore:
 
     def delete_collection(self, name: str) -> None:
         _check_name(name)
-        with self._lock, self._aliases_locked():
+        with self._lock, self._catalog.locked():
             self._check_open()
             targets = self._read_aliases()
             holders = sorted(alias for alias, target in targets.items() if target == name)
@@ -378,7 +356,7 @@ class EdgeStore:
             try:
                 shutil.rmtree(doomed, ignore_errors=True)
                 os.rename(target, doomed)
-                _fsync_dir(self._root)
+                fsync_dir(self._root)
             except OSError as exc:
                 raise StoreError(f"cannot delete collection {name!r}: {exc}") from exc
             shutil.rmtree(doomed, ignore_errors=True)
@@ -402,15 +380,13 @@ class EdgeStore:
     def switch_alias(self, alias: str, collection: str) -> None:
         _check_name(alias)
         _check_name(collection)
-        with self._lock, self._aliases_locked():
+        with self._lock, self._catalog.locked():
             self._check_open()
             if (self._root / alias / SPEC_FILE).exists():
                 raise StoreError(f"{alias!r} is a collection; an alias cannot take its name")
             if self._read_spec(collection) is None:
                 raise StoreError(f"collection {collection!r} does not exist in {self._root}")
-            updated = {**self._read_aliases(), alias: collection}
-            _write_atomic(self._root / ALIASES_FILE, json.dumps(updated, indent=2, sort_keys=True) + "\n")
-            self._aliases_stamp = None
+            self._catalog.write({**self._read_aliases(), alias: collection})
 
     def document_ids(self, name: str) -> Iterator[str]:
         coll = self._collection(name)
@@ -499,38 +475,13 @@ class EdgeStore:
         return self._read_aliases().get(name, name)
 
     def _read_aliases(self) -> dict[str, str]:
-        path = self._root / ALIASES_FILE
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            self._aliases, self._aliases_stamp = {}, None
-            return self._aliases
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot read {path}: {exc}") from exc
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp != self._aliases_stamp:
-            try:
-                loaded = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise StoreError(f"{path} is unreadable: {exc}") from exc
-            if not isinstance(loaded, dict) or not all(isinstance(v, str) for v in loaded.values()):
-                raise StoreError(f"{path} is not an alias -> collection object")
-            # A collection no alias serves any more is forgotten, not closed: searches still running on
-            # it hold their reference, and the engine releases the shard when the last one lets go.
-            for retired in set(self._aliases.values()) - set(loaded.values()):
-                self._open.pop(retired, None)
-            self._aliases, self._aliases_stamp = loaded, stamp
-        return self._aliases
-
-    @contextlib.contextmanager
-    def _aliases_locked(self) -> Iterator[None]:
-        """Serializes alias edits and deletions between processes sharing the data directory."""
-        with (self._root / ALIASES_LOCK).open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        """The alias catalog as it is on disk now (caller holds the lock)."""
+        aliases, retired = self._catalog.read()
+        # A collection no alias serves any more is forgotten, not closed: searches still running on
+        # it hold their reference, and the engine releases the shard when the last one lets go.
+        for name in retired:
+            self._open.pop(name, None)
+        return aliases
 
     def _read_spec(self, name: str) -> CollectionSpec | None:
         path = self._root / name / SPEC_FILE
@@ -570,4 +521,4 @@ class EdgeStore:
                 shard.close()
         except Exception as exc:
             raise _engine_error(f"create shard in {staging}", exc) from exc
-        _write_atomic(staging / SPEC_FILE, spec.model_dump_json(indent=2) + "\n")
+        write_atomic(staging / SPEC_FILE, spec.model_dump_json(indent=2) + "\n")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from store.aliases import ALIASES_FILE, AliasCatalog
 from store.base import DocumentPoint, Hit, VectorStore
 from store.edge import SPEC_FILE, STAGING_PREFIX, EdgeStore
 from store.errors import StoreError, StoreUnavailable
@@ -730,6 +731,21 @@ def test_edge_alias_switch_is_seen_by_another_process_store(tmp_path: Path) -> N
     finally:
         indexer.close()
         service.close()
+
+
+def test_alias_catalog_follows_another_writer_and_names_what_it_retired(tmp_path: Path) -> None:
+    ours, theirs = AliasCatalog(tmp_path), AliasCatalog(tmp_path)
+    assert ours.read() == ({}, set())
+    with theirs.locked():
+        theirs.write({"docs": "docs--v0001", "old": "docs--v0000"})
+    assert ours.read() == ({"docs": "docs--v0001", "old": "docs--v0000"}, set())
+    with theirs.locked():
+        theirs.write({"docs": "docs--v0002", "old": "docs--v0000"})
+    assert ours.read() == ({"docs": "docs--v0002", "old": "docs--v0000"}, {"docs--v0001"})
+    assert ours.read()[1] == set()  # reported once, on the read that saw the change
+    (tmp_path / ALIASES_FILE).write_text('["not", "a", "mapping"]')
+    with pytest.raises(StoreError, match="not an alias -> collection object"):
+        ours.read()
 
 
 def test_an_alias_and_a_collection_cannot_share_a_name(store: VectorStore) -> None:
