@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from service.metrics import ServiceMetrics
 from service.schemas import FILTER_FORMS
 from store.errors import StoreError, StoreUnavailable
+from store.filters import FilterError
 
 logger = logging.getLogger("medsearch.service")
 
@@ -105,6 +106,7 @@ class Forbidden(ServiceError):
 ERRORS: dict[type[BaseException], ErrorKind] = {
     RequestValidationError: ErrorKind(422, "invalid_request"),
     InvalidRequest: ErrorKind(422, "invalid_request"),
+    FilterError: ErrorKind(422, "invalid_request"),
     BodyTooLarge: ErrorKind(413, "body_too_large"),
     BodyTimeout: ErrorKind(408, "body_timeout"),
     Unauthorized: ErrorKind(401, "unauthorized"),
@@ -156,7 +158,7 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         details = validation_details(exc)
         body["message"] = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         body["details"] = details
-    elif isinstance(exc, InvalidRequest):
+    elif isinstance(exc, InvalidRequest | FilterError):
         body["message"] = str(exc)
         body["details"] = [{"field": exc.field, "message": exc.detail}]
     elif isinstance(exc, NotReady):
@@ -171,7 +173,7 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
 def error_response(exc: BaseException, metrics: ServiceMetrics) -> JSONResponse:
     status, body = error_body(exc)
     metrics.errors.labels(kind=body["error"]).inc()
-    if isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable):
+    if isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable | FilterError):
         # Qdrant's answer can echo the request's filter values (patient data): its status only.
         logger.error(
             "the store refused a search (%s)", f"HTTP {exc.status}" if exc.status else type(exc).__name__

@@ -124,13 +124,15 @@ ENGINE = _EngineModels()
 
 
 @dataclass(frozen=True)
-class _Open:
+class _OpenCollection:
+    """A collection this process has open: the engine's shard and the spec read beside it."""
+
     shard: qe.EdgeShard
     spec: CollectionSpec
 
 
 def _retrieve(
-    coll: _Open,
+    coll: _OpenCollection,
     name: str,
     ids: Sequence[qe.PointId],
     fields: list[str],
@@ -145,7 +147,11 @@ def _retrieve(
 
 
 def _retrieve_documents(
-    coll: _Open, name: str, doc_ids: Sequence[str], fields: list[str], with_vector: bool | list[str] = False
+    coll: _OpenCollection,
+    name: str,
+    doc_ids: Sequence[str],
+    fields: list[str],
+    with_vector: bool | list[str] = False,
 ) -> list[qe.Record]:
     """The points holding ``doc_ids`` (the first chunk of each, in a chunked collection)."""
     return _retrieve(coll, name, schema.head_point_ids(coll.spec, doc_ids), fields, with_vector)
@@ -163,7 +169,7 @@ class EdgeStore:
         self._root = root
         self._params = qe.SearchParams(hnsw_ef=hnsw_ef)
         self._lock = threading.Lock()
-        self._open: dict[str, _Open] = {}
+        self._open: dict[str, _OpenCollection] = {}
         self._closed = False
         self._catalog = AliasCatalog(root)
         try:
@@ -215,7 +221,7 @@ class EdgeStore:
                 fsync_dir(self._root)
             except OSError as exc:
                 raise StoreError(f"cannot create collection {name!r} in {self._root}: {exc}") from exc
-            self._open[name] = _Open(self._load_shard(name), spec)
+            self._open[name] = _OpenCollection(self._load_shard(name), spec)
 
     def count(self, name: str) -> int:
         coll = self._collection(name)
@@ -275,7 +281,7 @@ class EdgeStore:
 
     def _query(
         self,
-        coll: _Open,
+        coll: _OpenCollection,
         name: str,
         query: list[float],
         limit: int,
@@ -458,7 +464,7 @@ class EdgeStore:
             with contextlib.suppress(Exception):  # its files may be gone: nothing left to flush to
                 coll.shard.close()
 
-    def _collection(self, name: str) -> _Open:
+    def _collection(self, name: str) -> _OpenCollection:
         _check_name(name)
         with self._lock:
             self._check_open()
@@ -467,7 +473,7 @@ class EdgeStore:
                 spec = self._read_spec(name)
                 if spec is None:
                     raise StoreError(f"collection {name!r} does not exist in {self._root}")
-                self._open[name] = _Open(self._load_shard(name), spec)
+                self._open[name] = _OpenCollection(self._load_shard(name), spec)
             return self._open[name]
 
     def _resolve(self, name: str) -> str:

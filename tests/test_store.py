@@ -23,7 +23,7 @@ from store.base import DocumentPoint, Hit, VectorStore
 from store.edge import SPEC_FILE, STAGING_PREFIX, EdgeStore
 from store.errors import StoreError, StoreUnavailable
 from store.factory import open_store
-from store.filters import Condition, Filter, Range
+from store.filters import Condition, Filter, FilterError, FilterLike, Range
 from store.server import SPEC_KEY, ServerStore
 from store.sparse import Bm25Encoder, measure_spec
 from store.spec import CollectionSpec
@@ -250,13 +250,16 @@ def test_must_should_must_not_on_keyword_integer_and_date_fields(loaded: Loaded,
         (Filter(should=[Condition(key="updated", match="2024-01-15")]), "range of ISO 8601"),
         (Filter(must_not=[Condition(key="updated", range=Range(gt="last week"))]), "ISO 8601"),
         (Filter(must=[Condition(key="lang", match="en"), Condition(key="code", match="c1")]), "must.1"),
+        ({"lang": 7}, "filter.lang: keyword field 'lang'"),  # the short form names the key
     ],
 )
-def test_filters_the_collection_cannot_apply_are_refused(loaded: Loaded, where: Filter, named: str) -> None:
+def test_filters_the_collection_cannot_apply_are_refused(
+    loaded: Loaded, where: FilterLike, named: str
+) -> None:
     store, _ = loaded
-    with pytest.raises(StoreError, match=named) as info:
+    with pytest.raises(FilterError, match=named) as info:
         store.search(NAME, np.ones(DIM), 5, filters=where)
-    assert not isinstance(info.value, StoreUnavailable)
+    assert isinstance(info.value, StoreError) and not isinstance(info.value, StoreUnavailable)
 
 
 def test_top_k_larger_than_collection_returns_all(store: VectorStore) -> None:

@@ -8,7 +8,6 @@ import time
 import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends
-from pydantic import ValidationError
 
 from service.auth import require
 from service.batcher import EncodeBatcher
@@ -29,7 +28,7 @@ from service.schemas import (
 from service.state import ServingState
 from store.base import Hit
 from store.errors import StoreError, StoreUnavailable
-from store.filters import Filter, FilterLike, as_filter, filter_problems
+from store.filters import Filter, FilterLike, as_filter, checked_filter
 from store.spec import CollectionSpec
 
 logger = logging.getLogger("medsearch.service")
@@ -49,24 +48,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     503: {"model": ErrorResponse, "description": "Store unreachable or collection not servable."},
     504: {"model": ErrorResponse, "description": "The request ran past MEDSEARCH_REQUEST_TIMEOUT_S."},
 }
-
-
-def checked_filter(value: FilterLike | None, spec: CollectionSpec) -> Filter | None:
-    """The filter in full form if the collection can apply it; else InvalidRequest naming the
-    condition (``filter.must.0``) or, in the short form, the key (``filter.department``)."""
-    try:
-        full = as_filter(value)
-    except ValidationError as exc:  # the short form's keys only meet Condition's rules here
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
-        raise InvalidRequest("filter", f"{where}: {error['msg']}") from None
-    problems = filter_problems(spec, full)
-    if problems:
-        path, message = problems[0]
-        if not isinstance(value, Filter) and full is not None:
-            path = full.must[int(path.split(".")[1])].key
-        raise InvalidRequest(f"filter.{path}", message)
-    return full
 
 
 def checked_mode(request: SearchRequest, spec: CollectionSpec) -> None:
@@ -140,7 +121,7 @@ async def _search_all(
         spec = state.known_spec()
         if spec is None:
             spec = await anyio.to_thread.run_sync(state.serving_spec, limiter=state.store_calls)
-        filters = [checked_filter(r.filter, spec) for r in requests]
+        filters = [checked_filter(spec, r.filter) for r in requests]
         for r in requests:
             checked_mode(r, spec)
         vectors = await batcher.encode([r.query for r in requests])
