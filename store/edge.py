@@ -19,8 +19,8 @@ when ``optimize()`` runs, which the indexer calls once a run has written its poi
 for segments under the full-scan threshold) the engine scans, which is exact. Exact search is not the
 default because the engine holds the GIL for the whole query: an 18 ms scan of the 7,244-document
 corpus stalled every other thread of the service (probes, the encoder's batcher) for its duration,
-where an HNSW search takes well under a millisecond with the same top 10 (``make bench`` measures
-recall against exact search and the stall).
+where an HNSW search takes well under a millisecond with the same top 10. That was measured once, by
+hand (recall against exact search: store/qdrant.py and docs/results.md); no benchmark repeats it.
 
 Thread safety: EdgeShard methods take ``&self`` and lock inside the engine, so concurrent searches
 and upserts need no Python lock (tests/test_store.py hammers one shard from several threads). The

@@ -160,9 +160,11 @@ async def search(
 
     The query is encoded by the service's ONNX query encoder into the collection's document space.
     Queries longer than the encoder's token limit (`max_tokens` in /info) are truncated by the
-    encoder, not rejected. `filter` restricts hits to exact metadata matches on the collection's
-    keyword fields. In a collection of chunked long documents each document comes back once, with
-    its best-matching chunk (`chunk`, and that chunk's `text`).
+    encoder, not rejected. `filter` restricts hits by the collection's declared metadata fields
+    (listed in /info): values (`match`, `any`) on keyword and integer fields, ranges on integer and
+    date fields, combined by `must`, `should` and `must_not`. In a collection of chunked long
+    documents each document comes back once, with its best-matching chunk (`chunk`, and that
+    chunk's `text`).
     """
     return (await _search_all([request], state, batcher, metrics))[0]
 
