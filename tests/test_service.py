@@ -792,11 +792,18 @@ async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncCli
 
 
 async def test_metrics_registries_are_per_app(settings: Settings, state: ServingState) -> None:
+    one_search = 'medsearch_http_requests_total{route="/search",status="200"} 1.0'
     async with running(create_app(settings, state)) as first:
         await first.post("/search", json={"query": QUERY})
+        first_text = (await first.get("/metrics")).text
     async with running(create_app(settings, state)) as second:
-        text = (await second.get("/metrics")).text
-    assert 'route="/search"' not in text
+        before = (await second.get("/metrics")).text
+        await second.post("/search", json={"query": QUERY})
+        after = (await second.get("/metrics")).text
+    assert one_search in first_text
+    assert 'route="/search"' not in before  # the first app's search is not in the second's registry
+    assert one_search in after  # its own search counts once, not on top of the first app's
+    assert "medsearch_search_duration_seconds_count 1.0" in after
 
 
 @pytest.mark.parametrize("log_queries", [False, True])
