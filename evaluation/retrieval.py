@@ -13,8 +13,9 @@ import numpy as np
 from evaluation.metrics import Run, rank
 from evaluation.vectors import Vectors
 from models.manifest import ModelManifest
-from store.base import CollectionSpec, DocumentPoint, VectorStore
+from store.base import DocumentPoint, VectorStore
 from store.factory import open_store
+from store.spec import CollectionSpec
 
 TOP_K = 100
 RRF_K = 60  # the constant of Cormack et al. (2009), used by most hybrid search engines

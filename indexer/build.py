@@ -24,7 +24,8 @@ from indexer import versions
 from indexer.pipeline import DeleteGuard, IndexSummary, Partition, Retry, index_files, measure_corpus
 from indexer.planning import FilterFields, IndexingError, chunking_of, planned_spec
 from models.encoder import Encoder
-from store.base import StoreError, StoreUnavailable, VectorStore
+from store.base import VectorStore
+from store.errors import StoreError, StoreUnavailable
 
 DEFAULT_CHUNK_OVERLAP = 32
 

@@ -25,9 +25,11 @@ from indexer.planning import FilterFields, IndexingError, prepare_collection
 from indexer.reader import Document, Rejected, read_documents
 from models.documents import document_text
 from models.encoder import Chunkable, Encoder
-from store.base import ChunkingSpec, DocumentPoint, StoreError, StoreUnavailable, VectorStore
+from store.base import DocumentPoint, VectorStore
+from store.errors import StoreError, StoreUnavailable
 from store.filters import FieldKind, field_kinds, metadata_problem
 from store.sparse import Bm25Encoder, Bm25Spec, measure_spec
+from store.spec import ChunkingSpec
 
 REJECTED_SAMPLES = 20
 SAMPLE_IDS = 32  # documents searched for by their own vectors before a build is served

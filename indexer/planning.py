@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from models.encoder import Chunkable, Encoder
-from store.base import ChunkingSpec, CollectionSpec, VectorStore
+from store.base import VectorStore
 from store.schema import spec_difference
 from store.sparse import Bm25Spec
+from store.spec import ChunkingSpec, CollectionSpec
 
 
 class IndexingError(RuntimeError):

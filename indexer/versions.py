@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from models.manifest import sha256_file
-from store.base import CollectionSpec, StoreError, VectorStore
+from store.base import VectorStore
+from store.errors import StoreError
+from store.spec import CollectionSpec
 
 _VERSION = re.compile(r"^(?P<alias>.+)--v(?P<ordinal>\d{4,})-(?P<identity>[0-9a-f]{8})$")
 IDENTITY_CHARS = 8

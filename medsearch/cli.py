@@ -285,7 +285,7 @@ def _print_report(report: Report, path: Path | None) -> None:
 def cmd_index_rollback(args: argparse.Namespace, settings: Settings) -> int:
     from indexer.versions import VersionError, rollback
     from service.configured_store import open_configured_store
-    from store.base import StoreError
+    from store.errors import StoreError
 
     alias = args.collection or settings.collection
     store = open_configured_store(settings)

@@ -11,10 +11,14 @@ the encoder on its own thread. So:
   (``Overloaded`` -> 429 with Retry-After) instead of queueing without limit,
 - a query already encoded recently is answered from an LRU cache without queueing.
 
-``max_wait_s = 0`` (the default) turns lingering off: a batch is whatever queued while the previous
-run was busy, so a lone query costs exactly one encoder run and load still batches itself. On the
-2-core bench a 2 ms linger added ~3 ms to a lone query and no throughput (bench/results).
-``max_batch = 1`` turns batching off.
+``max_wait_s`` 0 turns lingering off: a batch is whatever queued while the previous run was busy,
+so a lone query costs exactly one encoder run and load still batches itself. On the 2-core bench a
+2 ms linger added ~3 ms to a lone query and no throughput (docs/results.md), which is why the
+service runs without one. ``max_batch`` 1 turns batching off.
+
+The knobs have no defaults here: the service's come from the settings (MEDSEARCH_BATCH_MAX_SIZE,
+MEDSEARCH_BATCH_MAX_WAIT_MS, MEDSEARCH_QUEUE_MAX_PENDING, MEDSEARCH_QUERY_CACHE_SIZE;
+docs/configuration.md), so they are written down once.
 """
 
 from __future__ import annotations
@@ -70,10 +74,10 @@ class VectorCache:
 class EncodeBatcher:
     encoder: Encoder
     metrics: ServiceMetrics
-    max_batch: int = 32
-    max_wait_s: float = 0.002
-    max_pending: int = 256
-    cache_size: int = 1024
+    max_batch: int
+    max_wait_s: float
+    max_pending: int
+    cache_size: int
     _queue: asyncio.Queue[_Job] = field(init=False)
     _pending: int = field(default=0, init=False)
     _worker: asyncio.Task[None] | None = field(default=None, init=False)

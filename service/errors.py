@@ -19,7 +19,8 @@ from starlette.exceptions import HTTPException
 
 from service.metrics import ServiceMetrics
 from service.schemas import FILTER_FORMS
-from store.base import StoreError, StoreUnavailable
+from store.errors import StoreError, StoreUnavailable
+from store.filters import FilterError
 
 logger = logging.getLogger("medsearch.service")
 
@@ -57,13 +58,6 @@ class Overloaded(ServiceError):
 
     def __init__(self, pending: int) -> None:
         super().__init__(f"the service is at capacity ({pending} queries waiting); retry shortly")
-
-
-class DeadlineExceeded(ServiceError):
-    """The request ran past the configured deadline: 504."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"the search did not finish within {seconds:g} s")
 
 
 class BodyTooLarge(ServiceError):
@@ -112,11 +106,15 @@ class Forbidden(ServiceError):
 ERRORS: dict[type[BaseException], ErrorKind] = {
     RequestValidationError: ErrorKind(422, "invalid_request"),
     InvalidRequest: ErrorKind(422, "invalid_request"),
+    FilterError: ErrorKind(422, "invalid_request"),
     BodyTooLarge: ErrorKind(413, "body_too_large"),
     BodyTimeout: ErrorKind(408, "body_timeout"),
     Unauthorized: ErrorKind(401, "unauthorized"),
     Overloaded: ErrorKind(429, "overloaded"),
-    DeadlineExceeded: ErrorKind(504, "deadline_exceeded"),
+    # What anyio.fail_after raises when a route runs past MEDSEARCH_REQUEST_TIMEOUT_S, whichever route.
+    TimeoutError: ErrorKind(
+        504, "deadline_exceeded", "the request did not finish within the service's deadline"
+    ),
     Forbidden: ErrorKind(403, "forbidden"),
     NotReady: ErrorKind(503, "not_ready"),
     StoreUnavailable: ErrorKind(503, "store_unavailable", "the vector store is unreachable; retry later"),
@@ -160,7 +158,7 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         details = validation_details(exc)
         body["message"] = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         body["details"] = details
-    elif isinstance(exc, InvalidRequest):
+    elif isinstance(exc, InvalidRequest | FilterError):
         body["message"] = str(exc)
         body["details"] = [{"field": exc.field, "message": exc.detail}]
     elif isinstance(exc, NotReady):
@@ -175,13 +173,13 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
 def error_response(exc: BaseException, metrics: ServiceMetrics) -> JSONResponse:
     status, body = error_body(exc)
     metrics.errors.labels(kind=body["error"]).inc()
-    if isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable):
+    if isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable | FilterError):
         # Qdrant's answer can echo the request's filter values (patient data): its status only.
         logger.error(
             "the store refused a search (%s)", f"HTTP {exc.status}" if exc.status else type(exc).__name__
         )
-    elif status >= 500 and not isinstance(exc, ServiceError | StoreUnavailable):
-        # Server-side only; the client got the fixed message.
+    elif status >= 500 and not isinstance(exc, ServiceError | StoreUnavailable | TimeoutError):
+        # Server-side only; the client got the fixed message. A deadline is load, not a fault: no trace.
         logger.error("request failed: %s", type(exc).__name__, exc_info=exc)
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
     if isinstance(exc, Overloaded):

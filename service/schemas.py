@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
-from store.base import CollectionSpec
 from store.filters import Filter
+from store.spec import CollectionSpec
 
 MAX_TOP_K = 100
 # Far above any real question (the query encoders read 64-512 tokens), low enough that an oversized

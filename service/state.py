@@ -21,8 +21,10 @@ from models.manifest import ManifestError, ModelManifest, named_model_dir, read_
 from service.configured_store import open_configured_store
 from service.errors import NotReady
 from settings import Settings
-from store.base import CollectionSpec, StoreError, StoreUnavailable, VectorStore
+from store.base import VectorStore
+from store.errors import StoreError, StoreUnavailable
 from store.sparse import Bm25Encoder, SparseVector
+from store.spec import CollectionSpec
 
 logger = logging.getLogger("medsearch.service")
 

@@ -38,8 +38,11 @@ class Settings(BaseSettings):
     store_concurrency: int = Field(
         default=8, ge=1, description="Searches in flight to the store; a hanging store holds no more threads."
     )
-    hnsw_ef: int = Field(
-        default=256, ge=1, description="HNSW candidates per search: higher is closer to exact, slower."
+    hnsw_ef: int | None = Field(
+        default=None,
+        ge=1,
+        description="HNSW candidates per search: higher is closer to exact, slower. Unset: the store's "
+        "default, chosen by measurement (DEFAULT_HNSW_EF in store/qdrant.py).",
     )
 
     host: str = Field(default="127.0.0.1", description="Listen address (0.0.0.0 in the container image).")

@@ -4,11 +4,11 @@ Layout under the data directory::
 
     <root>/<collection>/collection.json   the CollectionSpec
     <root>/<collection>/shard/            the EdgeShard (segments, WAL)
-    <root>/aliases.json                   alias -> collection, replaced atomically (Qdrant's aliases)
+    <root>/aliases.json                   alias -> collection (store/aliases.py)
 
 Aliases are how a reindex switches what is served without a restart: the indexer builds a new
-collection and then rewrites the alias file in one rename; readers stat the file on every call and
-follow it, while searches already running finish on the collection they started on.
+collection and then points the alias at it; every call resolves the alias afresh, while searches
+already running finish on the collection they started on.
 
 A collection is built in ``<root>/.creating-<collection>/`` and renamed into place once its shard,
 payload indexes and spec are on disk, so a crash mid-creation never leaves a half-made collection
@@ -19,8 +19,8 @@ when ``optimize()`` runs, which the indexer calls once a run has written its poi
 for segments under the full-scan threshold) the engine scans, which is exact. Exact search is not the
 default because the engine holds the GIL for the whole query: an 18 ms scan of the 7,244-document
 corpus stalled every other thread of the service (probes, the encoder's batcher) for its duration,
-where an HNSW search takes well under a millisecond with the same top 10 (``make bench`` measures
-recall against exact search and the stall).
+where an HNSW search takes well under a millisecond with the same top 10. That was measured once, by
+hand (recall against exact search: store/qdrant.py and docs/results.md); no benchmark repeats it.
 
 Thread safety: EdgeShard methods take ``&self`` and lock inside the engine, so concurrent searches
 and upserts need no Python lock (tests/test_store.py hammers one shard from several threads). The
@@ -31,29 +31,31 @@ time; a second process gets StoreUnavailable until the first closes it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import re
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import cast
+from typing import Any
 
 import numpy as np
 import qdrant_edge as qe
 from pydantic import ValidationError
 
 from store import schema
-from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, point_id
-from store.filters import Condition, Filter, FilterLike, checked_filter, field_kinds, parse_date
+from store.aliases import AliasCatalog
+from store.base import DocumentPoint, Hit, point_id
+from store.durable import fsync_dir, write_atomic
+from store.errors import StoreError, StoreUnavailable
+from store.filters import FilterLike, Scalar, checked_filter
+from store.qdrant import DEFAULT_HNSW_EF, HNSW_M, QdrantModels, Vectors, dense_vectors
 from store.sparse import BM25_VECTOR, SparseVector
+from store.spec import CollectionSpec
 
 SPEC_FILE = "collection.json"
-ALIASES_FILE = "aliases.json"
-ALIASES_LOCK = ".aliases.lock"
 DELETING_PREFIX = ".deleting-"
 SHARD_DIR = "shard"
 STAGING_PREFIX = ".creating-"
@@ -64,24 +66,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 def _check_name(name: str) -> None:
     if not _NAME.match(name):
         raise StoreError(f"invalid collection name {name!r}: use letters, digits, '_' and '-' (max 128)")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _engine_error(action: str, exc: Exception) -> StoreError:
@@ -99,67 +83,56 @@ _INDEX_TYPES = {
 }
 
 
-def _engine_condition(condition: Condition, kind: str) -> qe.FieldCondition:
-    key = schema.metadata_path(condition.key)
-    if condition.match is not None:
-        return qe.FieldCondition(key=key, match=qe.MatchValue(condition.match))
-    if condition.any is not None:
-        return qe.FieldCondition(key=key, match=qe.MatchAny(cast(list[str], list(condition.any))))
-    assert condition.range is not None
-    bounds = condition.range.bounds()
-    if kind == "date":
+class _EngineModels(QdrantModels[qe.FieldCondition, qe.Filter, qe.SparseVector, qe.Point]):
+    """qdrant-edge's classes for the mapping in store/qdrant.py."""
+
+    def match(self, key: str, value: Scalar) -> qe.FieldCondition:
+        return qe.FieldCondition(key=key, match=qe.MatchValue(value))
+
+    def match_any(self, key: str, values: list[str]) -> qe.FieldCondition:
+        return qe.FieldCondition(key=key, match=qe.MatchAny(values))
+
+    def number_range(self, key: str, bounds: Mapping[str, float]) -> qe.FieldCondition:
+        return qe.FieldCondition(key=key, range=qe.RangeFloat(**bounds))
+
+    def date_range(self, key: str, bounds: Mapping[str, datetime]) -> qe.FieldCondition:
         return qe.FieldCondition(
-            key=key, range=qe.RangeDateTime(**{k: parse_date(v).isoformat() for k, v in bounds.items()})
+            key=key, range=qe.RangeDateTime(**{k: v.isoformat() for k, v in bounds.items()})
         )
-    return qe.FieldCondition(key=key, range=qe.RangeFloat(**{k: float(v) for k, v in bounds.items()}))
+
+    def filter(
+        self,
+        must: list[qe.FieldCondition] | None = None,
+        should: list[qe.FieldCondition] | None = None,
+        must_not: list[qe.FieldCondition] | None = None,
+    ) -> qe.Filter:
+        # Copied into lists of the stub's wider condition type (lists are invariant).
+        return qe.Filter(
+            must=[*must] if must else None,
+            should=[*should] if should else None,
+            must_not=[*must_not] if must_not else None,
+        )
+
+    def sparse(self, vector: SparseVector) -> qe.SparseVector:
+        return qe.SparseVector(vector.indices, vector.values)
+
+    def point(self, id: str, vectors: Vectors[qe.SparseVector], payload: dict[str, Any]) -> qe.Point:
+        return qe.Point(id, vectors, payload)  # type: ignore[arg-type]  # the stub's dict is invariant
 
 
-def _vectors(point: DocumentPoint) -> qe.Vector:
-    if point.sparse is None:
-        return list(point.vector)
-    return {"": list(point.vector), BM25_VECTOR: _engine_sparse(point.sparse)}
-
-
-def _dense_of(vector: qe.Vector) -> list[float]:
-    dense = vector.get("") if isinstance(vector, dict) else vector
-    return [float(x) for x in cast(list[float], dense)]
-
-
-def _engine_sparse(vector: SparseVector) -> qe.SparseVector:
-    return qe.SparseVector(vector.indices, vector.values)
-
-
-def _engine_filter(spec: CollectionSpec, where: Filter | None) -> qe.Filter | None:
-    if where is None:
-        return None
-    kinds = field_kinds(spec)
-
-    def conditions(clause: list[Condition]) -> list[qe.ConditionType] | None:
-        return [_engine_condition(c, kinds[c.key]) for c in clause] or None
-
-    return qe.Filter(
-        must=conditions(where.must), should=conditions(where.should), must_not=conditions(where.must_not)
-    )
+ENGINE = _EngineModels()
 
 
 @dataclass(frozen=True)
-class _Open:
+class _OpenCollection:
+    """A collection this process has open: the engine's shard and the spec read beside it."""
+
     shard: qe.EdgeShard
     spec: CollectionSpec
 
 
-def _chunks_from(doc_ids: list[str], first: int) -> qe.Filter:
-    """The chunks of ``doc_ids`` numbered ``first`` and above."""
-    return qe.Filter(
-        must=[
-            qe.FieldCondition(key=schema.DOC_ID_KEY, match=qe.MatchAny(doc_ids)),
-            qe.FieldCondition(key=schema.CHUNK_KEY, range=qe.RangeFloat(gte=float(first))),
-        ]
-    )
-
-
 def _retrieve(
-    coll: _Open,
+    coll: _OpenCollection,
     name: str,
     ids: Sequence[qe.PointId],
     fields: list[str],
@@ -174,7 +147,11 @@ def _retrieve(
 
 
 def _retrieve_documents(
-    coll: _Open, name: str, doc_ids: Sequence[str], fields: list[str], with_vector: bool | list[str] = False
+    coll: _OpenCollection,
+    name: str,
+    doc_ids: Sequence[str],
+    fields: list[str],
+    with_vector: bool | list[str] = False,
 ) -> list[qe.Record]:
     """The points holding ``doc_ids`` (the first chunk of each, in a chunked collection)."""
     return _retrieve(coll, name, schema.head_point_ids(coll.spec, doc_ids), fields, with_vector)
@@ -182,10 +159,7 @@ def _retrieve_documents(
 
 # HNSW graph shape: Qdrant's defaults (m 16, ef_construct 100). Segments under the full-scan threshold
 # (in KB of vectors: 10,000 is ~6,600 384-d vectors) are searched exactly, which is cheap at that size.
-HNSW = qe.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10_000)
-# Measured on cmedqa-im (7,244 e5-small vectors, 300 queries, top 10 against exact search): ef 64
-# recall 0.976 in 0.50 ms, 128 0.989 in 0.61 ms, 256 0.995 in 0.87 ms; exact 1.9 ms.
-DEFAULT_HNSW_EF = 256
+HNSW = qe.HnswIndexConfig(m=HNSW_M, ef_construct=100, full_scan_threshold=10_000)
 
 
 class EdgeStore:
@@ -195,11 +169,9 @@ class EdgeStore:
         self._root = root
         self._params = qe.SearchParams(hnsw_ef=hnsw_ef)
         self._lock = threading.Lock()
-        self._open: dict[str, _Open] = {}
+        self._open: dict[str, _OpenCollection] = {}
         self._closed = False
-        # The alias file as last read, keyed by its (mtime_ns, size, inode) so a stat tells if it moved.
-        self._aliases: dict[str, str] = {}
-        self._aliases_stamp: tuple[int, int, int] | None = None
+        self._catalog = AliasCatalog(root)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -246,10 +218,10 @@ class EdgeStore:
                 shutil.rmtree(staging, ignore_errors=True)
                 self._build(staging, spec)
                 os.rename(staging, target)
-                _fsync_dir(self._root)
+                fsync_dir(self._root)
             except OSError as exc:
                 raise StoreError(f"cannot create collection {name!r} in {self._root}: {exc}") from exc
-            self._open[name] = _Open(self._load_shard(name), spec)
+            self._open[name] = _OpenCollection(self._load_shard(name), spec)
 
     def count(self, name: str) -> int:
         coll = self._collection(name)
@@ -274,10 +246,12 @@ class EdgeStore:
             return
         coll = self._collection(name)
         schema.check_points(coll.spec, points)
-        batch = [qe.Point(point_id(p.doc_id, p.chunk), _vectors(p), schema.payload_of(p)) for p in points]
+        batch = ENGINE.points(points)
         try:
             for count, doc_ids in schema.stale_chunks(points).items():
-                coll.shard.update(qe.UpdateOperation.delete_points_by_filter(_chunks_from(doc_ids, count)))
+                coll.shard.update(
+                    qe.UpdateOperation.delete_points_by_filter(ENGINE.chunks_from(doc_ids, count))
+                )
             coll.shard.update(qe.UpdateOperation.upsert_points(batch))
         except Exception as exc:
             raise _engine_error(f"upsert into {name!r}", exc) from exc
@@ -294,7 +268,7 @@ class EdgeStore:
         schema.check_top_k(top_k)
         coll = self._collection(name)
         query = schema.query_vector(coll.spec, vector)
-        where = _engine_filter(coll.spec, checked_filter(coll.spec, filters))
+        where = ENGINE.query_filter(coll.spec, checked_filter(coll.spec, filters))
         if sparse is not None:
             schema.check_hybrid(coll.spec)
 
@@ -307,7 +281,7 @@ class EdgeStore:
 
     def _query(
         self,
-        coll: _Open,
+        coll: _OpenCollection,
         name: str,
         query: list[float],
         limit: int,
@@ -339,7 +313,7 @@ class EdgeStore:
                     ),
                     qe.Prefetch(
                         limit=depth,
-                        query=qe.Query.Nearest(_engine_sparse(sparse), using=BM25_VECTOR),
+                        query=qe.Query.Nearest(ENGINE.sparse(sparse), using=BM25_VECTOR),
                         filter=where,
                     ),
                 ],
@@ -371,7 +345,7 @@ class EdgeStore:
 
     def delete_collection(self, name: str) -> None:
         _check_name(name)
-        with self._lock, self._aliases_locked():
+        with self._lock, self._catalog.locked():
             self._check_open()
             targets = self._read_aliases()
             holders = sorted(alias for alias, target in targets.items() if target == name)
@@ -388,7 +362,7 @@ class EdgeStore:
             try:
                 shutil.rmtree(doomed, ignore_errors=True)
                 os.rename(target, doomed)
-                _fsync_dir(self._root)
+                fsync_dir(self._root)
             except OSError as exc:
                 raise StoreError(f"cannot delete collection {name!r}: {exc}") from exc
             shutil.rmtree(doomed, ignore_errors=True)
@@ -412,15 +386,13 @@ class EdgeStore:
     def switch_alias(self, alias: str, collection: str) -> None:
         _check_name(alias)
         _check_name(collection)
-        with self._lock, self._aliases_locked():
+        with self._lock, self._catalog.locked():
             self._check_open()
             if (self._root / alias / SPEC_FILE).exists():
                 raise StoreError(f"{alias!r} is a collection; an alias cannot take its name")
             if self._read_spec(collection) is None:
                 raise StoreError(f"collection {collection!r} does not exist in {self._root}")
-            updated = {**self._read_aliases(), alias: collection}
-            _write_atomic(self._root / ALIASES_FILE, json.dumps(updated, indent=2, sort_keys=True) + "\n")
-            self._aliases_stamp = None
+            self._catalog.write({**self._read_aliases(), alias: collection})
 
     def document_ids(self, name: str) -> Iterator[str]:
         coll = self._collection(name)
@@ -448,8 +420,7 @@ class EdgeStore:
         coll = self._collection(name)
         unique = list(dict.fromkeys(doc_ids))
         if coll.spec.chunking is not None:  # every chunk of each document
-            match = qe.FieldCondition(key=schema.DOC_ID_KEY, match=qe.MatchAny(unique))
-            operation = qe.UpdateOperation.delete_points_by_filter(qe.Filter(must=[match]))
+            operation = qe.UpdateOperation.delete_points_by_filter(ENGINE.documents(unique))
         else:
             operation = qe.UpdateOperation.delete_points([point_id(d) for d in unique])
         try:
@@ -461,11 +432,7 @@ class EdgeStore:
         if not doc_ids:
             return {}
         records = _retrieve_documents(self._collection(name), name, doc_ids, ["doc_id"], [""])
-        return {
-            str(r.payload["doc_id"]): _dense_of(r.vector)
-            for r in records
-            if r.payload and r.vector is not None
-        }
+        return dense_vectors((r.payload, r.vector) for r in records)
 
     def close(self) -> None:
         with self._lock:
@@ -497,7 +464,7 @@ class EdgeStore:
             with contextlib.suppress(Exception):  # its files may be gone: nothing left to flush to
                 coll.shard.close()
 
-    def _collection(self, name: str) -> _Open:
+    def _collection(self, name: str) -> _OpenCollection:
         _check_name(name)
         with self._lock:
             self._check_open()
@@ -506,7 +473,7 @@ class EdgeStore:
                 spec = self._read_spec(name)
                 if spec is None:
                     raise StoreError(f"collection {name!r} does not exist in {self._root}")
-                self._open[name] = _Open(self._load_shard(name), spec)
+                self._open[name] = _OpenCollection(self._load_shard(name), spec)
             return self._open[name]
 
     def _resolve(self, name: str) -> str:
@@ -514,38 +481,13 @@ class EdgeStore:
         return self._read_aliases().get(name, name)
 
     def _read_aliases(self) -> dict[str, str]:
-        path = self._root / ALIASES_FILE
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            self._aliases, self._aliases_stamp = {}, None
-            return self._aliases
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot read {path}: {exc}") from exc
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp != self._aliases_stamp:
-            try:
-                loaded = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise StoreError(f"{path} is unreadable: {exc}") from exc
-            if not isinstance(loaded, dict) or not all(isinstance(v, str) for v in loaded.values()):
-                raise StoreError(f"{path} is not an alias -> collection object")
-            # A collection no alias serves any more is forgotten, not closed: searches still running on
-            # it hold their reference, and the engine releases the shard when the last one lets go.
-            for retired in set(self._aliases.values()) - set(loaded.values()):
-                self._open.pop(retired, None)
-            self._aliases, self._aliases_stamp = loaded, stamp
-        return self._aliases
-
-    @contextlib.contextmanager
-    def _aliases_locked(self) -> Iterator[None]:
-        """Serializes alias edits and deletions between processes sharing the data directory."""
-        with (self._root / ALIASES_LOCK).open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        """The alias catalog as it is on disk now (caller holds the lock)."""
+        aliases, retired = self._catalog.read()
+        # A collection no alias serves any more is forgotten, not closed: searches still running on
+        # it hold their reference, and the engine releases the shard when the last one lets go.
+        for name in retired:
+            self._open.pop(name, None)
+        return aliases
 
     def _read_spec(self, name: str) -> CollectionSpec | None:
         path = self._root / name / SPEC_FILE
@@ -585,4 +527,4 @@ class EdgeStore:
                 shard.close()
         except Exception as exc:
             raise _engine_error(f"create shard in {staging}", exc) from exc
-        _write_atomic(staging / SPEC_FILE, spec.model_dump_json(indent=2) + "\n")
+        write_atomic(staging / SPEC_FILE, spec.model_dump_json(indent=2) + "\n")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from store.base import VectorStore
-from store.edge import DEFAULT_HNSW_EF, EdgeStore
+from store.edge import EdgeStore
+from store.qdrant import DEFAULT_HNSW_EF
 from store.server import MEMORY, ServerStore
 
 
@@ -14,9 +15,12 @@ def open_store(
     path: Path,
     api_key: str | None = None,
     timeout_s: float = 5.0,
-    hnsw_ef: int = DEFAULT_HNSW_EF,
+    hnsw_ef: int | None = None,
 ) -> VectorStore:
-    """``url`` None: embedded store in ``path``; ':memory:' or http(s)://...: a Qdrant server."""
+    """``url`` None: embedded store in ``path``; ':memory:' or http(s)://...: a Qdrant server.
+    ``hnsw_ef`` None: the measured default (store/qdrant.py)."""
+    if hnsw_ef is None:
+        hnsw_ef = DEFAULT_HNSW_EF
     if url is None:
         return EdgeStore(path, hnsw_ef=hnsw_ef)
     if url == MEMORY or url.startswith(("http://", "https://")):

@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from datetime import date, datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from store.base import CollectionSpec, StoreError
+from store.errors import StoreError
+from store.spec import CollectionSpec
 
 FieldKind = Literal["keyword", "integer", "date"]
 Scalar = str | int
@@ -200,10 +201,30 @@ def filter_problems(spec: CollectionSpec, value: FilterLike | None) -> list[tupl
     return problems
 
 
+class FilterError(StoreError):
+    """A filter the collection cannot apply. ``field`` names the condition (``filter.must.0``) or, in
+    the short form, its key (``filter.department``); ``detail`` says why. Its message is composed here
+    from the request alone, so it is safe to show to whoever sent the filter."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+
 def checked_filter(spec: CollectionSpec, value: FilterLike | None) -> Filter | None:
-    """The filter in its full form, or StoreError naming the first condition that cannot apply."""
-    problems = filter_problems(spec, value)
+    """The filter in its full form if the collection can apply it; else FilterError naming the first
+    condition that cannot."""
+    try:
+        full = as_filter(value)
+    except ValidationError as exc:  # the short form's keys only meet Condition's rules here
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise FilterError("filter", f"{where}: {error['msg']}") from None
+    problems = filter_problems(spec, full)
     if problems:
         path, message = problems[0]
-        raise StoreError(f"filter {path}: {message}")
-    return as_filter(value)
+        if not isinstance(value, Filter) and full is not None:  # the short form: name the key
+            path = full.must[int(path.split(".")[1])].key
+        raise FilterError(f"filter.{path}", message)
+    return full

@@ -11,9 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, point_id
+from store.base import DocumentPoint, Hit, point_id
+from store.errors import StoreError
 from store.filters import FieldKind, field_kinds
 from store.sparse import Bm25Spec
+from store.spec import CollectionSpec
 
 # Payload keys fetched when only the content hashes are needed (no text, no vectors).
 HASH_FIELDS = ["doc_id", "content_hash"]

@@ -19,8 +19,9 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any
 
 import httpx
 import numpy as np
@@ -29,9 +30,12 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ApiException, ResponseHandlingException, UnexpectedResponse
 
 from store import schema
-from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, point_id
-from store.filters import Condition, Filter, FilterLike, checked_filter, field_kinds, parse_date
+from store.base import DocumentPoint, Hit, point_id
+from store.errors import StoreError, StoreUnavailable
+from store.filters import FilterLike, Scalar, checked_filter
+from store.qdrant import DEFAULT_HNSW_EF, HNSW_M, QdrantModels, Vectors, dense_vectors
 from store.sparse import BM25_VECTOR, SparseVector
+from store.spec import CollectionSpec
 
 MEMORY = ":memory:"
 SPEC_KEY = "medsearch"
@@ -39,9 +43,6 @@ SPEC_KEY = "medsearch"
 UPSERT_BATCH = 256
 # Answers worth retrying: the server is overloaded, restarting, or behind a failing proxy.
 _RETRYABLE_STATUS = {408, 429}
-# HNSW candidate list per search (see store/edge.py for the measurement behind the value).
-DEFAULT_HNSW_EF = 256
-HNSW_M = 16  # Qdrant's default graph degree, set back after a bulk load
 
 
 def store_error(action: str, exc: Exception) -> StoreError:
@@ -71,52 +72,39 @@ _INDEX_TYPES = {
 }
 
 
-def _client_condition(condition: Condition, kind: str) -> models.FieldCondition:
-    key = schema.metadata_path(condition.key)
-    if condition.match is not None:
-        return models.FieldCondition(key=key, match=models.MatchValue(value=condition.match))
-    if condition.any is not None:
-        return models.FieldCondition(key=key, match=models.MatchAny(any=cast(list[str], list(condition.any))))
-    assert condition.range is not None
-    bounds = condition.range.bounds()
-    if kind == "date":
-        return models.FieldCondition(
-            key=key, range=models.DatetimeRange(**{k: parse_date(v) for k, v in bounds.items()})
-        )
-    return models.FieldCondition(key=key, range=models.Range(**{k: float(v) for k, v in bounds.items()}))
+class _ClientModels(QdrantModels[models.Condition, models.Filter, models.SparseVector, models.PointStruct]):
+    """qdrant-client's classes for the mapping in store/qdrant.py."""
+
+    def match(self, key: str, value: Scalar) -> models.Condition:
+        return models.FieldCondition(key=key, match=models.MatchValue(value=value))
+
+    def match_any(self, key: str, values: list[str]) -> models.Condition:
+        return models.FieldCondition(key=key, match=models.MatchAny(any=values))
+
+    def number_range(self, key: str, bounds: Mapping[str, float]) -> models.Condition:
+        return models.FieldCondition(key=key, range=models.Range(**bounds))
+
+    def date_range(self, key: str, bounds: Mapping[str, datetime]) -> models.Condition:
+        return models.FieldCondition(key=key, range=models.DatetimeRange(**bounds))
+
+    def filter(
+        self,
+        must: list[models.Condition] | None = None,
+        should: list[models.Condition] | None = None,
+        must_not: list[models.Condition] | None = None,
+    ) -> models.Filter:
+        return models.Filter(must=must, should=should, must_not=must_not)
+
+    def sparse(self, vector: SparseVector) -> models.SparseVector:
+        return models.SparseVector(indices=vector.indices, values=vector.values)
+
+    def point(
+        self, id: str, vectors: Vectors[models.SparseVector], payload: dict[str, Any]
+    ) -> models.PointStruct:
+        return models.PointStruct(id=id, vector=vectors, payload=payload)  # type: ignore[arg-type]  # the stub's dict is invariant
 
 
-def _vectors(point: DocumentPoint) -> models.VectorStruct:
-    if point.sparse is None:
-        return list(point.vector)
-    return {"": list(point.vector), BM25_VECTOR: _client_sparse(point.sparse)}
-
-
-def _client_sparse(vector: SparseVector) -> models.SparseVector:
-    return models.SparseVector(indices=vector.indices, values=vector.values)
-
-
-def _client_filter(spec: CollectionSpec, where: Filter | None) -> models.Filter | None:
-    if where is None:
-        return None
-    kinds = field_kinds(spec)
-
-    def conditions(clause: list[Condition]) -> list[models.Condition] | None:
-        return [_client_condition(c, kinds[c.key]) for c in clause] or None
-
-    return models.Filter(
-        must=conditions(where.must), should=conditions(where.should), must_not=conditions(where.must_not)
-    )
-
-
-def _chunks_from(doc_ids: list[str], first: int) -> models.Filter:
-    """The chunks of ``doc_ids`` numbered ``first`` and above."""
-    return models.Filter(
-        must=[
-            models.FieldCondition(key=schema.DOC_ID_KEY, match=models.MatchAny(any=doc_ids)),
-            models.FieldCondition(key=schema.CHUNK_KEY, range=models.Range(gte=first)),
-        ]
-    )
+CLIENT = _ClientModels()
 
 
 class ServerStore:
@@ -223,14 +211,9 @@ class ServerStore:
         schema.check_points(self._spec(name), points)
         for count, doc_ids in schema.stale_chunks(points).items():
             with self._call(f"delete stale chunks from {name!r}"):
-                self._client.delete(name, points_selector=_chunks_from(doc_ids, count), wait=True)
+                self._client.delete(name, points_selector=CLIENT.chunks_from(doc_ids, count), wait=True)
         for start in range(0, len(points), UPSERT_BATCH):
-            batch = [
-                models.PointStruct(
-                    id=point_id(p.doc_id, p.chunk), vector=_vectors(p), payload=schema.payload_of(p)
-                )
-                for p in points[start : start + UPSERT_BATCH]
-            ]
+            batch = CLIENT.points(points[start : start + UPSERT_BATCH])
             with self._call(f"upsert into {name!r}"):
                 self._client.upsert(name, points=batch, wait=True)
 
@@ -246,7 +229,7 @@ class ServerStore:
         schema.check_top_k(top_k)
         spec = self._spec(name)
         query = schema.query_vector(spec, vector)
-        where = _client_filter(spec, checked_filter(spec, filters))
+        where = CLIENT.query_filter(spec, checked_filter(spec, filters))
         if sparse is not None:
             schema.check_hybrid(spec)
         if spec.chunking is None:
@@ -307,7 +290,7 @@ class ServerStore:
             models.Prefetch(
                 query=query, filter=where, limit=depth, score_threshold=score_threshold, params=self._params
             ),
-            models.Prefetch(query=_client_sparse(sparse), using=BM25_VECTOR, filter=where, limit=depth),
+            models.Prefetch(query=CLIENT.sparse(sparse), using=BM25_VECTOR, filter=where, limit=depth),
         ]
 
     def optimize(self, name: str, timeout_s: float = 3600.0) -> None:
@@ -393,8 +376,7 @@ class ServerStore:
         unique = list(dict.fromkeys(doc_ids))
         selector: models.PointsSelector
         if self._spec(name).chunking is not None:  # every chunk of each document
-            match = models.FieldCondition(key=schema.DOC_ID_KEY, match=models.MatchAny(any=unique))
-            selector = models.FilterSelector(filter=models.Filter(must=[match]))
+            selector = models.FilterSelector(filter=CLIENT.documents(unique))
         else:
             selector = models.PointIdsList(points=[point_id(d) for d in unique])
         with self._call(f"delete from {name!r}"):
@@ -406,12 +388,7 @@ class ServerStore:
         ids: list[int | str] = list(schema.head_point_ids(self._spec(name), doc_ids))
         with self._call(f"retrieve from {name!r}"):
             records = self._client.retrieve(name, ids, with_payload=["doc_id"], with_vectors=True)
-        found: dict[str, list[float]] = {}
-        for r in records:
-            vector = r.vector.get("") if isinstance(r.vector, dict) else r.vector
-            if r.payload and "doc_id" in r.payload and vector is not None:
-                found[str(r.payload["doc_id"])] = [float(x) for x in cast(list[float], vector)]
-        return found
+        return dense_vectors((r.payload, r.vector) for r in records)
 
     def close(self) -> None:
         with self._call("close"):

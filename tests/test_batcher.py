@@ -45,8 +45,10 @@ def vector(text: str) -> np.ndarray:
     return row / np.linalg.norm(row)
 
 
-async def started(encoder: object, **options: float) -> EncodeBatcher:
-    batcher = EncodeBatcher(encoder, ServiceMetrics(), **options)  # type: ignore[arg-type]
+async def started(
+    encoder: object, max_batch: int = 32, max_wait_s: float = 0.0, max_pending: int = 256, cache_size: int = 0
+) -> EncodeBatcher:
+    batcher = EncodeBatcher(encoder, ServiceMetrics(), max_batch, max_wait_s, max_pending, cache_size)  # type: ignore[arg-type]
     batcher.start()
     return batcher
 
@@ -98,7 +100,7 @@ async def test_queue_is_bounded() -> None:
 async def test_cache_answers_repeated_queries_and_counts_hits() -> None:
     encoder = RecordingEncoder()
     metrics = ServiceMetrics()
-    batcher = EncodeBatcher(encoder, metrics, max_wait_s=0.0, cache_size=2)  # type: ignore[arg-type]
+    batcher = EncodeBatcher(encoder, metrics, max_batch=32, max_wait_s=0.0, max_pending=256, cache_size=2)  # type: ignore[arg-type]
     batcher.start()
     first = await batcher.encode(["a"])
     again = await batcher.encode(["a", "b"])

@@ -118,7 +118,7 @@ def test_pairing_is_symmetric_only_for_the_exported_document_encoder(
     tiny_bert: Path, tiny_onnx: Path
 ) -> None:
     from service.routes.health import pairing
-    from store.base import CollectionSpec
+    from store.spec import CollectionSpec
 
     document = read_manifest(tiny_bert)
     spec = CollectionSpec(

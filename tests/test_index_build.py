@@ -26,8 +26,9 @@ from models.manifest import ModelManifest
 from service.app import create_app
 from service.state import ServingState
 from settings import Settings
-from store.base import StoreError, VectorStore
+from store.base import VectorStore
 from store.edge import EdgeStore
+from store.errors import StoreError
 from store.factory import open_store
 from tests.store_doubles import DelegatingStore
 from tests.test_service import HashEncoder, running

@@ -11,7 +11,8 @@ from indexer.pipeline import Retry, index_files
 from indexer.planning import FilterFields, IndexingError
 from indexer.reader import Document, Rejected, read_documents
 from models.loading import load_encoder
-from store.base import DocumentPoint, StoreError, StoreUnavailable, VectorStore
+from store.base import DocumentPoint, VectorStore
+from store.errors import StoreError, StoreUnavailable
 from store.factory import open_store
 from store.filters import Condition, Filter, Range
 from store.sparse import Bm25Encoder

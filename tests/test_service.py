@@ -30,19 +30,13 @@ from service.errors import NOT_READY_MESSAGE
 from service.server import serve
 from service.state import ServingState, StartupError, load_state
 from settings import Settings
-from store.base import (
-    ChunkingSpec,
-    CollectionSpec,
-    DocumentPoint,
-    Hit,
-    StoreError,
-    StoreUnavailable,
-    VectorStore,
-)
+from store.base import DocumentPoint, Hit, VectorStore
+from store.errors import StoreError, StoreUnavailable
 from store.factory import open_store
 from store.filters import FilterLike
 from store.server import ServerStore
 from store.sparse import Bm25Encoder, SparseVector, measure_spec
+from store.spec import ChunkingSpec, CollectionSpec
 
 OPENAPI_SNAPSHOT = Path(__file__).with_name("openapi.json")
 REGENERATE = (
@@ -798,11 +792,18 @@ async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncCli
 
 
 async def test_metrics_registries_are_per_app(settings: Settings, state: ServingState) -> None:
+    one_search = 'medsearch_http_requests_total{route="/search",status="200"} 1.0'
     async with running(create_app(settings, state)) as first:
         await first.post("/search", json={"query": QUERY})
+        first_text = (await first.get("/metrics")).text
     async with running(create_app(settings, state)) as second:
-        text = (await second.get("/metrics")).text
-    assert 'route="/search"' not in text
+        before = (await second.get("/metrics")).text
+        await second.post("/search", json={"query": QUERY})
+        after = (await second.get("/metrics")).text
+    assert one_search in first_text
+    assert 'route="/search"' not in before  # the first app's search is not in the second's registry
+    assert one_search in after  # its own search counts once, not on top of the first app's
+    assert "medsearch_search_duration_seconds_count 1.0" in after
 
 
 @pytest.mark.parametrize("log_queries", [False, True])
@@ -1075,17 +1076,40 @@ async def test_over_capacity_is_429_with_retry_after(settings: Settings, store: 
         assert 'medsearch_errors_total{kind="overloaded"} 1.0' in metrics
 
 
-async def test_a_request_past_its_deadline_is_504(settings: Settings, store: SwitchableStore) -> None:
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/search", {"query": "slow"}),
+        ("/search/batch", {"queries": [{"query": "slow"}]}),
+        ("/embed", {"texts": ["slow"]}),
+    ],
+)
+async def test_a_request_past_its_deadline_is_504_on_every_route(
+    settings: Settings,
+    store: SwitchableStore,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    body: dict[str, Any],
+) -> None:
     encoder = GatedEncoder(wait_s=0.5)
     tight = settings.model_copy(update={"request_timeout_s": 0.1})
     state = ServingState(settings=tight, encoder=encoder, store=store)
-    async with running(create_app(tight, state)) as client:
-        response = await client.post("/search", json={"query": "slow"})
+    app = create_app(tight, state)
+    async with running(app) as client:
+        with caplog.at_level(logging.ERROR, logger="medsearch.service"):
+            response = await client.post(path, json=body)
+        metrics = (await client.get("/metrics")).text
+    # A late answer is load, not a fault worth an error and a traceback in the log.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert response.status_code == 504
     assert response.json() == {
         "error": "deadline_exceeded",
-        "message": "the search did not finish within 0.1 s",
+        "message": "the request did not finish within the service's deadline",
     }
+    # The documented body: what /openapi.json promises for a 504 on this route.
+    documented = app.openapi()["paths"][path]["post"]["responses"]["504"]
+    assert documented["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert 'medsearch_errors_total{kind="deadline_exceeded"} 1.0' in metrics
 
 
 async def test_repeated_query_is_served_from_the_cache(client: httpx.AsyncClient) -> None:

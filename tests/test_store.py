@@ -18,12 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store.base import CollectionSpec, DocumentPoint, Hit, StoreError, StoreUnavailable, VectorStore
+from store.aliases import ALIASES_FILE, AliasCatalog
+from store.base import DocumentPoint, Hit, VectorStore
 from store.edge import SPEC_FILE, STAGING_PREFIX, EdgeStore
+from store.errors import StoreError, StoreUnavailable
 from store.factory import open_store
-from store.filters import Condition, Filter, Range
+from store.filters import Condition, Filter, FilterError, FilterLike, Range
 from store.server import SPEC_KEY, ServerStore
 from store.sparse import Bm25Encoder, measure_spec
+from store.spec import CollectionSpec
 from tests.servers import free_port
 
 # qdrant-client's local mode warns that payload indexes are no-ops there; the server path still
@@ -247,13 +250,16 @@ def test_must_should_must_not_on_keyword_integer_and_date_fields(loaded: Loaded,
         (Filter(should=[Condition(key="updated", match="2024-01-15")]), "range of ISO 8601"),
         (Filter(must_not=[Condition(key="updated", range=Range(gt="last week"))]), "ISO 8601"),
         (Filter(must=[Condition(key="lang", match="en"), Condition(key="code", match="c1")]), "must.1"),
+        ({"lang": 7}, "filter.lang: keyword field 'lang'"),  # the short form names the key
     ],
 )
-def test_filters_the_collection_cannot_apply_are_refused(loaded: Loaded, where: Filter, named: str) -> None:
+def test_filters_the_collection_cannot_apply_are_refused(
+    loaded: Loaded, where: FilterLike, named: str
+) -> None:
     store, _ = loaded
-    with pytest.raises(StoreError, match=named) as info:
+    with pytest.raises(FilterError, match=named) as info:
         store.search(NAME, np.ones(DIM), 5, filters=where)
-    assert not isinstance(info.value, StoreUnavailable)
+    assert isinstance(info.value, StoreError) and not isinstance(info.value, StoreUnavailable)
 
 
 def test_top_k_larger_than_collection_returns_all(store: VectorStore) -> None:
@@ -728,6 +734,21 @@ def test_edge_alias_switch_is_seen_by_another_process_store(tmp_path: Path) -> N
     finally:
         indexer.close()
         service.close()
+
+
+def test_alias_catalog_follows_another_writer_and_names_what_it_retired(tmp_path: Path) -> None:
+    ours, theirs = AliasCatalog(tmp_path), AliasCatalog(tmp_path)
+    assert ours.read() == ({}, set())
+    with theirs.locked():
+        theirs.write({"docs": "docs--v0001", "old": "docs--v0000"})
+    assert ours.read() == ({"docs": "docs--v0001", "old": "docs--v0000"}, set())
+    with theirs.locked():
+        theirs.write({"docs": "docs--v0002", "old": "docs--v0000"})
+    assert ours.read() == ({"docs": "docs--v0002", "old": "docs--v0000"}, {"docs--v0001"})
+    assert ours.read()[1] == set()  # reported once, on the read that saw the change
+    (tmp_path / ALIASES_FILE).write_text('["not", "a", "mapping"]')
+    with pytest.raises(StoreError, match="not an alias -> collection object"):
+        ours.read()
 
 
 def test_an_alias_and_a_collection_cannot_share_a_name(store: VectorStore) -> None:

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store.base import ChunkingSpec, CollectionSpec, DocumentPoint, Hit, StoreError, VectorStore, point_id
+from store.base import DocumentPoint, Hit, VectorStore, point_id
 from store.edge import EdgeStore
+from store.errors import StoreError
 from store.factory import open_store
 from store.server import ServerStore
 from store.sparse import Bm25Encoder, measure_spec
+from store.spec import ChunkingSpec, CollectionSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
 

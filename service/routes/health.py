@@ -21,7 +21,8 @@ from service.schemas import (
     ReadyResponse,
 )
 from service.state import ServingState
-from store.base import CollectionSpec, StoreError
+from store.errors import StoreError
+from store.spec import CollectionSpec
 
 router = APIRouter()
 

@@ -8,12 +8,11 @@ import time
 import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends
-from pydantic import ValidationError
 
 from service.auth import require
 from service.batcher import EncodeBatcher
 from service.deps import BatcherDep, MetricsDep, StateDep
-from service.errors import DeadlineExceeded, InvalidRequest
+from service.errors import InvalidRequest
 from service.metrics import ServiceMetrics
 from service.schemas import (
     AUTH_RESPONSES,
@@ -27,8 +26,10 @@ from service.schemas import (
     SearchResponse,
 )
 from service.state import ServingState
-from store.base import CollectionSpec, Hit, StoreError, StoreUnavailable
-from store.filters import Filter, FilterLike, as_filter, filter_problems
+from store.base import Hit
+from store.errors import StoreError, StoreUnavailable
+from store.filters import Filter, FilterLike, as_filter, checked_filter
+from store.spec import CollectionSpec
 
 logger = logging.getLogger("medsearch.service")
 
@@ -47,24 +48,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     503: {"model": ErrorResponse, "description": "Store unreachable or collection not servable."},
     504: {"model": ErrorResponse, "description": "The request ran past MEDSEARCH_REQUEST_TIMEOUT_S."},
 }
-
-
-def checked_filter(value: FilterLike | None, spec: CollectionSpec) -> Filter | None:
-    """The filter in full form if the collection can apply it; else InvalidRequest naming the
-    condition (``filter.must.0``) or, in the short form, the key (``filter.department``)."""
-    try:
-        full = as_filter(value)
-    except ValidationError as exc:  # the short form's keys only meet Condition's rules here
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
-        raise InvalidRequest("filter", f"{where}: {error['msg']}") from None
-    problems = filter_problems(spec, full)
-    if problems:
-        path, message = problems[0]
-        if not isinstance(value, Filter) and full is not None:
-            path = full.must[int(path.split(".")[1])].key
-        raise InvalidRequest(f"filter.{path}", message)
-    return full
 
 
 def checked_mode(request: SearchRequest, spec: CollectionSpec) -> None:
@@ -132,30 +115,26 @@ async def _search_all(
     requests: list[SearchRequest], state: ServingState, batcher: EncodeBatcher, metrics: ServiceMetrics
 ) -> list[SearchResponse]:
     """Encode every query (one batch, shared with concurrent requests), then search each; filters
-    are checked before any model work. Past the request deadline: DeadlineExceeded (504)."""
+    are checked before any model work. Past the request deadline: TimeoutError (504, service/errors.py)."""
     start = time.perf_counter()
-    deadline = state.settings.request_timeout_s
-    try:
-        with anyio.fail_after(deadline):
-            spec = state.known_spec()
-            if spec is None:
-                spec = await anyio.to_thread.run_sync(state.serving_spec, limiter=state.store_calls)
-            filters = [checked_filter(r.filter, spec) for r in requests]
-            for r in requests:
-                checked_mode(r, spec)
-            vectors = await batcher.encode([r.query for r in requests])
-            try:
-                found = await anyio.to_thread.run_sync(
-                    _search, state, vectors, requests, filters, metrics, limiter=state.store_calls
-                )
-            except StoreUnavailable as exc:
-                state.store_failed(exc)
-                raise
-            except StoreError:
-                state.spec_stale()
-                raise
-    except TimeoutError as exc:
-        raise DeadlineExceeded(deadline) from exc
+    with anyio.fail_after(state.settings.request_timeout_s):
+        spec = state.known_spec()
+        if spec is None:
+            spec = await anyio.to_thread.run_sync(state.serving_spec, limiter=state.store_calls)
+        filters = [checked_filter(spec, r.filter) for r in requests]
+        for r in requests:
+            checked_mode(r, spec)
+        vectors = await batcher.encode([r.query for r in requests])
+        try:
+            found = await anyio.to_thread.run_sync(
+                _search, state, vectors, requests, filters, metrics, limiter=state.store_calls
+            )
+        except StoreUnavailable as exc:
+            state.store_failed(exc)
+            raise
+        except StoreError:
+            state.spec_stale()
+            raise
     took_ms = (time.perf_counter() - start) * 1000
     responses = []
     for request, hits in zip(requests, found, strict=True):
@@ -181,9 +160,11 @@ async def search(
 
     The query is encoded by the service's ONNX query encoder into the collection's document space.
     Queries longer than the encoder's token limit (`max_tokens` in /info) are truncated by the
-    encoder, not rejected. `filter` restricts hits to exact metadata matches on the collection's
-    keyword fields. In a collection of chunked long documents each document comes back once, with
-    its best-matching chunk (`chunk`, and that chunk's `text`).
+    encoder, not rejected. `filter` restricts hits by the collection's declared metadata fields
+    (listed in /info): values (`match`, `any`) on keyword and integer fields, ranges on integer and
+    date fields, combined by `must`, `should` and `must_not`. In a collection of chunked long
+    documents each document comes back once, with its best-matching chunk (`chunk`, and that
+    chunk's `text`).
     """
     return (await _search_all([request], state, batcher, metrics))[0]
 
