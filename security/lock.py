@@ -37,6 +37,7 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK_DIR = "requirements"
@@ -77,10 +78,13 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def inputs_digest(root: Path = ROOT) -> str:
+def _pyproject(root: Path) -> dict[str, Any]:
+    return tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def inputs_digest(pyproject: dict[str, Any], root: Path = ROOT) -> str:
     """The digest of what a lock is resolved from: pyproject's dependency tables (not the rest of the
     file, so a linter setting does not stale the lock) and the torch constraint."""
-    pyproject = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
     project = pyproject.get("project", {})
     inputs = {
         "requires-python": project.get("requires-python"),
@@ -108,7 +112,7 @@ def check(root: Path = ROOT) -> str | None:
     here = ".".join(map(str, sys.version_info[:2]))
     if here != PYTHON:
         return f"the lock is for CPython {PYTHON}, this is {here}: run with PYTHON=python{PYTHON}"
-    digest = inputs_digest(root)
+    digest = inputs_digest(_pyproject(root), root)
     stale = []
     for profile in PROFILES:
         path = lock_path(profile.name, root)
@@ -140,13 +144,14 @@ def _compile(uv: str, root: Path, profile: Profile, build_in: Path, pins: Path, 
         "--constraint", f"{LOCK_DIR}/{TORCH_CONSTRAINT}",
         "--output-file", str(out),
     ]  # fmt: skip
+    # Without --upgrade, the pins already in the output file are preferences: uv keeps what still
+    # satisfies the inputs.
     if profile.name == "dev":
         command += ["--upgrade"] if upgrade else []
     else:
         # The image profiles take dev's versions, so what the tests run is what the images ship.
         command += ["--constraint", str(pins)]
-    # Earlier pins are preferences (uv keeps what still satisfies the inputs); the local wheel store,
-    # where the CPU torch lies on this kind of machine, is searched like pip does with its config.
+    # The local wheel store, where the CPU torch lies on this kind of machine, as pip's config has it.
     links = os.environ.get("PIP_FIND_LINKS", "/opt/wheels")
     command += [arg for link in links.split() if Path(link).is_dir() for arg in ("--find-links", link)]
     done = subprocess.run(command, cwd=root, capture_output=True, text=True)
@@ -159,8 +164,9 @@ def refresh(uv: str, root: Path = ROOT, upgrade: bool = False) -> str:
     """Re-resolve every profile; returns what changed, one line per package."""
     dev = lock_path("dev", root)
     before = read_pins(dev) if dev.exists() else {}
-    digest = inputs_digest(root)
-    build = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["build-system"]["requires"]
+    pyproject = _pyproject(root)
+    digest = inputs_digest(pyproject, root)
+    build = pyproject["build-system"]["requires"]
     with tempfile.TemporaryDirectory() as scratch:
         build_in = Path(scratch) / "build.in"
         build_in.write_text("\n".join(build) + "\n", encoding="utf-8")
@@ -189,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m security.lock", description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=ROOT, help="the project (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("check", help="fail in one line per lock file made from other inputs")
+    commands.add_parser("check", help="fail in one line when a lock was made from other inputs")
     made = commands.add_parser("refresh", help="re-resolve every profile and print what changed")
     made.add_argument("--uv", default="uv", help="the uv executable (default: %(default)s)")
     made.add_argument("--upgrade", action="store_true", help="move every package to its newest release")
