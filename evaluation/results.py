@@ -9,8 +9,12 @@ JSON layout (one object)::
       "default": {... the entry of the configuration the service serves by default ...},
       "dataset": {"path", "split", "fingerprint", "corpus_sha256", ...},
       "run": {"mode", "tasks", "top_k", ...},
-      "machine": {"platform", "python", "cpu_count", ...}
+      "machine": {"platform", "python", "cpu_count", ...},
+      "references": {"<configuration name>": {"kind", "ndcg@10", ..., "how", "measured"}}
     }
+
+``references`` (evaluation/references.py) holds baselines measured outside this run on the same files
+and split; they are never rerun and the table marks them so.
 
 Configuration names always contain a kind prefix or are ``bm25``/``hybrid-rrf``, so they never collide
 with the reserved keys ``default``, ``dataset``, ``run`` and ``machine``.
@@ -27,8 +31,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from evaluation.configs import DEFAULT
+from evaluation.references import Reference
 
-RESERVED_KEYS = (DEFAULT, "dataset", "run", "machine")
+RESERVED_KEYS = (DEFAULT, "dataset", "run", "machine", "references")
 RETRIEVAL_COLUMNS = (
     ("nDCG@10", "ndcg@10"),
     ("R@10", "recall@10"),
@@ -82,6 +87,7 @@ def document(
     default_name: str | None,
     dataset: Mapping[str, Any],
     run: Mapping[str, Any],
+    references: Sequence[Reference] = (),
 ) -> dict[str, Any]:
     out: dict[str, Any] = {r.configuration: r.entry() for r in results}
     clash = sorted(set(out) & set(RESERVED_KEYS))
@@ -92,6 +98,11 @@ def document(
     out["dataset"] = dict(dataset)
     out["run"] = dict(run)
     out["machine"] = machine()
+    if references:
+        out["references"] = {
+            r.configuration: {"kind": r.kind, **r.metrics, "how": r.how, "measured": r.measured}
+            for r in references
+        }
     return out
 
 
@@ -99,7 +110,9 @@ def _cell(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def markdown_table(results: Sequence[ConfigResult], default_name: str | None) -> str:
+def markdown_table(
+    results: Sequence[ConfigResult], default_name: str | None, references: Sequence[Reference] = ()
+) -> str:
     """One line per configuration; the headline metric (nDCG@10) first, a dash where a task was not run."""
     sts_sets = list(dict.fromkeys(name for r in results for name in r.sts))
     header = ["configuration", "kind"]
@@ -121,5 +134,10 @@ def markdown_table(results: Sequence[ConfigResult], default_name: str | None) ->
             cells += [_cell(scores.get("spearman")), _cell(scores.get("pearson"))]
         queries = (r.retrieval or r.reranking or {}).get("queries")
         cells.append("–" if queries is None else str(int(queries)))
+        lines.append("| " + " | ".join(cells) + " |")
+    for ref in references:
+        cells = [f"{ref.configuration} (reference, not rerun)", ref.kind]
+        cells += [_cell(ref.metrics.get(key)) for _, key in RETRIEVAL_COLUMNS]
+        cells += ["–"] * (len(header) - len(cells))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

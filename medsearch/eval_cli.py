@@ -76,6 +76,15 @@ def _dataset_info(args: argparse.Namespace, split: BeirSplit, documents: int) ->
     }
 
 
+def _references(args: argparse.Namespace, dataset: dict[str, Any]) -> list[Any]:
+    """Reference baselines of exactly these files and split (none for a subset of the queries)."""
+    from evaluation.references import references_for
+
+    if args.max_queries is not None:
+        return []
+    return references_for(dataset["fingerprint"], dataset["split"])
+
+
 def _write(args: argparse.Namespace, table: str, document: dict[str, Any]) -> None:
     print(table)
     if args.output:
@@ -202,7 +211,12 @@ def _eval_in_process(args: argparse.Namespace, settings: Settings, split: BeirSp
         ]
     run_info["seconds"] = round(time.perf_counter() - started, 1)
     dataset = _dataset_info(args, split, count_lines(split.corpus_path))
-    _write(args, markdown_table(results, default_name), document(results, default_name, dataset, run_info))
+    refs = _references(args, dataset)
+    _write(
+        args,
+        markdown_table(results, default_name, refs),
+        document(results, default_name, dataset, run_info, refs),
+    )
     return 0
 
 
@@ -263,7 +277,12 @@ def _eval_service(args: argparse.Namespace, settings: Settings, split: BeirSplit
         "seconds": round(time.perf_counter() - started, 1),
     }
     dataset = _dataset_info(args, split, len(corpus_ids))
-    _write(args, markdown_table([result], default_name), document([result], default_name, dataset, run_info))
+    refs = _references(args, dataset)
+    _write(
+        args,
+        markdown_table([result], default_name, refs),
+        document([result], default_name, dataset, run_info, refs),
+    )
     return 0
 
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from models.attention_masks import encoder_attention_mask
+from models.dense import load_dense_stack
 from models.embedding_table import compress_embedding_tables
 from models.hf_loading import load_hf_model
 from models.manifest import (
@@ -59,10 +61,12 @@ class _PooledEncoder(torch.nn.Module):
         dim: int,
         normalize: bool,
         projection: torch.nn.Linear | None = None,
+        dense: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.projection = projection
+        self.dense = dense
         self.pooling: Pooling = pooling
         self.dim = dim
         self.normalize = normalize
@@ -70,11 +74,16 @@ class _PooledEncoder(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Keyword arguments only: positional calls trip transformers' use_cache handling.
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": encoder_attention_mask(self.model.config, attention_mask),
+        }
         if self._takes_token_types:
             kwargs["token_type_ids"] = torch.zeros_like(input_ids)
         hidden = self.model(**kwargs).last_hidden_state
         pooled = pool(hidden, attention_mask, self.pooling)
+        if self.dense is not None:
+            pooled = self.dense(pooled)
         if self.projection is not None:
             pooled = self.projection(pooled)
         return finish(pooled, self.dim, self.normalize)
@@ -139,6 +148,7 @@ def export_query_encoder(
             "prompt": query_prompt,
             "pooling": pooling or source.pooling,
             "quantization": None,
+            "dense_layers": [],  # baked into the graph
             "figures": {},  # a card gives the export its own measured figures
             "source": f"exported from {source.name} ({source.fingerprint[:12]})",
             "derived_from": source.fingerprint,
@@ -151,7 +161,12 @@ def export_query_encoder(
         model = load_hf_model(src_dir, attn_implementation="eager")
         # An aligned encoder may carry a projection into a wider document space (models.projection).
         projection = load_projection(src_dir)
-        wrapper = _PooledEncoder(model, manifest.pooling, manifest.dim, manifest.normalize, projection).eval()
+        # A sentence-transformers embedder's Dense heads (a student cut from EmbeddingGemma) run
+        # after pooling, inside the graph.
+        dense = load_dense_stack(src_dir, source.dense_layers) if source.dense_layers else None
+        wrapper = _PooledEncoder(
+            model, manifest.pooling, manifest.dim, manifest.normalize, projection, dense
+        ).eval()
 
         # Rows of different lengths, so the traced graph sees padding and keeps dynamic axes honest.
         example = hf_tokenizer(["一个例子 example", "x"], padding=True, return_tensors="pt")

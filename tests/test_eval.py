@@ -371,3 +371,53 @@ def test_real_default_pair_on_a_cmedqa_subset(
     assert default["ndcg@10"] > 60  # random vectors would score about 15 on 30 documents
     assert default["sts"]["stage2-medteb-sts"]["spearman"] > 30
     assert result["bm25"]["ndcg@10"] > 20
+
+
+def test_reference_baselines_of_the_same_files_and_split_are_reported_not_rerun(
+    dataset: Path,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from evaluation import references
+
+    first = run_eval([str(dataset), "--split", "dev", "--config", "bm25"], tmp_path / "a.json")
+    assert "references" not in first  # the shipped references are for cmedqa-im, not these files
+    row = {
+        "configuration": "symmetric-bert:fine-tuned",
+        "kind": "symmetric-bert",
+        "dataset_fingerprint": first["dataset"]["fingerprint"],
+        "split": "dev",
+        "metrics": {"ndcg@10": 42.5},
+        "how": "trained elsewhere",
+        "measured": "2026-12-03",
+    }
+    other_split = {**row, "configuration": "symmetric-bert:other", "split": "test"}
+    path = tmp_path / "references.json"
+    path.write_text(json.dumps([row, other_split]), encoding="utf-8")
+    monkeypatch.setattr(references, "REFERENCES_FILE", path)
+    capsys.readouterr()
+
+    result = run_eval([str(dataset), "--split", "dev", "--config", "bm25"], tmp_path / "b.json")
+    assert result["references"] == {
+        "symmetric-bert:fine-tuned": {
+            "kind": "symmetric-bert",
+            "ndcg@10": 42.5,
+            "how": "trained elsewhere",
+            "measured": "2026-12-03",
+        }
+    }
+    table = capsys.readouterr().out
+    assert "| symmetric-bert:fine-tuned (reference, not rerun) | symmetric-bert | 42.5 |" in table
+    subset = run_eval(
+        [str(dataset), "--split", "dev", "--config", "bm25", "--max-queries", "2"], tmp_path / "c.json"
+    )
+    assert "references" not in subset  # figures of all queries are not comparable with a subset
+
+
+def test_the_shipped_reference_is_the_fine_tuned_e5_on_cmedqa_dev() -> None:
+    from evaluation.references import load_references
+
+    (reference,) = [r for r in load_references() if r.split == "dev"]
+    assert reference.kind == "symmetric-bert" and reference.metrics["ndcg@10"] == 29.5

@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from models.align.document_side import DocumentTower
 from models.align.lora import merge_lora
 from models.align.query_side import QuerySideConfig, QueryTower
+from models.align.student import QueryStudent
+from models.align.teacher_layers import TeacherLayersConfig, TeacherLayersTower
 from models.hf_loading import load_hf_model
 from models.manifest import MANIFEST_FILE, ModelManifest, staged_model_dir, verify_manifest, write_manifest
 from models.projection import save_projection
@@ -221,7 +223,7 @@ class QueryDelta(BaseModel):
     format_version: Literal[1] = 1
     name: str
     space: str
-    config: QuerySideConfig
+    config: QuerySideConfig | TeacherLayersConfig
     task: str | None = None
     base_name: str
     base_fingerprint: str
@@ -232,21 +234,24 @@ _PROJECTION_KEY = "projection.weight"
 
 
 def save_query_delta(
-    tower: QueryTower, path: Path, *, name: str, space: str, task: str | None = None
+    tower: QueryStudent, path: Path, *, name: str, space: str, task: str | None = None
 ) -> QueryDelta:
-    """Write the trained query side as fp16 trained-minus-base tensors plus the projection, small
-    enough to commit; ``build_query_encoder`` applies it to the same base weights."""
+    """Write the trained query side as fp16 trained-minus-base tensors (plus a projection, which has
+    no base), small enough to commit; ``build_query_encoder`` applies it to the same base weights."""
     if tower.source is None:
         raise ValueError(f"{tower.model_dir}: the query base needs a manifest (build it with medsearch)")
     base = tower.base_values()
-    trained = {
-        key.removeprefix("model."): value
-        for key, value in tower.trainable_state().items()
-        if key.startswith("model.")
-    }
-    tensors = {f"model.{k}": (v - base[k]).half().contiguous() for k, v in trained.items()}
-    if tower.projection is not None:
-        tensors[_PROJECTION_KEY] = tower.projection.weight.detach().half().contiguous()
+    if isinstance(tower, TeacherLayersTower):
+        tensors = {k: (v - base[k]).half().contiguous() for k, v in tower.trainable_state().items()}
+    else:
+        trained = {
+            key.removeprefix("model."): value
+            for key, value in tower.trainable_state().items()
+            if key.startswith("model.")
+        }
+        tensors = {f"model.{k}": (v - base[k]).half().contiguous() for k, v in trained.items()}
+        if tower.projection is not None:
+            tensors[_PROJECTION_KEY] = tower.projection.weight.detach().half().contiguous()
     delta = QueryDelta(
         name=name,
         space=space,
@@ -279,6 +284,8 @@ def build_query_encoder(
     verify_manifest(base_dir)
     delta, tensors = read_query_delta(delta_path)
     progress(f"align: applying {delta_path.name} ({len(tensors)} tensors) to {delta.base_name}")
+    if isinstance(delta.config, TeacherLayersConfig):
+        return _build_teacher_layers(base_dir, delta, tensors, out_dir, progress)
     tower = QueryTower(base_dir, delta.config)
     if tensors_digest(tower.base_values()) != delta.base_tensors_sha256:
         raise DeltaMismatchError(
@@ -300,5 +307,28 @@ def build_query_encoder(
             else:
                 params[key.removeprefix("model.")].add_(value.float())
     manifest = save_query_encoder(tower, out_dir, name=delta.name, space=delta.space, task=delta.task)
+    progress(f"align: {out_dir} ready, space {manifest.space!r}")
+    return manifest
+
+
+def _build_teacher_layers(
+    base_dir: Path,
+    delta: QueryDelta,
+    tensors: dict[str, torch.Tensor],
+    out_dir: Path,
+    progress: Callable[[str], None],
+) -> ModelManifest:
+    assert isinstance(delta.config, TeacherLayersConfig)
+    tower = TeacherLayersTower(base_dir, delta.config)
+    if tensors_digest(tower.base_values()) != delta.base_tensors_sha256:
+        raise DeltaMismatchError(
+            f"these base weights are not the {delta.base_name} ({delta.base_fingerprint[:12]}) "
+            "the query delta was trained on"
+        )
+    try:
+        tower.apply_delta(tensors)
+    except KeyError as exc:
+        raise DeltaMismatchError(f"the base model has no {exc.args[0]!r}") from exc
+    manifest = _build(out_dir, lambda work: tower.save(work, name=delta.name, space=delta.space))
     progress(f"align: {out_dir} ready, space {manifest.space!r}")
     return manifest

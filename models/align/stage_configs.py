@@ -43,6 +43,11 @@ class QueryStageConfig(StageConfig):
 
     query_lr: float = Field(default=2e-5, gt=0)
     projection_lr: float = Field(default=1e-4, gt=0)
+    bf16_autocast: bool = Field(
+        default=False,
+        description="Run the query encoder under CPU bf16 autocast (weights and the optimizer stay "
+        "float32): ~4x faster steps where the CPU multiplies bf16 natively (AMX, AVX-512 BF16).",
+    )
 
 
 class DocumentDistillationConfig(StageConfig):
@@ -90,6 +95,16 @@ class QueryDistillationConfig(QueryStageConfig):
         description="Documents at least this close to a query's positive are not its negatives "
         "(near-duplicate answers); None: only the labelled positives are masked.",
     )
+
+
+class QueryPointwiseConfig(QueryStageConfig):
+    """Stage I of a frozen-document alignment: the query side reproduces the teacher's own query
+    vector of each unlabelled text (pointwise cosine; NanoVDR, LEAF), optionally plus the listwise KL
+    of the teacher's ranking of the corpus."""
+
+    stage: Literal["query_pointwise"] = "query_pointwise"
+    temperature: float = Field(default=0.02, gt=0, description="Score temperature of the listwise KL.")
+    kl_weight: float = Field(default=0.0, ge=0, description="Weight of the KL to the teacher's scores.")
 
 
 # Stage II of the two-stage pipeline: the recipe's ``stage`` says which.

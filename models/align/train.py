@@ -17,16 +17,17 @@ import torch.nn.functional as F
 from models.align.data import TrainingGroup
 from models.align.document_side import DocumentTower
 from models.align.losses import embedding_mse, group_positive_index, info_nce, score_distillation
-from models.align.query_side import QueryTower
 from models.align.stage_configs import (
     DocumentDistillationConfig,
     JointConfig,
     QueryAlignmentConfig,
     QueryDistillationConfig,
+    QueryPointwiseConfig,
     QueryRetrievalConfig,
     QueryStageConfig,
     StageConfig,
 )
+from models.align.student import QueryStudent
 from models.training_loop import (
     CHECKPOINT_FILE,
     Checkpointing,
@@ -43,7 +44,13 @@ def _fingerprint(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
-def _query_groups(query: QueryTower, config: QueryStageConfig) -> list[ParamGroup]:
+def _embed(query: QueryStudent, texts: Sequence[str], config: QueryStageConfig) -> torch.Tensor:
+    """The query side's vectors with gradients, float32 whatever the autocast computed in."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
+        return query.embed(list(texts)).float()
+
+
+def _query_groups(query: QueryStudent, config: QueryStageConfig) -> list[ParamGroup]:
     """The query encoder and its projection, each at its own learning rate."""
     named = query.trainable_parameters()
     return [
@@ -59,7 +66,7 @@ def _document_group(document: DocumentTower, lr: float) -> ParamGroup:
 def _run(
     config: StageConfig,
     groups: list[ParamGroup],
-    query: QueryTower | None,
+    query: QueryStudent | None,
     document: DocumentTower | None,
     n_items: int,
     step_loss: StepLoss,
@@ -201,7 +208,7 @@ def train_document_distillation(
 
 
 def train_query_alignment(
-    query: QueryTower,
+    query: QueryStudent,
     texts: Sequence[str],
     targets: torch.Tensor,
     config: QueryAlignmentConfig,
@@ -238,7 +245,7 @@ def _pick(rng: np.random.Generator, group: TrainingGroup, negatives: int) -> tup
 
 
 def train_joint(
-    query: QueryTower,
+    query: QueryStudent,
     document: DocumentTower,
     groups: Sequence[TrainingGroup],
     config: JointConfig,
@@ -299,7 +306,7 @@ def _corpus_targets(
 
 
 def train_query_retrieval(
-    query: QueryTower,
+    query: QueryStudent,
     queries: Sequence[str],
     positives: Sequence[Sequence[int]],
     corpus: torch.Tensor,
@@ -361,7 +368,7 @@ class TeacherSignal:
 
 
 def train_query_distillation(
-    query: QueryTower,
+    query: QueryStudent,
     queries: Sequence[str],
     positives: Sequence[Sequence[int]],
     corpus: torch.Tensor,
@@ -413,12 +420,12 @@ def train_query_distillation(
         chosen, known = _corpus_targets(rng, items, positives, len(unit))
         if config.duplicate_cosine is not None:
             known |= unit[chosen] @ unit.T >= config.duplicate_cosine
-        vectors = query.embed([queries[i] for i in items])
+        vectors = _embed(query, [queries[i] for i in items], config)
         loss = info_nce(vectors, unit, chosen, config.temperature, known)
         targets = teacher_queries[items]
         if config.pseudo_per_step:
             extra = batch_items(config.seed + 1, step, len(teacher.pseudo_texts), config.pseudo_per_step)
-            vectors = torch.cat([vectors, query.embed([teacher.pseudo_texts[i] for i in extra])])
+            vectors = torch.cat([vectors, _embed(query, [teacher.pseudo_texts[i] for i in extra], config)])
             targets = torch.cat([targets, teacher_pseudo[extra]])
         if config.kl_weight:
             student = F.log_softmax(vectors @ unit.T / config.kl_temperature, dim=-1)
@@ -431,4 +438,64 @@ def train_query_distillation(
     groups = _query_groups(query, config)
     return _run(
         config, groups, query, None, len(queries), step_loss, fingerprint, checkpoint_dir, progress, on_step
+    )
+
+
+def train_query_pointwise(
+    query: QueryStudent,
+    texts: Sequence[str],
+    teacher: torch.Tensor,
+    config: QueryPointwiseConfig,
+    *,
+    corpus: torch.Tensor | None = None,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Stage I against a frozen teacher: each text's student vector is pulled onto the teacher's
+    query vector of the same text (1 - cosine, averaged), over many unlabelled texts.
+
+    Pointwise cosine to cached teacher query vectors is what NanoVDR found best among six objectives
+    (and what LEAF and EmbedDistill start with); ``kl_weight`` adds the KL of the teacher's softmax
+    over ``corpus`` (the teacher's document vectors) to the student's, i.e. its ranking.
+    """
+    if teacher.ndim != 2 or len(teacher) != len(texts) or teacher.shape[1] != query.dim:
+        raise ValueError(f"teacher vectors must be ({len(texts)}, {query.dim}), one row per text")
+    if config.kl_weight and corpus is None:
+        raise ValueError("a listwise KL needs the teacher's corpus vectors")
+    targets = F.normalize(teacher.float(), dim=-1)
+    unit = F.normalize(corpus.float(), dim=-1) if corpus is not None else None
+    fingerprint = _fingerprint(
+        [
+            hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest(),
+            hashlib.sha256(targets.numpy().tobytes()).hexdigest(),
+            None if unit is None else hashlib.sha256(unit.numpy().tobytes()).hexdigest(),
+        ]
+    )
+
+    def step_loss(step: int, items: list[int]) -> torch.Tensor:
+        vectors = _embed(query, [texts[i] for i in items], config)
+        wanted = targets[items]
+        loss = (1 - (vectors * wanted).sum(dim=-1)).mean()
+        if config.kl_weight and unit is not None:
+            student = F.log_softmax(vectors @ unit.T / config.temperature, dim=-1)
+            teacher_scores = F.log_softmax(wanted @ unit.T / config.temperature, dim=-1)
+            loss = loss + config.kl_weight * F.kl_div(
+                student, teacher_scores, log_target=True, reduction="batchmean"
+            )
+        if config.mse_weight:
+            loss = loss + config.mse_weight * embedding_mse(vectors, wanted)
+        return loss
+
+    return _run(
+        config,
+        _query_groups(query, config),
+        query,
+        None,
+        len(texts),
+        step_loss,
+        fingerprint,
+        checkpoint_dir,
+        progress,
+        on_step,
     )
