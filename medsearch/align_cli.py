@@ -153,7 +153,7 @@ def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_frozen(recipe: Any, args: argparse.Namespace, settings: Settings) -> int:
-    from models.align.frozen import QualityGateError, run_frozen_alignment
+    from models.align.frozen import QualityGateError, TeacherCacheError, run_frozen_alignment
     from models.data_files import DatasetError
     from models.manifest import ManifestError
     from models.training_loop import CheckpointMismatchError
@@ -184,9 +184,11 @@ def _run_frozen(recipe: Any, args: argparse.Namespace, settings: Settings) -> in
             gate=gate,
             log=_log,
             threads=settings.threads,
+            cache_dir=settings.home / "cache" / "pypi",
         )
     except (
         QualityGateError,
+        TeacherCacheError,
         DatasetError,
         CheckpointMismatchError,
         ManifestError,

@@ -67,6 +67,8 @@ DELTAS_DIR = Path(__file__).resolve().parent / "deltas"
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 ALIGNED = "care-gemma-3-270m"  # base Gemma-270M taught to embed (issue 4; not the default)
 ALIGNED_EMBEDDINGGEMMA = "care-embeddinggemma-300m"  # e5-small aligned into EmbeddingGemma's space
+# EmbeddingGemma's first 4 layers distilled into its own query space (issue 25).
+DISTILLED_EMBEDDINGGEMMA = "embeddinggemma-300m-k4"
 
 
 class DeltaMissingError(FileNotFoundError):
@@ -106,14 +108,16 @@ def _aligned_queries_of(recipe: str) -> Callable[[Path, Path | None, Progress], 
     return make
 
 
-def _aligned_query_family(recipe: str, document: str, card: str | None) -> tuple[Recipe, ...]:
-    """The aligned query encoder rebuilt from its committed delta, its ONNX export and int8."""
+def _aligned_query_family(
+    recipe: str, document: str, card: str | None, base: str = "multilingual-e5-small"
+) -> tuple[Recipe, ...]:
+    """The aligned query encoder rebuilt from its committed delta on ``base``, its ONNX export and int8."""
     query = f"{recipe}-query"
     return (
         Recipe(
             query,
-            f"e5-small + committed delta aligned into the {document} space",
-            "multilingual-e5-small",
+            f"{base} + committed delta aligned into the {document} space",
+            base,
             _aligned_queries_of(recipe),
             _delta_of(recipe),
             card=card,
@@ -161,6 +165,9 @@ RECIPES: dict[str, Recipe] = {
         ),
         *_aligned_query_family(ALIGNED, "Gemma-3-270M (aligned)", ALIGNED),
         *_aligned_query_family(ALIGNED_EMBEDDINGGEMMA, "EmbeddingGemma-300M", ALIGNED_EMBEDDINGGEMMA),
+        *_aligned_query_family(
+            DISTILLED_EMBEDDINGGEMMA, "EmbeddingGemma-300M", None, base="embeddinggemma-300m"
+        ),
     )
 }
 

@@ -220,8 +220,8 @@ def test_frozen_run_publishes_a_query_encoder_in_the_embedders_space(
         manifest = verify_manifest(models / name)
         assert (manifest.role, manifest.space, manifest.dim) == ("query", document.space, document.dim)
     report = json.loads((tmp_path / "work" / REPORT_FILE).read_text())
-    assert set(report["selection_ndcg10"]) == {"0", "2", "4"}
-    assert report["pseudo_queries"] > 8  # 8 training question bodies + corpus sentences
+    assert set(report["selection_ndcg10"]["training"]) == {"0", "2", "4"}
+    assert report["unlabelled_texts"] > 8  # 8 training question bodies + corpus sentences
     assert report["gate"] == {"fp32_ndcg10": 50.0, "int8_ndcg10": 49.8, "max_drop": 0.5}
     assert (tmp_path / "deltas" / "tiny-frozen-query.safetensors").is_file()
     # Selection queries are held out: their question bodies never become pseudo-queries.
@@ -284,3 +284,50 @@ def test_a_document_model_without_a_query_prompt_cannot_teach(
             corpus_vectors=_direct,
             progress=False,
         )
+
+
+def test_a_teacher_layers_student_trains_on_a_text_set_in_two_stages(
+    tmp_path: Path, frozen_setup: tuple[Path, FrozenAlignRecipe]
+) -> None:
+    """The issue-25 recipe shape on tiny models: a text set (corpus sources only, no downloads), a
+    pointwise stage I and the labelled stage II, each selected, then the published int8 student."""
+    from models.align.stage_configs import QueryPointwiseConfig
+    from models.align.teacher_layers import TeacherLayersConfig
+    from models.align.text_set import TextSetConfig
+
+    models, base = frozen_setup
+    recipe = FrozenAlignRecipe.model_validate(
+        {
+            **base.model_dump(exclude={"query_model", "query_side", "pseudo_queries"}),
+            "query_model": None,
+            "pseudo_queries": None,
+            "teacher_layers": TeacherLayersConfig(layers=1, max_tokens=48),
+            "text_set": TextSetConfig(
+                templates_per_term=0, jieba_words=0, sentence_min_chars=2, window_chars=6, window_stride=3
+            ),
+            "stage_one": QueryPointwiseConfig(steps=6, batch_size=4, query_lr=1e-3, checkpoint_every=3),
+            "stage_one_select_every": 3,
+        }
+    )
+    messages: list[str] = []
+    result = run_frozen_alignment(
+        recipe,
+        models_dir=models,
+        work_dir=tmp_path / "work",
+        deltas_dir=tmp_path / "deltas",
+        scorer=_ndcg,
+        corpus_vectors=_direct,
+        log=messages.append,
+        progress=False,
+    )
+    document = verify_manifest(models / "tiny-st-embedder")
+    assert (result.query_int8.space, result.query_int8.dim) == (document.space, document.dim)
+    report = json.loads((tmp_path / "work" / REPORT_FILE).read_text())
+    assert set(report["selection_ndcg10"]) == {"stage_one", "training"}
+    assert set(report["selection_ndcg10"]["stage_one"]) == {"0", "3", "6"}
+    texts = [json.loads(line) for line in (tmp_path / "work" / "text-set" / "texts.jsonl").open()]
+    # Every query of this fixture is also a dev query: none of their titles or bodies may appear.
+    assert {row["source"] for row in texts} == {"corpus_sentence", "corpus_window"}
+    assert not {row["text"] for row in texts} & {f"{s}怎么办" for s in SICK}
+    vectors = load_encoder(models / f"{recipe.name}-query-onnx-int8").encode(["头痛怎么办"])
+    assert vectors.shape == (1, document.dim)

@@ -28,19 +28,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.align.artifacts import build_query_encoder, save_query_delta
 from models.align.data import load_beir_train
 from models.align.pseudo import PseudoQueries, pseudo_queries
 from models.align.query_side import QuerySideConfig, QueryTower, fit_projection
 from models.align.selection import Scorer, selection_score, split_selection
-from models.align.stage_configs import QueryDistillationConfig
-from models.align.train import TeacherSignal, train_query_distillation
+from models.align.stage_configs import QueryDistillationConfig, QueryPointwiseConfig
+from models.align.student import QueryStudent
+from models.align.teacher_layers import TeacherLayersConfig, TeacherLayersTower
+from models.align.text_set import TextSetConfig, build_text_set, load_text_set
+from models.align.train import TeacherSignal, train_query_distillation, train_query_pointwise
+from models.encoder import Precision
 from models.loading import load_encoder
 from models.manifest import ManifestError, ModelManifest, verify_manifest
 from models.training_loop import CHECKPOINT_FILE
@@ -53,6 +57,14 @@ QualityGate = Callable[[Path, Path], tuple[float, float]]
 REPORT_FILE = "report.json"
 BEST_FILE = "best.pt"
 TEACHER_CHUNK = 512
+TEACHER_DIR = "teacher-queries"
+TEACHER_META = "teacher.json"
+TEXT_SET_DIR = "text-set"
+
+
+class TeacherCacheError(RuntimeError):
+    """The cached teacher vectors were computed by another teacher, in another precision or for
+    other texts: mixing them would train the student toward two different spaces."""
 
 
 class QualityGateError(RuntimeError):
@@ -66,8 +78,18 @@ class FrozenAlignRecipe(BaseModel):
 
     kind: Literal["frozen_document"] = "frozen_document"
     name: str = Field(description="Prefix of the outputs: NAME-query, NAME-query-onnx, NAME-query-onnx-int8.")
-    query_model: str = Field(description="Built BERT-family query base (a directory in the models dir).")
+    query_model: str | None = Field(
+        default=None, description="Built BERT-family query base (a directory in the models dir)."
+    )
+    teacher_layers: TeacherLayersConfig | None = Field(
+        default=None, description="Instead of query_model: a student cut from the teacher's first layers."
+    )
     document_model: str = Field(description="Built document embedder with a query prompt (the teacher).")
+    teacher_precision: Precision = Field(
+        default="fp32",
+        description="Arithmetic of the teacher's query pass (a fast path is used only if it passes the "
+        "precision gate; the cache records the one used and refuses to mix).",
+    )
     dataset: Path
     split: str = "train"
     query_field: str = "text"
@@ -75,13 +97,32 @@ class FrozenAlignRecipe(BaseModel):
     seed: int = 0
     query_side: QuerySideConfig = QuerySideConfig()
     pseudo_queries: PseudoQueries | None = PseudoQueries()
+    text_set: TextSetConfig | None = Field(
+        default=None,
+        description="Unlabelled texts built by models.align.text_set (then pseudo_queries must be null): "
+        "stage I trains on all of them, stage II draws its pseudo-queries from them.",
+    )
     fit_projection: bool = True
+    stage_one: QueryPointwiseConfig | None = Field(
+        default=None, description="Pointwise distillation on the unlabelled texts before `training`."
+    )
     training: QueryDistillationConfig
     select_every: int = Field(default=50, gt=0)
+    stage_one_select_every: int = Field(default=250, gt=0, description="Selection interval of stage_one.")
     encode_batch_size: int = Field(default=16, gt=0)
     int8_max_drop: float = Field(
         default=0.5, ge=0, description="Refuse the int8 encoder when it loses more nDCG@10 than this."
     )
+
+    @model_validator(mode="after")
+    def _one_student_one_source(self) -> FrozenAlignRecipe:
+        if (self.query_model is None) == (self.teacher_layers is None):
+            raise ValueError("set exactly one of query_model and teacher_layers")
+        if self.text_set is not None and self.pseudo_queries is not None:
+            raise ValueError("text_set replaces pseudo_queries: set pseudo_queries to null")
+        if self.stage_one is not None and self.text_set is None:
+            raise ValueError("stage_one trains on the text set: set text_set")
+        return self
 
 
 @dataclass
@@ -93,29 +134,62 @@ class FrozenAlignResult:
 
 
 def teacher_query_vectors(
-    document_dir: Path, texts: Sequence[str], work_dir: Path, *, batch_size: int, log: Log, threads: int = 0
+    document_dir: Path,
+    texts: Sequence[str],
+    cache_dir: Path,
+    *,
+    batch_size: int,
+    log: Log,
+    threads: int = 0,
+    precision: Precision = "fp32",
 ) -> np.ndarray:
-    """The embedder's query vectors of ``texts``, cached in parts under ``work_dir`` by (weights,
-    texts), so an interrupted pass resumes and a rerun reads them."""
+    """The embedder's query vectors of ``texts`` (float32), computed once into ``cache_dir`` as
+    float16 parts of ``TEACHER_CHUNK`` rows: an interrupted pass resumes at its first missing part,
+    a rerun only reads. ``teacher.json`` names the teacher, the texts and the precision in use; a
+    cache of another teacher, other texts or another precision is refused, never mixed."""
     manifest = verify_manifest(document_dir)
-    key = hashlib.sha256(
-        json.dumps([manifest.fingerprint, manifest.query_prompt, manifest.dim, list(texts)]).encode()
-    ).hexdigest()[:16]
-    directory = work_dir / f"teacher-queries-{manifest.name}-{key}"
-    directory.mkdir(parents=True, exist_ok=True)
+    identity: dict[str, object] = {
+        "teacher": manifest.name,
+        "fingerprint": manifest.fingerprint,
+        "query_prompt": manifest.query_prompt,
+        "dim": manifest.dim,
+        "texts": len(texts),
+        "texts_sha256": hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest(),
+    }
+    meta_path = cache_dir / TEACHER_META
+    saved: dict[str, object] = {}
+    if meta_path.is_file():
+        saved = json.loads(meta_path.read_text(encoding="utf-8"))
+        for key, value in identity.items():
+            if saved.get(key) != value:
+                raise TeacherCacheError(
+                    f"{cache_dir}: cached teacher vectors have another {key} ({saved.get(key)!r}, this "
+                    f"run: {value!r}); remove {cache_dir} or use another work directory"
+                )
+    cache_dir.mkdir(parents=True, exist_ok=True)
     encoder = None
     parts = []
     for number, start in enumerate(range(0, len(texts), TEACHER_CHUNK)):
-        path = directory / f"part-{number:05d}.npy"
+        path = cache_dir / f"part-{number:05d}.npy"
         if not path.is_file():
             if encoder is None:
-                log(f"align: teacher {manifest.name} encoding {len(texts) - start} queries")
-                encoder = load_encoder(document_dir, threads=threads, device="cpu", mode="query")
+                log(f"align: teacher {manifest.name} encoding {len(texts) - start} of {len(texts)} texts")
+                encoder = load_encoder(
+                    document_dir, threads=threads, device="cpu", mode="query", precision=precision
+                )
+                used = str(getattr(encoder, "precision", "fp32"))
+                if saved.get("precision", used) != used:
+                    raise TeacherCacheError(
+                        f"{cache_dir}: cached teacher vectors were computed in {saved['precision']}, this "
+                        f"machine's teacher runs in {used}; remove {cache_dir} or set teacher_precision"
+                    )
+                saved = {**identity, "precision": used}
+                meta_path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
             vectors = encoder.encode(texts[start : start + TEACHER_CHUNK], batch_size=batch_size)
             partial = path.with_name(path.name + ".partial.npy")
-            np.save(partial, vectors.astype(np.float32))
+            np.save(partial, vectors.astype(np.float16))
             partial.replace(path)
-        parts.append(np.load(path))
+        parts.append(np.load(path).astype(np.float32))
     return np.concatenate(parts) if parts else np.zeros((0, manifest.dim), dtype=np.float32)
 
 
@@ -134,11 +208,11 @@ class _Selection:
     best_step: int = -1
     scores: dict[int, float] = field(default_factory=dict)
 
-    def score(self, query: QueryTower) -> float:
+    def score(self, query: QueryStudent) -> float:
         vectors = query.encode(self.texts).numpy()
         return selection_score(self.scorer, self.ids, vectors, self.doc_ids, self.doc_vectors, self.relevant)
 
-    def record(self, step: int, query: QueryTower) -> float:
+    def record(self, step: int, query: QueryStudent) -> float:
         score = self.score(query)
         self.scores[step] = score
         if score > self.best_score:
@@ -153,7 +227,7 @@ class _Selection:
             saved = torch.load(self.path, weights_only=True)
             self.best_score, self.best_step = float(saved["score"]), int(saved["step"])
 
-    def load_best(self, query: QueryTower) -> None:
+    def load_best(self, query: QueryStudent) -> None:
         query.load_trainable_state(torch.load(self.path, weights_only=True)["state"])
 
 
@@ -169,8 +243,11 @@ def run_frozen_alignment(
     log: Log = print,
     progress: bool = True,
     threads: int = 0,
+    cache_dir: Path | None = None,
 ) -> FrozenAlignResult:
-    """Train, select and publish a query encoder in ``recipe.document_model``'s space."""
+    """Train, select and publish a query encoder in ``recipe.document_model``'s space.
+
+    ``cache_dir`` holds the PyPI files a text set reads (default: under ``work_dir``)."""
     from models.export import export_query_encoder, quantize_int8
 
     if threads:
@@ -182,10 +259,11 @@ def run_frozen_alignment(
     document = verify_manifest(document_dir)
     if document.query_prompt is None:
         raise ValueError(f"{recipe.document_model} has no query prompt: it cannot teach a query encoder")
-    try:  # checked before the long corpus and teacher passes, not after them
-        verify_manifest(models_dir / recipe.query_model)
-    except ManifestError as exc:
-        raise ManifestError(f"{exc}; build it with: medsearch models build {recipe.query_model}") from exc
+    if recipe.query_model is not None:
+        try:  # checked before the long corpus and teacher passes, not after them
+            verify_manifest(models_dir / recipe.query_model)
+        except ManifestError as exc:
+            raise ManifestError(f"{exc}; build it with: medsearch models build {recipe.query_model}") from exc
 
     data = load_beir_train(recipe.dataset, recipe.split, query_field=recipe.query_field)
     train_ids, selection_ids = split_selection(data, recipe.selection_queries, recipe.seed)
@@ -198,77 +276,148 @@ def run_frozen_alignment(
         f"{len(doc_ids)} documents"
     )
 
+    unlabelled: list[str] = []
+    if recipe.text_set is not None:
+        text_dir = work_dir / TEXT_SET_DIR
+        report = build_text_set(
+            recipe.text_set,
+            recipe.dataset,
+            text_dir,
+            exclude_ids=set(selection_ids),
+            cache_dir=cache_dir or work_dir / "pypi",
+            log=log,
+        )
+        unlabelled = load_text_set(text_dir / "texts.jsonl", recipe.dataset)
+        log(f"align: text set of {len(unlabelled)} texts ({report.counts_line()})")
+    elif recipe.pseudo_queries is not None:
+        unlabelled = pseudo_queries(
+            recipe.pseudo_queries, recipe.dataset / "queries.jsonl", set(labelled), doc_texts
+        )
+
     corpus = np.asarray(corpus_vectors(document_dir, doc_ids, doc_texts), dtype=np.float32)
     timings["corpus pass"] = time.perf_counter() - began
-    pseudo = (
-        pseudo_queries(recipe.pseudo_queries, recipe.dataset / "queries.jsonl", set(labelled), doc_texts)
-        if recipe.pseudo_queries is not None
-        else []
-    )
     query_texts = [data.queries[q] for q in labelled]
+    # One teacher pass over every distinct text: the labelled titles are usually in the text set too.
+    distinct = list(dict.fromkeys([*query_texts, *unlabelled]))
+    at = {text: i for i, text in enumerate(distinct)}
     started = time.perf_counter()
-    teacher = teacher_query_vectors(
+    teacher_all = teacher_query_vectors(
         document_dir,
-        query_texts + pseudo,
-        work_dir,
+        distinct,
+        work_dir / TEACHER_DIR,
         batch_size=recipe.encode_batch_size,
         log=log,
         threads=threads,
+        precision=recipe.teacher_precision,
     )
+    teacher_queries = teacher_all[[at[t] for t in query_texts]]
+    teacher_unlabelled = teacher_all[[at[t] for t in unlabelled]]
     timings["teacher pass"] = time.perf_counter() - started
-    log(f"align: teacher vectors for {len(query_texts)} queries and {len(pseudo)} pseudo-queries")
+    log(f"align: teacher vectors for {len(query_texts)} queries and {len(unlabelled)} unlabelled texts")
 
-    checkpoint_dir = work_dir / "training"
-    side = recipe.query_side.model_copy(update={"output_dim": document.dim})
-    query = QueryTower(models_dir / recipe.query_model, side, seed=recipe.seed)
-    selection = _Selection(
-        texts=[data.queries[q] for q in selection_ids],
-        ids=selection_ids,
-        relevant={q: data.positives[q] for q in selection_ids},
-        doc_ids=doc_ids,
-        doc_vectors=corpus,
-        scorer=scorer,
-        path=checkpoint_dir / BEST_FILE,
-    )
-    resumed = (checkpoint_dir / CHECKPOINT_FILE).is_file()
-    if resumed:
-        selection.restore_previous()
+    query: QueryStudent
+    if recipe.teacher_layers is not None:
+        query = TeacherLayersTower(document_dir, recipe.teacher_layers, seed=recipe.seed)
     else:
-        if recipe.fit_projection and query.projection is not None:
-            cosine = fit_projection(query, query_texts, torch.from_numpy(teacher[: len(query_texts)]))
-            log(f"align: projection fitted to the teacher's query vectors, mean cosine {cosine:.3f}")
-        log(f"align: start, selection nDCG@10 {selection.record(0, query):.1f}")
+        side = recipe.query_side.model_copy(update={"output_dim": document.dim})
+        query = QueryTower(models_dir / str(recipe.query_model), side, seed=recipe.seed)
 
-    def on_step(step: int, loss: float) -> None:
-        if step % recipe.select_every == 0 or step == recipe.training.steps:
-            log(f"align: step {step}, loss {loss:.4f}, selection nDCG@10 {selection.record(step, query):.1f}")
+    def selection_for(directory: Path) -> _Selection:
+        return _Selection(
+            texts=[data.queries[q] for q in selection_ids],
+            ids=selection_ids,
+            relevant={q: data.positives[q] for q in selection_ids},
+            doc_ids=doc_ids,
+            doc_vectors=corpus,
+            scorer=scorer,
+            path=directory / BEST_FILE,
+        )
 
-    started = time.perf_counter()
-    result = train_query_distillation(
-        query,
-        query_texts,
-        [[row[d] for d in data.positives[q] if d in row] for q in labelled],
-        torch.from_numpy(corpus),
-        TeacherSignal(
-            torch.from_numpy(teacher[: len(query_texts)]),
-            pseudo,
-            torch.from_numpy(teacher[len(query_texts) :]),
+    def run_stage(
+        name: str,
+        directory: Path,
+        steps: int,
+        every: int,
+        train: Callable[[Callable[[int, float], None]], object],
+    ) -> _Selection:
+        """One selected stage: scored at its start and every ``select_every`` steps, resumable,
+        leaving the tower at its best step."""
+        selection = selection_for(directory)
+        if (directory / CHECKPOINT_FILE).is_file():
+            selection.restore_previous()
+        else:
+            log(f"align: {name} start, selection nDCG@10 {selection.record(0, query):.1f}")
+
+        def on_step(step: int, loss: float) -> None:
+            if step % every == 0 or step == steps:
+                score = selection.record(step, query)
+                log(f"align: {name} step {step}, loss {loss:.4f}, selection nDCG@10 {score:.1f}")
+
+        stage_began = time.perf_counter()
+        train(on_step)
+        timings[name] = time.perf_counter() - stage_began
+        selection.load_best(query)
+        log(
+            f"align: {name} best at step {selection.best_step} (selection nDCG@10 {selection.best_score:.1f})"
+        )
+        return selection
+
+    stage_one_dir, stage_two_dir = work_dir / "stage-one", work_dir / "training"
+    fresh = not any((d / CHECKPOINT_FILE).is_file() for d in (stage_one_dir, stage_two_dir))
+    if fresh and isinstance(query, QueryTower) and recipe.fit_projection and query.projection is not None:
+        cosine = fit_projection(query, query_texts, torch.from_numpy(teacher_queries))
+        log(f"align: projection fitted to the teacher's query vectors, mean cosine {cosine:.3f}")
+    selections: dict[str, _Selection] = {}
+    if recipe.stage_one is not None and not (stage_two_dir / CHECKPOINT_FILE).is_file():
+        stage_one = recipe.stage_one
+        selections["stage_one"] = run_stage(
+            "stage_one",
+            stage_one_dir,
+            stage_one.steps,
+            recipe.stage_one_select_every,
+            lambda on_step: train_query_pointwise(
+                query,
+                unlabelled,
+                torch.from_numpy(teacher_unlabelled),
+                stage_one,
+                corpus=torch.from_numpy(corpus),
+                checkpoint_dir=stage_one_dir,
+                progress=progress,
+                on_step=on_step,
+            ),
+        )
+
+    result_holder: list[Any] = []
+    selection = run_stage(
+        "training",
+        stage_two_dir,
+        recipe.training.steps,
+        recipe.select_every,
+        lambda on_step: result_holder.append(
+            train_query_distillation(
+                query,
+                query_texts,
+                [[row[d] for d in data.positives[q] if d in row] for q in labelled],
+                torch.from_numpy(corpus),
+                TeacherSignal(
+                    torch.from_numpy(teacher_queries), unlabelled, torch.from_numpy(teacher_unlabelled)
+                ),
+                recipe.training,
+                checkpoint_dir=stage_two_dir,
+                progress=progress,
+                on_step=on_step,
+            )
         ),
-        recipe.training,
-        checkpoint_dir=checkpoint_dir,
-        progress=progress,
-        on_step=on_step,
     )
-    timings["training"] = time.perf_counter() - started
-    selection.load_best(query)
+    selections["training"] = selection
+    result = result_holder[0]
     log(f"align: shipping step {selection.best_step} (selection nDCG@10 {selection.best_score:.1f})")
 
     query_name = f"{recipe.name}-query"
     delta_path = deltas_dir / f"{query_name}.safetensors"
     save_query_delta(query, delta_path, name=query_name, space=document.space)
-    manifest = build_query_encoder(
-        models_dir / recipe.query_model, delta_path, models_dir / query_name, progress=log
-    )
+    base_dir = document_dir if recipe.teacher_layers is not None else models_dir / str(recipe.query_model)
+    manifest = build_query_encoder(base_dir, delta_path, models_dir / query_name, progress=log)
     onnx = export_query_encoder(
         models_dir / query_name, models_dir / f"{query_name}-onnx", name=f"{query_name}-onnx", progress=log
     )
@@ -278,8 +427,11 @@ def run_frozen_alignment(
     report: dict[str, object] = {
         "recipe": json.loads(recipe.model_dump_json()),
         "training_queries": len(labelled),
-        "pseudo_queries": len(pseudo),
-        "selection_ndcg10": {str(k): v for k, v in sorted(selection.scores.items())},
+        "unlabelled_texts": len(unlabelled),
+        "selection_ndcg10": {
+            stage: {str(k): v for k, v in sorted(chosen.scores.items())}
+            for stage, chosen in selections.items()
+        },
         "shipped_step": selection.best_step,
         "steps": result.steps,
         "int8_min_cosine": cosine,
