@@ -43,6 +43,12 @@ def _finetune_arguments() -> ArgumentsAdder:
     return add_finetune_arguments
 
 
+def _text_set_arguments() -> ArgumentsAdder:
+    from medsearch.text_set_cli import add_text_set_arguments
+
+    return add_text_set_arguments
+
+
 def _eval_arguments() -> ArgumentsAdder:
     from medsearch.eval_cli import add_eval_arguments
 
@@ -81,6 +87,12 @@ LAZY_COMMANDS = (
         "finetune-e5",
         _finetune_arguments,
         "fine-tune e5-small symmetrically on BEIR training qrels (the fair small baseline)",
+    ),
+    LazyCommand(
+        ("models",),
+        "text-set",
+        _text_set_arguments,
+        "build a recipe's distillation text set (>= 100k texts, no held-out query) and report it",
     ),
     LazyCommand((), "eval", _eval_arguments, "compare encoder configurations on a BEIR set"),
     LazyCommand((), "bench", _bench_arguments, "benchmarks: service load, query encoders, indexer"),

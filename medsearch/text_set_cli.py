@@ -1,0 +1,73 @@
+"""`medsearch models text-set`: build (or reuse) a recipe's distillation text set and print its report.
+
+The same build `medsearch models align` runs first, into the same place, so the texts can be inspected
+(counts per source, samples) before hours of teacher encoding and training are spent on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medsearch.cli_support import fail
+from settings import Settings
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "models" / "recipes" / "embeddinggemma-300m-k4.json"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_models_text_set(args: argparse.Namespace, settings: Settings) -> int:
+    from pydantic import ValidationError
+
+    from models.align.data import load_beir_train
+    from models.align.frozen import TEXT_SET_DIR, FrozenAlignRecipe
+    from models.align.selection import split_selection
+    from models.align.text_set import TEXTS_FILE, build_text_set
+    from models.data_files import DatasetError
+
+    recipe_path = Path(args.recipe)
+    try:
+        raw = json.loads(recipe_path.read_text(encoding="utf-8"))
+        if args.dataset:
+            raw["dataset"] = args.dataset
+        recipe = FrozenAlignRecipe.model_validate(raw)
+    except OSError as exc:
+        return fail(f"{recipe_path}: {exc.strerror or exc}")
+    except json.JSONDecodeError as exc:
+        return fail(f"{recipe_path}:{exc.lineno}: invalid JSON: {exc.msg}")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return fail(f"{recipe_path}: field {'.'.join(str(p) for p in first['loc'])!r}: {first['msg']}")
+    if recipe.text_set is None:
+        return fail(f"{recipe_path}: the recipe has no text_set")
+    out = Path(args.out) if args.out else settings.home / "align" / recipe.name / TEXT_SET_DIR
+    try:
+        data = load_beir_train(recipe.dataset, recipe.split, query_field=recipe.query_field)
+        _train, selection = split_selection(data, recipe.selection_queries, recipe.seed)
+        report = build_text_set(
+            recipe.text_set,
+            recipe.dataset,
+            out,
+            exclude_ids=set(selection),
+            cache_dir=settings.home / "cache" / "pypi",
+            log=_log,
+        )
+    except (DatasetError, OSError, ValueError) as exc:
+        return fail(str(exc))
+    print(json.dumps({"texts": str(out / TEXTS_FILE), **report.__dict__}, indent=2, ensure_ascii=False))
+    return 0
+
+
+def add_text_set_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0] if __doc__ else None
+    parser.add_argument(
+        "--recipe", default=str(DEFAULT_RECIPE), help="frozen_document recipe with a text_set"
+    )
+    parser.add_argument("--dataset", help="override the recipe's BEIR dataset directory")
+    parser.add_argument("--out", help="output directory (default: MEDSEARCH_HOME/align/NAME/text-set)")
+    parser.set_defaults(func=cmd_models_text_set)
