@@ -435,7 +435,7 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
         "query": ("query-encoder latency by length, with the LLM-as-query ratio", (_query_options,)),
         "indexer": ("document-encoder throughput and FLOP rate against a matmul peak", (_indexer_options,)),
         "precision": (
-            "document encoding in fp32 against a fast path (bf16/int8): docs/s, cosine, % of peak",
+            "document encoding in fp32 against a fast path (bf16/int8): docs/s, cosine, %% of peak",
             (_precision_options,),
         ),
         "all": (

@@ -317,3 +317,24 @@ def test_models_build_refuses_a_path_that_is_not_a_model_in_one_line(
     assert err.startswith(f"medsearch: error: refusing to replace {target}: ")
     assert err.rstrip().endswith("move it away or choose another directory")
     assert (target if occupant == "a file" else target / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["models"],
+        ["models", "align"],
+        ["models", "text-set"],
+        ["models", "finetune-e5"],
+        ["eval"],
+        ["bench"],
+        *([["bench", name] for name in ("service", "query", "indexer", "precision", "all")]),
+    ],
+)
+def test_every_help_page_renders(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse formats help strings with %: a bare '%' in one crashes the page (it did for bench).
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    assert "usage: " in capsys.readouterr().out
