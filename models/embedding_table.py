@@ -84,10 +84,10 @@ def trim_vocabulary(source: Path, target: Path, keep: Sequence[int], unknown_id:
     rows = sorted({*keep, unknown_id})
     trimmed_tables = 0
     for node in graph.node:
-        if node.op_type != "Gather" or node.input[1] not in inputs or node.input[1] != "input_ids":
+        if node.op_type != "Gather" or node.input[1] != "input_ids" or "input_ids" not in inputs:
             continue
         table = initializers.get(node.input[0])
-        if table is None or table.dims[0] < MIN_ROWS:
+        if table is None:
             continue
         vocab = int(table.dims[0])
         if rows[-1] >= vocab:

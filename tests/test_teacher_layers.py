@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from models.align.artifacts import DeltaMismatchError, build_query_encoder, save_query_delta
 from models.align.stage_configs import QueryPointwiseConfig
@@ -17,6 +18,7 @@ from models.align.train import train_query_pointwise
 from models.export import export_query_encoder, quantize_int8
 from models.loading import load_encoder
 from models.manifest import read_manifest, verify_manifest, write_manifest
+from models.vocabulary import tokens_to_keep
 
 TEXTS = ["头痛怎么办", "发烧吃什么药", "咳嗽有痰", "腹泻三天", "失眠多梦", "恶心想吐", "便秘怎么调理", "贫血"]
 # Longer than the tiny embedder's sliding window (9 tokens either side), so the window really cuts.
@@ -92,6 +94,25 @@ def test_delta_rebuilds_the_student_and_its_onnx_export_matches(embedder: Path, 
     _, cosine = quantize_int8(models / "student-onnx", models / "student-onnx-int8", progress=lambda _m: None)
     assert cosine > 0.9
     verify_manifest(models / "student-onnx-int8")
+
+    # A trimmed vocabulary: rows of the training texts (plus characters, bytes and specials) only.
+    table_rows = int(student.model.get_input_embeddings().weight.shape[0])
+    everything = tokens_to_keep(models / "student" / "tokenizer.json", TEXTS[:4], table_rows)
+    assert everything.ids == list(range(table_rows))  # char-level: every token is one character
+    tokenizer = Tokenizer.from_file(str(models / "student" / "tokenizer.json"))
+    used = {i for text in ["task: search result | query: ", *TEXTS[:4]] for i in tokenizer.encode(text).ids}
+    kept = everything.model_copy(update={"ids": sorted(used | {0, 1, 2, 3})})
+    trimmed, _ = quantize_int8(
+        models / "student-onnx", models / "student-onnx-trim", kept=kept, progress=lambda _m: None
+    )
+    assert trimmed.quantization is not None and f"vocabulary-{len(kept.ids)}-rows" in trimmed.quantization
+    full = load_encoder(models / "student-onnx-int8").encode(TEXTS[:4])
+    cut = load_encoder(models / "student-onnx-trim").encode(TEXTS[:4])
+    assert np.min(np.sum(full * cut, axis=1)) > 0.999  # texts inside the kept rows: the same vectors
+    outside = ["贫血"]  # characters outside the kept rows read the unknown token's row
+    trimmed_vector = load_encoder(models / "student-onnx-trim").encode(outside)[0]
+    full_vector = load_encoder(models / "student-onnx-int8").encode(outside)[0]
+    assert float(trimmed_vector @ full_vector) < 0.999
 
 
 def test_a_delta_refuses_other_base_weights(embedder: Path, tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ from models.encoder import Precision
 from models.loading import load_encoder
 from models.manifest import ManifestError, ModelManifest, verify_manifest
 from models.training_loop import CHECKPOINT_FILE
+from models.vocabulary import KEPT_TOKENS_SUFFIX, save_kept_tokens, tokens_to_keep
 
 Log = Callable[[str], None]
 # (document model dir, doc ids, doc texts) -> (len(ids), dim) document vectors, in order.
@@ -112,6 +113,11 @@ class FrozenAlignRecipe(BaseModel):
     encode_batch_size: int = Field(default=16, gt=0)
     int8_max_drop: float = Field(
         default=0.5, ge=0, description="Refuse the int8 encoder when it loses more nDCG@10 than this."
+    )
+    trim_vocabulary: bool = Field(
+        default=False,
+        description="int8 keeps only the word-embedding rows the training texts and corpus use (plus "
+        "every single character, byte and special token); the list is saved beside the delta.",
     )
 
     @model_validator(mode="after")
@@ -422,7 +428,13 @@ def run_frozen_alignment(
         models_dir / query_name, models_dir / f"{query_name}-onnx", name=f"{query_name}-onnx", progress=log
     )
     int8_dir = models_dir / f"{query_name}-onnx-int8"
-    int8, cosine = quantize_int8(models_dir / f"{query_name}-onnx", int8_dir, progress=log)
+    kept = None
+    if recipe.trim_vocabulary:
+        tokenizer_file = models_dir / query_name / "tokenizer.json"
+        table_rows = int(query.model.get_input_embeddings().weight.shape[0])
+        kept = tokens_to_keep(tokenizer_file, [*unlabelled, *query_texts, *doc_texts], table_rows)
+        save_kept_tokens(kept, deltas_dir / f"{query_name}{KEPT_TOKENS_SUFFIX}")
+    int8, cosine = quantize_int8(models_dir / f"{query_name}-onnx", int8_dir, kept=kept, progress=log)
     log(f"align: int8 query encoder, min cosine to fp32 {cosine:.4f}")
     report: dict[str, object] = {
         "recipe": json.loads(recipe.model_dump_json()),

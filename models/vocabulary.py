@@ -1,0 +1,74 @@
+"""Which rows of an LLM's word-embedding table a query encoder keeps (models.embedding_table.trim_vocabulary).
+
+EmbeddingGemma's 262,144-row table is 201 MB even at int8, most of a served query tower's memory, yet
+a Chinese medical query touches a few thousand rows. The kept set is every token the tokenizer emits on
+the texts the tower was trained on (text set, training queries, corpus), plus every single-character
+token, the 256 byte-fallback tokens and the special tokens, so an unseen word still falls back to its
+characters' or bytes' rows; anything else reads the unknown token's row. The list is written beside
+the trained delta and committed with it, so the served graph is rebuilt identically without the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+from tokenizers import Tokenizer
+
+# Beside a query delta ``NAME.safetensors``: ``NAME.tokens.json``.
+KEPT_TOKENS_SUFFIX = ".tokens.json"
+
+
+class KeptTokens(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tokenizer_sha256: str
+    unknown_id: int
+    ids: list[int]
+
+
+def unknown_id(tokenizer_file: Path) -> int:
+    model = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("model", {})
+    token = model.get("unk_token")
+    found = Tokenizer.from_file(str(tokenizer_file)).token_to_id(token) if token else None
+    if found is None:
+        raise ValueError(f"{tokenizer_file}: no unknown token to map dropped rows to")
+    return int(found)
+
+
+def tokens_to_keep(tokenizer_file: Path, texts: Iterable[str], table_rows: int) -> KeptTokens:
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    keep: set[int] = set(tokenizer.get_added_tokens_decoder())
+    keep |= {i for token, i in tokenizer.get_vocab().items() if len(token) == 1 or token.startswith("<0x")}
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == 4096:
+            keep.update(i for encoding in tokenizer.encode_batch(batch) for i in encoding.ids)
+            batch = []
+    keep.update(i for encoding in tokenizer.encode_batch(batch) for i in encoding.ids)
+    unknown = unknown_id(tokenizer_file)
+    return KeptTokens(
+        tokenizer_sha256=hashlib.sha256(tokenizer_file.read_bytes()).hexdigest(),
+        unknown_id=unknown,
+        ids=sorted(i for i in keep | {unknown} if i < table_rows),
+    )
+
+
+def save_kept_tokens(kept: KeptTokens, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(kept.model_dump_json() + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def load_kept_tokens(path: Path, tokenizer_file: Path) -> KeptTokens:
+    kept = KeptTokens.model_validate_json(path.read_text(encoding="utf-8"))
+    actual = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    if kept.tokenizer_sha256 != actual:
+        raise ValueError(f"{path} lists the rows of another tokenizer than {tokenizer_file}")
+    return kept
