@@ -1,7 +1,9 @@
 """`medsearch models text-set`: build (or reuse) a recipe's distillation text set and print its report.
 
 The same build `medsearch models align` runs first, into the same place, so the texts can be inspected
-(counts per source, samples) before hours of teacher encoding and training are spent on them.
+(counts per source, samples) before hours of teacher encoding and training are spent on them. The
+training queries held out for selection (``split_selection`` over the recipe's count and seed, or
+``--exclude-selection``/``--seed``) are left out, exactly as the alignment run holds them out.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def cmd_models_text_set(args: argparse.Namespace, settings: Settings) -> int:
     from models.align.text_set import TEXTS_FILE, build_text_set
     from models.data_files import DatasetError
 
+    if args.exclude_selection is not None and args.exclude_selection < 0:
+        return fail(f"--exclude-selection {args.exclude_selection}: must be 0 or more")
     recipe_path = Path(args.recipe)
     try:
         raw = json.loads(recipe_path.read_text(encoding="utf-8"))
@@ -48,7 +52,9 @@ def cmd_models_text_set(args: argparse.Namespace, settings: Settings) -> int:
     out = Path(args.out) if args.out else settings.home / "align" / recipe.name / TEXT_SET_DIR
     try:
         data = load_beir_train(recipe.dataset, recipe.split, query_field=recipe.query_field)
-        _train, selection = split_selection(data, recipe.selection_queries, recipe.seed)
+        count = recipe.selection_queries if args.exclude_selection is None else args.exclude_selection
+        seed = recipe.seed if args.seed is None else args.seed
+        _train, selection = split_selection(data, count, seed)
         report = build_text_set(
             recipe.text_set,
             recipe.dataset,
@@ -70,4 +76,11 @@ def add_text_set_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dataset", help="override the recipe's BEIR dataset directory")
     parser.add_argument("--out", help="output directory (default: MEDSEARCH_HOME/align/NAME/text-set)")
+    parser.add_argument(
+        "--exclude-selection",
+        type=int,
+        metavar="N",
+        help="training queries held out for selection, never drawn (default: the recipe's, 300)",
+    )
+    parser.add_argument("--seed", type=int, help="seed of the selection split (default: the recipe's, 0)")
     parser.set_defaults(func=cmd_models_text_set)

