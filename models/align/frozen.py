@@ -283,9 +283,10 @@ def run_frozen_alignment(
     )
 
     unlabelled: list[str] = []
+    text_set_counts: dict[str, int] = {}
     if recipe.text_set is not None:
         text_dir = work_dir / TEXT_SET_DIR
-        report = build_text_set(
+        built = build_text_set(
             recipe.text_set,
             recipe.dataset,
             text_dir,
@@ -294,7 +295,8 @@ def run_frozen_alignment(
             log=log,
         )
         unlabelled = load_text_set(text_dir / "texts.jsonl", recipe.dataset)
-        log(f"align: text set of {len(unlabelled)} texts ({report.counts_line()})")
+        log(f"align: text set of {len(unlabelled)} texts ({built.counts_line()})")
+        text_set_counts = built.counts
     elif recipe.pseudo_queries is not None:
         unlabelled = pseudo_queries(
             recipe.pseudo_queries, recipe.dataset / "queries.jsonl", set(labelled), doc_texts
@@ -440,6 +442,7 @@ def run_frozen_alignment(
         "recipe": json.loads(recipe.model_dump_json()),
         "training_queries": len(labelled),
         "unlabelled_texts": len(unlabelled),
+        "text_set": text_set_counts,
         "selection_ndcg10": {
             stage: {str(k): v for k, v in sorted(chosen.scores.items())}
             for stage, chosen in selections.items()

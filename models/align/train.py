@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from models.align.data import TrainingGroup
 from models.align.document_side import DocumentTower
 from models.align.losses import embedding_mse, group_positive_index, info_nce, score_distillation
+from models.align.query_side import QueryTower
 from models.align.stage_configs import (
     DocumentDistillationConfig,
     JointConfig,
@@ -245,7 +246,7 @@ def _pick(rng: np.random.Generator, group: TrainingGroup, negatives: int) -> tup
 
 
 def train_joint(
-    query: QueryStudent,
+    query: QueryTower,  # per-query instructions: a BERT-family tower's CARE template
     document: DocumentTower,
     groups: Sequence[TrainingGroup],
     config: JointConfig,
