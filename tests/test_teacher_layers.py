@@ -17,7 +17,7 @@ from models.align.teacher_layers import TeacherLayersConfig, TeacherLayersTower
 from models.align.train import train_query_pointwise
 from models.export import export_query_encoder, quantize_int8
 from models.loading import load_encoder
-from models.manifest import read_manifest, verify_manifest, write_manifest
+from models.manifest import read_manifest, staged_model_dir, verify_manifest, write_manifest
 from models.vocabulary import tokens_to_keep
 
 TEXTS = ["头痛怎么办", "发烧吃什么药", "咳嗽有痰", "腹泻三天", "失眠多梦", "恶心想吐", "便秘怎么调理", "贫血"]
@@ -159,3 +159,60 @@ def test_teacher_cache_is_fp16_resumable_and_refuses_another_teacher(embedder: P
             teacher_query_vectors(embedder, texts, cache, batch_size=8, log=log.append)
     finally:
         frozen.TEACHER_CHUNK = original
+
+
+def _student_onnx(embedder: Path) -> Path:
+    student = _tower(embedder, 1)
+    models = embedder.parent
+    with staged_model_dir(models / "student") as work:
+        student.save(work, name="student", space=read_manifest(embedder).space)
+    export_query_encoder(models / "student", models / "student-onnx", progress=lambda _m: None)
+    return models / "student-onnx"
+
+
+@pytest.mark.parametrize("document_space", ["multilingual-e5-small", "tiny-st-embedder@other"])
+def test_the_service_refuses_the_student_beside_documents_of_another_space(
+    embedder: Path, tmp_path: Path, document_space: str
+) -> None:
+    from service.state import StartupError, load_state
+    from settings import Settings
+    from store.factory import open_store
+    from store.spec import CollectionSpec
+
+    onnx = _student_onnx(embedder)
+    settings = Settings(home=tmp_path, models_dir=onnx.parent, query_model=onnx.name)
+    store = open_store(None, settings.store_path)
+    store.create_collection(
+        settings.collection,
+        CollectionSpec(
+            dim=read_manifest(onnx).dim, space=document_space, encoder="other", encoder_fingerprint="e" * 64
+        ),
+    )
+    store.close()
+    with pytest.raises(StartupError, match="refusing to serve"):
+        load_state(settings)
+
+
+def test_the_service_serves_the_student_beside_its_teachers_documents(embedder: Path, tmp_path: Path) -> None:
+    from service.state import load_state
+    from settings import Settings
+    from store.factory import open_store
+    from store.spec import CollectionSpec
+
+    onnx = _student_onnx(embedder)
+    teacher = read_manifest(embedder)
+    settings = Settings(home=tmp_path, models_dir=onnx.parent, query_model=onnx.name)
+    store = open_store(None, settings.store_path)
+    store.create_collection(
+        settings.collection,
+        CollectionSpec(
+            dim=teacher.dim,
+            space=teacher.space,
+            encoder=teacher.name,
+            encoder_fingerprint=teacher.fingerprint,
+        ),
+    )
+    store.close()
+    state = load_state(settings)
+    assert state.problem is None and state.spec is not None and state.spec.space == teacher.space
+    state.store.close()
