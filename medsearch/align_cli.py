@@ -185,6 +185,7 @@ def _run_frozen(recipe: Any, args: argparse.Namespace, settings: Settings) -> in
             log=_log,
             threads=settings.threads,
             cache_dir=settings.home / "cache" / "pypi",
+            teacher_cache=settings.home / "cache" / "teacher-queries",
         )
     except (
         QualityGateError,

@@ -59,6 +59,16 @@ REPORT_FILE = "report.json"
 BEST_FILE = "best.pt"
 TEACHER_CHUNK = 512
 TEACHER_DIR = "teacher-queries"
+
+
+def teacher_cache_dir(root: Path, teacher: str, texts: Sequence[str]) -> Path:
+    """Where the teacher's vectors of ``texts`` live under ``root``: one directory per teacher name
+    and text list, shared by every recipe that distils the same texts (the e5 and the teacher-layers
+    students read one pass); ``teacher.json`` inside refuses another build of that teacher."""
+    digest = hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()[:16]
+    return root / f"{teacher}-{digest}"
+
+
 TEACHER_META = "teacher.json"
 TEXT_SET_DIR = "text-set"
 
@@ -170,7 +180,7 @@ def teacher_query_vectors(
             if saved.get(key) != value:
                 raise TeacherCacheError(
                     f"{cache_dir}: cached teacher vectors have another {key} ({saved.get(key)!r}, this "
-                    f"run: {value!r}); remove {cache_dir} or use another work directory"
+                    f"run: {value!r}); remove {cache_dir} to compute them again"
                 )
     cache_dir.mkdir(parents=True, exist_ok=True)
     encoder = None
@@ -250,10 +260,12 @@ def run_frozen_alignment(
     progress: bool = True,
     threads: int = 0,
     cache_dir: Path | None = None,
+    teacher_cache: Path | None = None,
 ) -> FrozenAlignResult:
     """Train, select and publish a query encoder in ``recipe.document_model``'s space.
 
-    ``cache_dir`` holds the PyPI files a text set reads (default: under ``work_dir``)."""
+    ``cache_dir`` holds the PyPI files a text set reads, ``teacher_cache`` the teacher's query vectors
+    (both default to directories under ``work_dir``)."""
     from models.export import export_query_encoder, quantize_int8
 
     if threads:
@@ -312,7 +324,7 @@ def run_frozen_alignment(
     teacher_all = teacher_query_vectors(
         document_dir,
         distinct,
-        work_dir / TEACHER_DIR,
+        teacher_cache_dir(teacher_cache or work_dir / TEACHER_DIR, document.name, distinct),
         batch_size=recipe.encode_batch_size,
         log=log,
         threads=threads,
