@@ -131,6 +131,19 @@ def test_shipped_recipes_are_valid() -> None:
     )
     assert gemma.split == "train"
     assert gemma.document_side.mode != "frozen"
+    # The issue-25 towers: the same text set, teacher and stages, one student each.
+    towers = {
+        name: FrozenAlignRecipe.model_validate_json((DEFAULT_RECIPE.parent / f"{name}.json").read_text())
+        for name in ("embeddinggemma-300m-k4", "e5-small-distilled-embeddinggemma")
+    }
+    k4, e5 = towers["embeddinggemma-300m-k4"], towers["e5-small-distilled-embeddinggemma"]
+    assert k4.teacher_layers is not None and k4.teacher_layers.layers == 4 and k4.query_model is None
+    assert e5.query_model == "multilingual-e5-small" and e5.teacher_layers is None
+    for tower in (k4, e5):
+        assert tower.split == "train" and tower.document_model == "embeddinggemma-300m"
+        assert tower.text_set == k4.text_set and tower.stage_one is not None
+    assert k4.stage_one is not None and e5.stage_one is not None
+    assert (k4.stage_one.steps, k4.training.steps) == (e5.stage_one.steps, e5.training.steps)
 
 
 def test_build_of_an_aligned_model_without_its_delta_says_how_to_train_it(
