@@ -21,6 +21,7 @@ from models.attention_masks import encoder_attention_mask
 from models.dense import load_dense_stack
 from models.embedding_table import compress_embedding_tables, trim_vocabulary
 from models.hf_loading import load_hf_model
+from models.int8_plan import Int8Plan
 from models.manifest import (
     ModelManifest,
     Pooling,
@@ -33,7 +34,6 @@ from models.manifest import (
 from models.onnx_encoder import ONNX_FILE, OUTPUT_NAME, TOKENIZER_FILE, OnnxEncoder
 from models.pooling import finish, pool
 from models.projection import load_projection
-from models.vocabulary import KeptTokens
 
 PARITY_TEXTS: tuple[str, ...] = (
     "高血压能吃党参吗",
@@ -215,12 +215,25 @@ def check_parity(onnx_dir: Path, wrapper: torch.nn.Module, texts: Sequence[str])
     return min_row_cosine(encoder.encode(texts, batch_size=len(texts)), expected)
 
 
+def _float_matmuls(graph: Path, fragments: Sequence[str]) -> list[str]:
+    if not fragments:
+        return []
+    import onnx
+
+    names = [n.name for n in onnx.load(str(graph)).graph.node if n.op_type == "MatMul"]
+    chosen = [name for name in names if any(f in name for f in fragments)]
+    missing = [f for f in fragments if not any(f in name for name in names)]
+    if missing:
+        raise ValueError(f"{graph}: no MatMul named like {missing[0]!r}")
+    return chosen
+
+
 def quantize_int8(
     onnx_dir: Path,
     out_dir: Path,
     *,
     texts: Sequence[str] = PARITY_TEXTS,
-    kept: KeptTokens | None = None,
+    plan: Int8Plan | None = None,
     progress: Callable[[str], None] = print,
 ) -> tuple[ModelManifest, float]:
     """Dynamic int8 of the MatMul weights per output channel, and int8 embedding tables with a scale
@@ -232,8 +245,8 @@ def quantize_int8(
     leave the mean cosine to fp32 on 500 cmedqa-im queries unchanged (0.9956) and shrink the graph
     from 388 to 114 MiB, which is most of the service's resident memory.
 
-    ``kept`` (models/vocabulary.py) first trims the word-embedding table to the rows it lists: an LLM
-    student's 262k-row table is 201 MB even in int8 (models/embedding_table.py).
+    ``plan`` (models/int8_plan.py) leaves named MatMuls in float and first trims the word-embedding
+    table to the rows it lists: an LLM student's 262k-row table is 201 MB even in int8.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -241,6 +254,8 @@ def quantize_int8(
     with staged_model_dir(out_dir) as work:
         graph = onnx_dir / ONNX_FILE
         quantization = "int8-dynamic-matmul-per-channel+embeddings-int8-per-row"
+        plan = plan or Int8Plan()
+        kept = plan.vocabulary
         if kept is not None:
             graph = work / f"trimmed-{ONNX_FILE}"
             rows = trim_vocabulary(onnx_dir / ONNX_FILE, graph, kept.ids, kept.unknown_id)
@@ -248,12 +263,17 @@ def quantize_int8(
             quantization += f"+vocabulary-{rows}-rows"
         progress(f"quantize: int8 MatMul weights of {source.name}")
         matmuls = work / f"matmul-{ONNX_FILE}"
+        floats = _float_matmuls(graph, plan.keep_float)
+        if floats:
+            progress(f"quantize: {len(floats)} MatMuls stay float32 ({', '.join(plan.keep_float)})")
+            quantization += f"+float-{'-'.join(plan.keep_float)}"
         quantize_dynamic(
             str(graph),
             str(matmuls),
             op_types_to_quantize=["MatMul"],
             per_channel=True,
             weight_type=QuantType.QInt8,
+            nodes_to_exclude=floats,
         )
         progress("quantize: int8 embedding tables, one scale per row")
         compress_embedding_tables(matmuls, work / ONNX_FILE)

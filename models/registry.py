@@ -55,13 +55,13 @@ def _onnx(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
 
 def _int8(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
     from models.export import quantize_int8
-    from models.vocabulary import KEPT_TOKENS_SUFFIX, load_kept_tokens
+    from models.int8_plan import INT8_PLAN_SUFFIX, load_int8_plan
 
     assert parent is not None
-    # An aligned student's committed list of kept embedding rows (models/vocabulary.py), if it has one.
-    listed = DELTAS_DIR / f"{out.name.removesuffix('-onnx-int8')}{KEPT_TOKENS_SUFFIX}"
-    kept = load_kept_tokens(listed, parent / "tokenizer.json") if listed.is_file() else None
-    manifest, _cosine = quantize_int8(parent, out, kept=kept, progress=progress)
+    # An aligned student's committed int8 plan (models/int8_plan.py), if it has one.
+    listed = DELTAS_DIR / f"{out.name.removesuffix('-onnx-int8')}{INT8_PLAN_SUFFIX}"
+    plan = load_int8_plan(listed, parent / "tokenizer.json") if listed.is_file() else None
+    manifest, _cosine = quantize_int8(parent, out, plan=plan, progress=progress)
     return manifest
 
 

@@ -6,23 +6,18 @@ the texts the tower was trained on (text set, training queries, corpus), plus ev
 token, the 256 byte-fallback tokens, the special tokens and the ASCII tokens among the first
 ``ascii_below`` ids (a BPE vocabulary lists its most frequent merges first: common English words and
 drug names), so an unseen word still falls back to its characters' or bytes' rows; anything else
-reads the unknown token's row. The list is written beside
-the trained delta and committed with it, so the served graph is rebuilt identically without the data.
+reads the unknown token's row. The list travels in the int8 plan (models/int8_plan.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 from tokenizers import Tokenizer
-
-# Beside a query delta ``NAME.safetensors``: ``NAME.tokens.json``.
-KEPT_TOKENS_SUFFIX = ".tokens.json"
 
 
 class KeptTokens(BaseModel):
@@ -72,18 +67,3 @@ def tokens_to_keep(
         unknown_id=unknown,
         ids=sorted(i for i in keep | {unknown} if i < table_rows),
     )
-
-
-def save_kept_tokens(kept: KeptTokens, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(kept.model_dump_json() + "\n", encoding="utf-8")
-    os.replace(partial, path)
-
-
-def load_kept_tokens(path: Path, tokenizer_file: Path) -> KeptTokens:
-    kept = KeptTokens.model_validate_json(path.read_text(encoding="utf-8"))
-    actual = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
-    if kept.tokenizer_sha256 != actual:
-        raise ValueError(f"{path} lists the rows of another tokenizer than {tokenizer_file}")
-    return kept

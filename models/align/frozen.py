@@ -45,10 +45,11 @@ from models.align.teacher_layers import TeacherLayersConfig, TeacherLayersTower
 from models.align.text_set import TextSetConfig, build_text_set, load_text_set
 from models.align.train import TeacherSignal, train_query_distillation, train_query_pointwise
 from models.encoder import Precision
+from models.int8_plan import INT8_PLAN_SUFFIX, Int8Plan, save_int8_plan
 from models.loading import load_encoder
 from models.manifest import ManifestError, ModelManifest, verify_manifest
 from models.training_loop import CHECKPOINT_FILE
-from models.vocabulary import KEPT_TOKENS_SUFFIX, save_kept_tokens, tokens_to_keep
+from models.vocabulary import tokens_to_keep
 
 Log = Callable[[str], None]
 # (document model dir, doc ids, doc texts) -> (len(ids), dim) document vectors, in order.
@@ -123,6 +124,10 @@ class FrozenAlignRecipe(BaseModel):
     encode_batch_size: int = Field(default=16, gt=0)
     int8_max_drop: float = Field(
         default=0.5, ge=0, description="Refuse the int8 encoder when it loses more nDCG@10 than this."
+    )
+    int8_keep_float: list[str] = Field(
+        default_factory=list,
+        description="MatMul node-name fragments the int8 graph keeps in float32 (models/int8_plan.py).",
     )
     trim_vocabulary: bool = Field(
         default=False,
@@ -442,13 +447,15 @@ def run_frozen_alignment(
         models_dir / query_name, models_dir / f"{query_name}-onnx", name=f"{query_name}-onnx", progress=log
     )
     int8_dir = models_dir / f"{query_name}-onnx-int8"
-    kept = None
+    plan = Int8Plan(keep_float=list(recipe.int8_keep_float))
     if recipe.trim_vocabulary:
         tokenizer_file = models_dir / query_name / "tokenizer.json"
         table_rows = int(query.model.get_input_embeddings().weight.shape[0])
         kept = tokens_to_keep(tokenizer_file, [*unlabelled, *query_texts, *doc_texts], table_rows)
-        save_kept_tokens(kept, deltas_dir / f"{query_name}{KEPT_TOKENS_SUFFIX}")
-    int8, cosine = quantize_int8(models_dir / f"{query_name}-onnx", int8_dir, kept=kept, progress=log)
+        plan = plan.model_copy(update={"vocabulary": kept})
+    if plan != Int8Plan():
+        save_int8_plan(plan, deltas_dir / f"{query_name}{INT8_PLAN_SUFFIX}")
+    int8, cosine = quantize_int8(models_dir / f"{query_name}-onnx", int8_dir, plan=plan, progress=log)
     log(f"align: int8 query encoder, min cosine to fp32 {cosine:.4f}")
     report: dict[str, object] = {
         "recipe": json.loads(recipe.model_dump_json()),
