@@ -3,7 +3,8 @@
 EmbeddingGemma's 262,144-row table is 201 MB even at int8, most of a served query tower's memory, yet
 a Chinese medical query touches a few thousand rows. The kept set is every token the tokenizer emits on
 the texts the tower was trained on (text set, training queries, corpus), plus every single-character
-token, the 256 byte-fallback tokens, the special tokens and the ASCII tokens among the first
+token, every token holding a CJK character, the 256 byte-fallback tokens, the special tokens and the
+ASCII tokens among the first
 ``ascii_below`` ids (a BPE vocabulary lists its most frequent merges first: common English words and
 drug names), so an unseen word still falls back to its characters' or bytes' rows; anything else
 reads the unknown token's row. The list travels in the int8 plan (models/int8_plan.py).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,6 +42,9 @@ def unknown_id(tokenizer_file: Path) -> int:
 # Measured on the parity texts: without them an English query maps most words to the unknown row
 # (cosine 0.71 to the untrimmed graph); the first 100k ids hold 66,091 ASCII tokens (drug names too).
 ASCII_BELOW = 100_000
+# Every token holding a CJK character or CJK punctuation (20,919 in EmbeddingGemma's vocabulary): a
+# Chinese query never falls back to the unknown row, whatever the training texts held.
+_CJK = re.compile("[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]")
 
 
 def tokens_to_keep(
@@ -48,11 +53,8 @@ def tokens_to_keep(
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     keep: set[int] = set(tokenizer.get_added_tokens_decoder())
     for token, i in tokenizer.get_vocab().items():
-        if (
-            len(token) == 1
-            or token.startswith("<0x")
-            or (i < ascii_below and token.replace("\u2581", "").isascii())
-        ):
+        ascii_word = i < ascii_below and token.replace("\u2581", "").isascii()
+        if len(token) == 1 or token.startswith("<0x") or ascii_word or _CJK.search(token):
             keep.add(i)
     batch: list[str] = []
     for text in texts:
