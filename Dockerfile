@@ -68,7 +68,7 @@ ENTRYPOINT ["medsearch"]
 CMD ["serve"]
 
 FROM api AS api-with-models
-ARG QUERY_MODEL=multilingual-e5-small-onnx-int8
+ARG QUERY_MODEL=embeddinggemma-300m-k4-query-onnx-int8
 # `models` is a named build context (--build-context models=DIR), which hadolint cannot see.
 # hadolint ignore=DL3022
 COPY --from=models --chown=10001:10001 ${QUERY_MODEL} /data/models/${QUERY_MODEL}

@@ -24,7 +24,8 @@ from medsearch.cli_support import fail
 from models.align.pipeline import AlignRecipe, run_alignment
 from settings import Settings
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "models" / "recipes" / "care-embeddinggemma-300m.json"
+# The recipe of the served query encoder (issue 25).
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "models" / "recipes" / "embeddinggemma-300m-k4.json"
 DEFAULT_DELTAS = Path(__file__).resolve().parents[1] / "models" / "deltas"
 
 

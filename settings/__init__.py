@@ -13,10 +13,12 @@ class Settings(BaseSettings):
 
     home: Path = Field(default=Path("var"), description="Root for built models and the embedded store.")
     models_dir: Path | None = Field(default=None, description="Built encoders; default HOME/models.")
-    query_model: str = Field(default="multilingual-e5-small-onnx", description="Query encoder directory.")
+    query_model: str = Field(
+        default="embeddinggemma-300m-k4-query-onnx-int8", description="Query encoder directory."
+    )
     document_model: str = Field(
-        default="multilingual-e5-small",
-        description="Document encoder directory used by the indexer (e.g. gemma-3-270m).",
+        default="embeddinggemma-300m",
+        description="Document encoder directory used by the indexer (e.g. multilingual-e5-small).",
     )
     collection: str = Field(
         default="medsearch",

@@ -76,6 +76,13 @@ def default_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.registry import build
 
     root = tmp_path_factory.mktemp("default-models")
-    for name in ("multilingual-e5-small", "multilingual-e5-small-onnx"):
+    # The served default pair (issue 25): EmbeddingGemma documents, its distilled K=4 int8 query tower
+    # (rebuilt from the committed delta and int8 plan), and the e5-small pair it replaced.
+    for name in (
+        "embeddinggemma-300m",
+        "embeddinggemma-300m-k4-query-onnx-int8",
+        "multilingual-e5-small",
+        "multilingual-e5-small-onnx",
+    ):
         build(name, root, progress=lambda _m: None)
     return root

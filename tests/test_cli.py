@@ -124,8 +124,12 @@ def test_shipped_recipes_are_valid() -> None:
 
     default = FrozenAlignRecipe.model_validate_json(DEFAULT_RECIPE.read_text(encoding="utf-8"))
     assert default.split == "train"  # never the dev split
-    assert (default.document_model, default.query_model) == ("embeddinggemma-300m", "multilingual-e5-small")
+    assert default.name == "embeddinggemma-300m-k4"  # the served query encoder's recipe
     assert default.training.stage == "query_distillation"
+    issue13 = FrozenAlignRecipe.model_validate_json(
+        (DEFAULT_RECIPE.parent / "care-embeddinggemma-300m.json").read_text()
+    )
+    assert (issue13.document_model, issue13.query_model) == ("embeddinggemma-300m", "multilingual-e5-small")
     gemma = AlignRecipe.model_validate_json(
         (DEFAULT_RECIPE.parent / "care-gemma-3-270m.json").read_text(encoding="utf-8")
     )

@@ -43,13 +43,13 @@ async def test_build_index_serve_search(default_models: Path, tmp_path: Path, mo
     ):
         assert (await client.get("/readyz")).status_code == 200
         info = (await client.get("/info")).json()
-        assert info["pairing"] == "symmetric" and "Symmetric pair" in info["pairing_note"]
+        assert info["pairing"] == "asymmetric" and "Asymmetric pair" in info["pairing_note"]
         answer = await client.post("/search", json={"query": "高血压能吃党参吗", "top_k": 5})
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["hits"][0]["id"] == EXAMPLE_DOC
-        assert body["query_encoder"] == "multilingual-e5-small-onnx"
-        assert body["document_encoder"] == "multilingual-e5-small"
+        assert body["query_encoder"] == "embeddinggemma-300m-k4-query-onnx-int8"
+        assert body["document_encoder"] == "embeddinggemma-300m"
         assert len(body["hits"]) == 5
         assert all(h["text"] and "department" in h["metadata"] for h in body["hits"])
         scores = [h["score"] for h in body["hits"]]

@@ -345,7 +345,7 @@ async def test_black_box_refuses_a_collection_holding_another_corpus(
 def test_real_default_pair_on_a_cmedqa_subset(
     default_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The shared dev split and CARE's STS file work as they are, and e5-small is a real retriever."""
+    """The shared dev split and CARE's STS file work as they are, and the served pair is a real retriever."""
     src = SHARED_DATA / "cmedqa-im"
     rows = (src / "qrels" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:11]
     positives = {row.split("\t")[1] for row in rows}
@@ -366,7 +366,8 @@ def test_real_default_pair_on_a_cmedqa_subset(
     args = [str(subset), "--config", "default", "--config", "bm25", "--sts", str(sts)]
     result = run_eval(args, tmp_path / "r.json")
     default = result["default"]
-    assert default["kind"] == "symmetric-bert"
+    assert default["kind"] == "asymmetric"
+    assert default["query_encoder"] == "embeddinggemma-300m-k4-query-onnx-int8"
     assert default["queries"] == 10
     assert default["ndcg@10"] > 60  # random vectors would score about 15 on 30 documents
     assert default["sts"]["stage2-medteb-sts"]["spearman"] > 30
