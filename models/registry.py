@@ -170,7 +170,10 @@ RECIPES: dict[str, Recipe] = {
         *_aligned_query_family(ALIGNED, "Gemma-3-270M (aligned)", ALIGNED),
         *_aligned_query_family(ALIGNED_EMBEDDINGGEMMA, "EmbeddingGemma-300M", ALIGNED_EMBEDDINGGEMMA),
         *_aligned_query_family(
-            DISTILLED_EMBEDDINGGEMMA, "EmbeddingGemma-300M", None, base="embeddinggemma-300m"
+            DISTILLED_EMBEDDINGGEMMA,
+            "EmbeddingGemma-300M",
+            DISTILLED_EMBEDDINGGEMMA,
+            base="embeddinggemma-300m",
         ),
     )
 }

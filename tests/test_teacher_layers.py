@@ -86,6 +86,7 @@ def test_delta_rebuilds_the_student_and_its_onnx_export_matches(embedder: Path, 
     models = embedder.parent
     built = build_query_encoder(embedder, delta, models / "student", progress=lambda _m: None)
     assert (built.role, built.space, built.dim) == ("query", space, read_manifest(embedder).dim)
+    assert built.derived_from == ""  # trained weights: evaluation pairs it as asymmetric, not an export
     rebuilt = load_encoder(models / "student", device="cpu", mode="query").encode(TEXTS)
     assert np.min(np.sum(rebuilt * trained, axis=1)) > 0.999  # fp16 delta
 

@@ -201,7 +201,8 @@ class TeacherLayersTower(nn.Module):
                 "figures": {},
                 "source": f"first {self.config.layers} layers of {self.source.name} "
                 f"({self.source.fingerprint[:12]}), distilled",
-                "derived_from": self.source.fingerprint,
+                # Trained weights, not an export of the teacher: evaluation must not pair it as one.
+                "derived_from": "",
             }
         )
         return write_manifest(out_dir, manifest)
