@@ -14,13 +14,12 @@ the training data:
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.vocabulary import KeptTokens
+from models.vocabulary import KeptTokens, vocabulary_digest
 
 # Beside a query delta ``NAME.safetensors``: ``NAME.int8.json``.
 INT8_PLAN_SUFFIX = ".int8.json"
@@ -43,8 +42,6 @@ def save_int8_plan(plan: Int8Plan, path: Path) -> None:
 def load_int8_plan(path: Path, tokenizer_file: Path) -> Int8Plan:
     """The plan at ``path``; refused when its vocabulary lists the rows of another tokenizer."""
     plan = Int8Plan.model_validate_json(path.read_text(encoding="utf-8"))
-    if plan.vocabulary is not None:
-        actual = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
-        if plan.vocabulary.tokenizer_sha256 != actual:
-            raise ValueError(f"{path} lists the embedding rows of another tokenizer than {tokenizer_file}")
+    if plan.vocabulary is not None and plan.vocabulary.vocabulary_sha256 != vocabulary_digest(tokenizer_file):
+        raise ValueError(f"{path} lists the embedding rows of another tokenizer than {tokenizer_file}")
     return plan

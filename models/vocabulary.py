@@ -25,9 +25,14 @@ from tokenizers import Tokenizer
 class KeptTokens(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    tokenizer_sha256: str
+    vocabulary_sha256: str  # of the token -> id map: the same however the tokenizer file is serialized
     unknown_id: int
     ids: list[int]
+
+
+def vocabulary_digest(tokenizer_file: Path) -> str:
+    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
+    return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
 
 
 def unknown_id(tokenizer_file: Path) -> int:
@@ -65,7 +70,7 @@ def tokens_to_keep(
     keep.update(i for encoding in tokenizer.encode_batch(batch) for i in encoding.ids)
     unknown = unknown_id(tokenizer_file)
     return KeptTokens(
-        tokenizer_sha256=hashlib.sha256(tokenizer_file.read_bytes()).hexdigest(),
+        vocabulary_sha256=vocabulary_digest(tokenizer_file),
         unknown_id=unknown,
         ids=sorted(i for i in keep | {unknown} if i < table_rows),
     )

@@ -17,7 +17,7 @@ from models.align.stage_configs import QueryPointwiseConfig
 from models.align.teacher_layers import TeacherLayersConfig, TeacherLayersTower
 from models.align.train import train_query_pointwise
 from models.export import export_query_encoder, quantize_int8
-from models.int8_plan import Int8Plan
+from models.int8_plan import Int8Plan, load_int8_plan, save_int8_plan
 from models.loading import load_encoder
 from models.manifest import read_manifest, staged_model_dir, verify_manifest, write_manifest
 from models.vocabulary import tokens_to_keep
@@ -73,7 +73,9 @@ def test_pointwise_stage_pulls_the_student_onto_the_teacher(embedder: Path) -> N
     assert after > before + 0.05 and after > 0.9
 
 
-def test_delta_rebuilds_the_student_and_its_onnx_export_matches(embedder: Path, tmp_path: Path) -> None:
+def test_delta_rebuilds_the_student_and_its_onnx_export_matches(
+    embedder: Path, tmp_path: Path, tiny_bert: Path
+) -> None:
     teacher = torch.from_numpy(_teacher(embedder))
     student = _tower(embedder, 1)
     config = QueryPointwiseConfig(steps=10, batch_size=4, query_lr=3e-3, warmup_steps=0)
@@ -108,6 +110,12 @@ def test_delta_rebuilds_the_student_and_its_onnx_export_matches(embedder: Path, 
     used = {i for text in ["task: search result | query: ", *TEXTS[:4]] for i in tokenizer.encode(text).ids}
     kept = everything.model_copy(update={"ids": sorted(used | {0, 1, 2, 3})})
     plan = Int8Plan(keep_float=["down_proj"], vocabulary=kept)
+    # Saved from the student's directory, read back against its export's (re-serialized) tokenizer,
+    # as `medsearch models build` does; another tokenizer's vocabulary is refused.
+    save_int8_plan(plan, tmp_path / "student.int8.json")
+    assert load_int8_plan(tmp_path / "student.int8.json", models / "student-onnx" / "tokenizer.json") == plan
+    with pytest.raises(ValueError, match="another tokenizer"):
+        load_int8_plan(tmp_path / "student.int8.json", tiny_bert / "tokenizer.json")
     trimmed, _ = quantize_int8(
         models / "student-onnx", models / "student-onnx-trim", plan=plan, progress=lambda _m: None
     )
