@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import AutoTokenizer
 
+from models.align.trainable import TrainableTower
 from models.hf_loading import load_hf_model
 from models.manifest import MANIFEST_FILE, ModelManifest, read_manifest
 from models.pooling import finish, pool
@@ -53,7 +54,7 @@ class QuerySideConfig(BaseModel):
         return self.template.replace("{task}", task or self.task)
 
 
-class QueryTower(nn.Module):
+class QueryTower(TrainableTower):
     """Encodes queries with gradients; ``model`` and ``projection`` are its trainable submodules."""
 
     def __init__(self, model_dir: Path, config: QuerySideConfig, *, seed: int = 0) -> None:
@@ -97,20 +98,6 @@ class QueryTower(nn.Module):
         if self.projection is not None:
             return int(self.projection.out_features)
         return int(self.model.config.hidden_size)
-
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {name: p for name, p in self.named_parameters() if p.requires_grad}
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone() for name, p in self.trainable_parameters().items()}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = self.trainable_parameters()
-        if set(state) != set(params):
-            raise ValueError("the saved query-side state does not match this configuration")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
 
     def base_values(self) -> dict[str, torch.Tensor]:
         """The loaded model's tensors that training changes (projection excluded), by model name."""

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from models.align.trainable import TrainableTower
 from models.attention_masks import encoder_attention_mask
 from models.dense import load_dense_stack
 from models.manifest import ModelManifest, read_manifest, write_manifest
@@ -80,7 +81,7 @@ def truncated_config(teacher_dir: Path, layers: int) -> Any:
     return config
 
 
-class TeacherLayersTower(nn.Module):
+class TeacherLayersTower(TrainableTower):
     """Query encoder with gradients; ``model`` (K layers) and ``dense`` are its trainable parts."""
 
     def __init__(self, teacher_dir: Path, config: TeacherLayersConfig, *, seed: int = 0) -> None:
@@ -115,20 +116,6 @@ class TeacherLayersTower(nn.Module):
     @property
     def dim(self) -> int:
         return self.source.dim
-
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {name: p for name, p in self.named_parameters() if p.requires_grad}
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone() for name, p in self.trainable_parameters().items()}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = self.trainable_parameters()
-        if set(state) != set(params):
-            raise ValueError("the saved query-side state does not match this configuration")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
 
     def base_values(self) -> dict[str, torch.Tensor]:
         """The teacher's values of every tensor training changes, by parameter name."""
