@@ -248,6 +248,8 @@ def test_a_rerun_resumes_from_the_caches_and_checkpoint(
     second = run_frozen_alignment(recipe, log=messages.append, **kwargs)  # type: ignore[arg-type]
     assert not any("encoding" in m for m in messages)  # teacher vectors read back, not recomputed
     assert first.query.fingerprint == second.query.fingerprint
+    # The resumed run's report still holds the curve the first run scored.
+    assert second.report["selection_ndcg10"] == first.report["selection_ndcg10"]
 
 
 def test_an_int8_encoder_that_loses_too_much_is_not_published(

@@ -58,6 +58,7 @@ CorpusVectors = Callable[[Path, Sequence[str], Sequence[str]], np.ndarray]
 QualityGate = Callable[[Path, Path], tuple[float, float]]
 REPORT_FILE = "report.json"
 BEST_FILE = "best.pt"
+SCORES_FILE = "selection.json"
 TEACHER_CHUNK = 512
 TEACHER_DIR = "teacher-queries"
 
@@ -233,9 +234,16 @@ class _Selection:
         vectors = query.encode(self.texts).numpy()
         return selection_score(self.scorer, self.ids, vectors, self.doc_ids, self.doc_vectors, self.relevant)
 
+    @property
+    def scores_path(self) -> Path:
+        return self.path.with_name(SCORES_FILE)
+
     def record(self, step: int, query: QueryStudent) -> float:
         score = self.score(query)
         self.scores[step] = score
+        # The curve survives a resume: the report of a resumed run still shows every scored step.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.scores_path.write_text(json.dumps({str(k): v for k, v in self.scores.items()}) + "\n")
         if score > self.best_score:
             self.best_score, self.best_step = score, step
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,6 +255,9 @@ class _Selection:
         if self.path.is_file():
             saved = torch.load(self.path, weights_only=True)
             self.best_score, self.best_step = float(saved["score"]), int(saved["step"])
+        if self.scores_path.is_file():
+            saved_scores = json.loads(self.scores_path.read_text())
+            self.scores = {int(k): float(v) for k, v in saved_scores.items()} | self.scores
 
     def load_best(self, query: QueryStudent) -> None:
         query.load_trainable_state(torch.load(self.path, weights_only=True)["state"])
