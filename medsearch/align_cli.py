@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 # Imported at load (the CLI loads this module only for `medsearch models align`): where torch or the
 # evaluation package is missing (the api image), loading fails and the CLI says so in one line.
@@ -26,6 +26,7 @@ from settings import Settings
 
 # The recipe of the served query encoder (issue 25).
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "models" / "recipes" / "embeddinggemma-300m-k4.json"
+R = TypeVar("R")
 DEFAULT_DELTAS = Path(__file__).resolve().parents[1] / "models" / "deltas"
 
 
@@ -106,30 +107,46 @@ def _work_dir(args: argparse.Namespace, settings: Settings, name: str) -> Path:
     return work_dir
 
 
-def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
+class RecipeError(ValueError):
+    """A recipe file that cannot be read or validated; the message names the file (and line or field)."""
+
+
+def load_recipe(path: Path, dataset: str | None, parse: Callable[[dict[str, Any]], R]) -> R:
+    """The recipe JSON at ``path`` (its dataset overridden when given), validated by ``parse``."""
     from pydantic import ValidationError
 
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if dataset:
+            raw["dataset"] = dataset
+        return parse(raw)
+    except OSError as exc:
+        raise RecipeError(f"{path}: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RecipeError(f"{path}: field {where!r}: {first['msg'].removeprefix('Value error, ')}") from exc
+
+
+def cmd_models_align(args: argparse.Namespace, settings: Settings) -> int:
     from models.align.frozen import FrozenAlignRecipe
     from models.data_files import DatasetError
     from models.manifest import ManifestError
     from models.training_loop import CheckpointMismatchError
 
-    recipe_path = Path(args.recipe)
-    try:
-        raw = json.loads(recipe_path.read_text(encoding="utf-8"))
-        if args.dataset:
-            raw["dataset"] = args.dataset
+    def parse(raw: dict[str, Any]) -> FrozenAlignRecipe | AlignRecipe:
         if raw.get("kind") == "frozen_document":
-            return _run_frozen(FrozenAlignRecipe.model_validate(raw), args, settings)
-        recipe = AlignRecipe.model_validate(raw)
-    except OSError as exc:
-        return fail(f"{recipe_path}: {exc.strerror or exc}")
-    except json.JSONDecodeError as exc:
-        return fail(f"{recipe_path}:{exc.lineno}: invalid JSON: {exc.msg}")
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return fail(f"{recipe_path}: field {where!r}: {first['msg'].removeprefix('Value error, ')}")
+            return FrozenAlignRecipe.model_validate(raw)
+        return AlignRecipe.model_validate(raw)
+
+    try:
+        recipe = load_recipe(Path(args.recipe), args.dataset, parse)
+    except RecipeError as exc:
+        return fail(str(exc))
+    if isinstance(recipe, FrozenAlignRecipe):
+        return _run_frozen(recipe, args, settings)
     work_dir = _work_dir(args, settings, recipe.name)
     try:
         result = run_alignment(

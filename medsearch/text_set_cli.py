@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from medsearch.align_cli import RecipeError, load_recipe
 from medsearch.cli_support import fail
 from settings import Settings
 
@@ -24,8 +25,6 @@ def _log(message: str) -> None:
 
 
 def cmd_models_text_set(args: argparse.Namespace, settings: Settings) -> int:
-    from pydantic import ValidationError
-
     from models.align.data import load_beir_train
     from models.align.frozen import TEXT_SET_DIR, FrozenAlignRecipe
     from models.align.selection import split_selection
@@ -36,17 +35,9 @@ def cmd_models_text_set(args: argparse.Namespace, settings: Settings) -> int:
         return fail(f"--exclude-selection {args.exclude_selection}: must be 0 or more")
     recipe_path = Path(args.recipe)
     try:
-        raw = json.loads(recipe_path.read_text(encoding="utf-8"))
-        if args.dataset:
-            raw["dataset"] = args.dataset
-        recipe = FrozenAlignRecipe.model_validate(raw)
-    except OSError as exc:
-        return fail(f"{recipe_path}: {exc.strerror or exc}")
-    except json.JSONDecodeError as exc:
-        return fail(f"{recipe_path}:{exc.lineno}: invalid JSON: {exc.msg}")
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        return fail(f"{recipe_path}: field {'.'.join(str(p) for p in first['loc'])!r}: {first['msg']}")
+        recipe = load_recipe(recipe_path, args.dataset, FrozenAlignRecipe.model_validate)
+    except RecipeError as exc:
+        return fail(str(exc))
     if recipe.text_set is None:
         return fail(f"{recipe_path}: the recipe has no text_set")
     out = Path(args.out) if args.out else settings.home / "align" / recipe.name / TEXT_SET_DIR

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from models.encoder import Precision
 from models.int8_plan import INT8_PLAN_SUFFIX, Int8Plan, save_int8_plan
 from models.loading import load_encoder
 from models.manifest import ManifestError, ModelManifest, verify_manifest
-from models.training_loop import CHECKPOINT_FILE
+from models.training_loop import CHECKPOINT_FILE, TrainResult
 from models.vocabulary import tokens_to_keep
 
 Log = Callable[[str], None]
@@ -374,8 +374,8 @@ def run_frozen_alignment(
         directory: Path,
         steps: int,
         every: int,
-        train: Callable[[Callable[[int, float], None]], object],
-    ) -> _Selection:
+        train: Callable[[Callable[[int, float], None]], TrainResult],
+    ) -> tuple[_Selection, TrainResult]:
         """One selected stage: scored at its start and every ``select_every`` steps, resumable,
         leaving the tower at its best step."""
         selection = selection_for(directory)
@@ -390,13 +390,13 @@ def run_frozen_alignment(
                 log(f"align: {name} step {step}, loss {loss:.4f}, selection nDCG@10 {score:.1f}")
 
         stage_began = time.perf_counter()
-        train(on_step)
+        trained = train(on_step)
         timings[name] = time.perf_counter() - stage_began
         selection.load_best(query)
         log(
             f"align: {name} best at step {selection.best_step} (selection nDCG@10 {selection.best_score:.1f})"
         )
-        return selection
+        return selection, trained
 
     stage_one_dir, stage_two_dir = work_dir / "stage-one", work_dir / "training"
     fresh = not any((d / CHECKPOINT_FILE).is_file() for d in (stage_one_dir, stage_two_dir))
@@ -406,7 +406,7 @@ def run_frozen_alignment(
     selections: dict[str, _Selection] = {}
     if recipe.stage_one is not None and not (stage_two_dir / CHECKPOINT_FILE).is_file():
         stage_one = recipe.stage_one
-        selections["stage_one"] = run_stage(
+        selections["stage_one"], _ = run_stage(
             "stage_one",
             stage_one_dir,
             stage_one.steps,
@@ -423,30 +423,26 @@ def run_frozen_alignment(
             ),
         )
 
-    result_holder: list[Any] = []
-    selection = run_stage(
+    selection, result = run_stage(
         "training",
         stage_two_dir,
         recipe.training.steps,
         recipe.select_every,
-        lambda on_step: result_holder.append(
-            train_query_distillation(
-                query,
-                query_texts,
-                [[row[d] for d in data.positives[q] if d in row] for q in labelled],
-                torch.from_numpy(corpus),
-                TeacherSignal(
-                    torch.from_numpy(teacher_queries), unlabelled, torch.from_numpy(teacher_unlabelled)
-                ),
-                recipe.training,
-                checkpoint_dir=stage_two_dir,
-                progress=progress,
-                on_step=on_step,
-            )
+        lambda on_step: train_query_distillation(
+            query,
+            query_texts,
+            [[row[d] for d in data.positives[q] if d in row] for q in labelled],
+            torch.from_numpy(corpus),
+            TeacherSignal(
+                torch.from_numpy(teacher_queries), unlabelled, torch.from_numpy(teacher_unlabelled)
+            ),
+            recipe.training,
+            checkpoint_dir=stage_two_dir,
+            progress=progress,
+            on_step=on_step,
         ),
     )
     selections["training"] = selection
-    result = result_holder[0]
     log(f"align: shipping step {selection.best_step} (selection nDCG@10 {selection.best_score:.1f})")
 
     query_name = f"{recipe.name}-query"
