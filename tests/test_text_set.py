@@ -178,6 +178,12 @@ def test_a_text_set_with_a_dev_query_is_refused_by_text_and_by_id(tmp_path: Path
     fine = tmp_path / "fine.jsonl"
     fine.write_text('{"text": "高血压能吃党参吗", "id": "q1"}\n', encoding="utf-8")
     assert load_text_set(fine, data) == ["高血压能吃党参吗"]
+    # A dev question body cut where the recipe cuts bodies is refused too.
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text('{"text": "最近总是头痛"}\n', encoding="utf-8")
+    assert load_text_set(cut, data) == ["最近总是头痛"]  # not a cut at the default 96
+    with pytest.raises(TextSetError, match=rf"{cut}:1: text of dev query q4"):
+        load_text_set(cut, data, question_max_chars=6)
 
 
 def test_a_pypi_file_of_another_digest_is_refused(tmp_path: Path, pinned: dict[str, bytes]) -> None:

@@ -322,7 +322,9 @@ def run_frozen_alignment(
             cache_dir=cache_dir or work_dir / "pypi",
             log=log,
         )
-        unlabelled = load_text_set(text_dir / "texts.jsonl", recipe.dataset)
+        unlabelled = load_text_set(
+            text_dir / "texts.jsonl", recipe.dataset, recipe.text_set.question_max_chars
+        )
         log(f"align: text set of {len(unlabelled)} texts ({built.counts_line()})")
         text_set_counts = built.counts
     elif recipe.pseudo_queries is not None:

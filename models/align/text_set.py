@@ -251,13 +251,14 @@ def check_text_set(rows: Iterable[tuple[str, dict[str, object]]], held: HeldOut)
             raise TextSetError(f"{where}: text of {held.texts[text]}: never train on it")
 
 
-def load_text_set(path: Path, dataset: Path) -> list[str]:
-    """The texts of ``path`` (JSONL rows with ``text``), after the held-out check."""
+def load_text_set(path: Path, dataset: Path, question_max_chars: int = 96) -> list[str]:
+    """The texts of ``path`` (JSONL rows with ``text``), after the held-out check (question bodies
+    compared whole and cut at ``question_max_chars``, as the build cuts them)."""
     rows = list(read_json_objects(path))
     for where, row in rows:
         if not isinstance(row.get("text"), str) or not str(row["text"]).strip():
             raise TextSetError(f"{where}: no text")
-    check_text_set(rows, held_out(dataset))
+    check_text_set(rows, held_out(dataset, question_max_chars))
     return [_clean(str(row["text"])) for _line, row in rows]
 
 
