@@ -252,6 +252,35 @@ def test_a_rerun_resumes_from_the_caches_and_checkpoint(
     assert second.report["selection_ndcg10"] == first.report["selection_ndcg10"]
 
 
+def test_a_run_can_start_from_an_earlier_runs_best_weights(
+    tmp_path: Path, frozen_setup: tuple[Path, FrozenAlignRecipe]
+) -> None:
+    """Another pass over the texts starts where the earlier run's best step left the tower."""
+    models, recipe = frozen_setup
+    kwargs = {
+        "models_dir": models,
+        "deltas_dir": tmp_path / "deltas",
+        "scorer": _ndcg,
+        "corpus_vectors": _direct,
+        "progress": False,
+    }
+    first = run_frozen_alignment(recipe, work_dir=tmp_path / "first", **kwargs)  # type: ignore[arg-type]
+    best = tmp_path / "first" / "training" / "best.pt"
+    again = recipe.model_copy(update={"name": "tiny-again", "start_from": best})
+    messages: list[str] = []
+    second = run_frozen_alignment(again, work_dir=tmp_path / "second", log=messages.append, **kwargs)  # type: ignore[arg-type]
+    first_scores = first.report["selection_ndcg10"]["training"]  # type: ignore[index]
+    assert second.report["selection_ndcg10"]["training"]["0"] == max(first_scores.values())  # type: ignore[index]
+    assert any(m.startswith(f"align: starting from {best}") for m in messages)
+    assert not any("projection fitted" in m for m in messages)  # the loaded projection is kept
+    with pytest.raises(FileNotFoundError, match="start_from: no such file"):
+        run_frozen_alignment(
+            recipe.model_copy(update={"start_from": tmp_path / "missing.pt"}),
+            work_dir=tmp_path / "third",
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
 def test_an_int8_encoder_that_loses_too_much_is_not_published(
     tmp_path: Path, frozen_setup: tuple[Path, FrozenAlignRecipe]
 ) -> None:

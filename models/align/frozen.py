@@ -116,6 +116,11 @@ class FrozenAlignRecipe(BaseModel):
         "stage I trains on all of them, stage II draws its pseudo-queries from them.",
     )
     fit_projection: bool = True
+    start_from: Path | None = Field(
+        default=None,
+        description="A best.pt of an earlier run of the same tower (its stage_one/best.pt, say): a fresh run "
+        "starts from those weights instead of the base, e.g. for another pass over the text set.",
+    )
     stage_one: QueryPointwiseConfig | None = Field(
         default=None, description="Pointwise distillation on the unlabelled texts before `training`."
     )
@@ -402,7 +407,13 @@ def run_frozen_alignment(
 
     stage_one_dir, stage_two_dir = work_dir / "stage-one", work_dir / "training"
     fresh = not any((d / CHECKPOINT_FILE).is_file() for d in (stage_one_dir, stage_two_dir))
-    if fresh and isinstance(query, QueryTower) and recipe.fit_projection and query.projection is not None:
+    if fresh and recipe.start_from is not None:
+        if not recipe.start_from.is_file():
+            raise FileNotFoundError(f"start_from: no such file {recipe.start_from}")
+        started_from = torch.load(recipe.start_from, weights_only=True)
+        query.load_trainable_state(started_from["state"])
+        log(f"align: starting from {recipe.start_from} (step {started_from['step']})")
+    elif fresh and isinstance(query, QueryTower) and recipe.fit_projection and query.projection is not None:
         cosine = fit_projection(query, query_texts, torch.from_numpy(teacher_queries))
         log(f"align: projection fitted to the teacher's query vectors, mean cosine {cosine:.3f}")
     selections: dict[str, _Selection] = {}
