@@ -73,9 +73,9 @@ def trim_vocabulary(source: Path, target: Path, keep: Sequence[int], unknown_id:
     table the graph input ``input_ids`` indexes; any other id reads ``unknown_id``'s row.
 
     An LLM's vocabulary is mostly tokens a Chinese medical query never uses (EmbeddingGemma: 262,144
-    rows, 805 MB in float32, 201 MB in int8; cmedqa-im's corpus and queries use 7,516 of them). The
-    tokenizer is left untouched: ``Gather(remap, input_ids)`` turns its ids into rows of the smaller
-    table inside the graph. Returns the rows kept.
+    rows, 805 MB in float32, 201 MB in int8; cmedqa-im's corpus and queries use 7,516 of them). Token
+    ids keep their values (models.vocabulary.trim_tokenizer keeps them too): ``Gather(remap,
+    input_ids)`` turns them into rows of the smaller table inside the graph. Returns the rows kept.
     """
     model = onnx.load(str(source))
     graph = model.graph

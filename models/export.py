@@ -34,6 +34,7 @@ from models.manifest import (
 from models.onnx_encoder import ONNX_FILE, OUTPUT_NAME, TOKENIZER_FILE, OnnxEncoder
 from models.pooling import finish, pool
 from models.projection import load_projection
+from models.vocabulary import trim_tokenizer
 
 PARITY_TEXTS: tuple[str, ...] = (
     "高血压能吃党参吗",
@@ -246,7 +247,8 @@ def quantize_int8(
     from 388 to 114 MiB, which is most of the service's resident memory.
 
     ``plan`` (models/int8_plan.py) leaves named MatMuls in float and first trims the word-embedding
-    table to the rows it lists: an LLM student's 262k-row table is 201 MB even in int8.
+    table to the rows it lists (an LLM student's 262k-row table is 201 MB even in int8), and the
+    tokenizer to the tokens it lists (models.vocabulary.trim_tokenizer).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -280,7 +282,11 @@ def quantize_int8(
         matmuls.unlink()
         if graph != onnx_dir / ONNX_FILE:
             graph.unlink()
-        shutil.copy2(onnx_dir / TOKENIZER_FILE, work / TOKENIZER_FILE)
+        if kept is not None:
+            tokens = trim_tokenizer(onnx_dir / TOKENIZER_FILE, work / TOKENIZER_FILE, kept.ids)
+            progress(f"quantize: tokenizer trimmed to {tokens} tokens")
+        else:
+            shutil.copy2(onnx_dir / TOKENIZER_FILE, work / TOKENIZER_FILE)
         manifest = write_manifest(
             work,
             source.model_copy(

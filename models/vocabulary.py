@@ -7,7 +7,8 @@ token, every token holding a CJK character, the 256 byte-fallback tokens, the sp
 ASCII tokens among the first
 ``ascii_below`` ids (a BPE vocabulary lists its most frequent merges first: common English words and
 drug names), so an unseen word still falls back to its characters' or bytes' rows; anything else
-reads the unknown token's row. The list travels in the int8 plan (models/int8_plan.py).
+reads the unknown token's row. The list travels in the int8 plan (models/int8_plan.py), and the int8
+build trims the tokenizer to it as well (``trim_tokenizer``), which keeps its ids.
 """
 
 from __future__ import annotations
@@ -74,3 +75,41 @@ def tokens_to_keep(
         unknown_id=unknown,
         ids=sorted(i for i in keep | {unknown} if i < table_rows),
     )
+
+
+def trim_tokenizer(source: Path, target: Path, keep: Iterable[int]) -> int:
+    """Write ``source``'s tokenizer to ``target`` holding only the tokens ``keep`` and, for BPE, the
+    tokens and merges that build them; ids are unchanged. Returns the vocabulary size written.
+
+    The service holds the tokenizer in memory beside the graph: EmbeddingGemma's 262,144 tokens and
+    514,906 merges cost about 290 MiB resident, more than the trimmed int8 graph. A BPE merge whose
+    result is not (part of) a kept token never fires on a text whose tokens are all kept, so dropping
+    it leaves such texts' ids identical; other texts split into smaller kept pieces instead of tokens
+    whose rows were dropped (which read the unknown row anyway). A word-level vocabulary drops its
+    other tokens to the unknown token, which reads the same row.
+    """
+    spec = json.loads(source.read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    kind = model.get("type")
+    vocab: dict[str, int] = model.get("vocab", {})
+    wanted = set(keep)
+    kept = {token for token, i in vocab.items() if i in wanted}
+    if kind == "BPE":
+        pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        makers: dict[str, list[tuple[str, str]]] = {}
+        for left, right in pairs:
+            makers.setdefault(left + right, []).append((left, right))
+        pending = list(kept)
+        while pending:  # the parts every kept token is merged from, down to single symbols
+            for pair in makers.get(pending.pop(), ()):
+                for part in pair:
+                    if part not in kept and part in vocab:
+                        kept.add(part)
+                        pending.append(part)
+        model["merges"] = [list(p) for p in pairs if p[0] + p[1] in kept and p[0] in kept and p[1] in kept]
+    elif kind != "WordLevel":
+        raise ValueError(f"{source}: cannot trim a {kind} tokenizer (BPE and WordLevel only)")
+    unknown = model.get("unk_token")
+    model["vocab"] = {token: i for token, i in vocab.items() if token in kept or token == unknown}
+    target.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    return len(model["vocab"])

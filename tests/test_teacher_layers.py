@@ -121,6 +121,9 @@ def test_delta_rebuilds_the_student_and_its_onnx_export_matches(
     )
     assert trimmed.quantization is not None and f"vocabulary-{len(kept.ids)}-rows" in trimmed.quantization
     assert trimmed.quantization.endswith("+float-down_proj")
+    # The tokenizer is trimmed to the same tokens: memory the service no longer holds.
+    trimmed_tokenizer = Tokenizer.from_file(str(models / "student-onnx-trim" / "tokenizer.json"))
+    assert trimmed_tokenizer.get_vocab_size(with_added_tokens=False) <= len(kept.ids) + 1 < table_rows
     graph = onnx.load(str(models / "student-onnx-trim" / "model.onnx"))
     float_matmuls = [n.name for n in graph.graph.node if n.op_type == "MatMul"]
     assert float_matmuls and all("down_proj" in n or "self_attn/MatMul" in n for n in float_matmuls)
