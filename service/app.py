@@ -99,6 +99,7 @@ def create_app(settings: Settings, state: ServingState | None = None) -> FastAPI
             max_wait_s=settings.batch_max_wait_ms / 1000,
             max_pending=settings.queue_max_pending,
             cache_size=settings.query_cache_size,
+            workers=settings.encoder_workers,
         )
         try:
             await anyio.to_thread.run_sync(serving.warm_up)

@@ -1,12 +1,15 @@
-"""Router -> batcher -> encoder: concurrent requests' queries are encoded together, one run at a time.
+"""Router -> batcher -> encoder: concurrent requests' queries are encoded together, ``workers`` runs
+at a time.
 
-Requests put their texts on a bounded queue and wait. One worker takes what is waiting (up to
-``max_batch`` texts), lingers up to ``max_wait_s`` for more while the batch is not full, and runs
-the encoder on its own thread. So:
+Requests put their texts on a bounded queue and wait. Whenever one of ``workers`` encoder threads is
+free, the batcher takes what is waiting (up to ``max_batch`` texts), lingers up to ``max_wait_s`` for
+more while the batch is not full, and runs the encoder on that thread. So:
 
 - concurrent queries share one ONNX call (one pass over the weights instead of one per query),
-- exactly one encoder run is in flight, so the runtime's threads never oversubscribe the cores and
-  the event loop's thread pool never fills with encodes (probes stay fast),
+- at most ``workers`` encoder runs are in flight (one onnxruntime session, whose ``run`` is
+  thread-safe): with single-threaded runs (MEDSEARCH_QUERY_THREADS=1) and one worker per core, load
+  uses every core while a lone query still costs one single-threaded run, the cores are never
+  oversubscribed, and the event loop's thread pool never fills with encodes (probes stay fast),
 - the queue is bounded: past ``max_pending`` waiting texts a request is refused at once
   (``Overloaded`` -> 429 with Retry-After) instead of queueing without limit,
 - a query already encoded recently is answered from an LRU cache without queueing.
@@ -17,7 +20,8 @@ so a lone query costs exactly one encoder run and load still batches itself. On 
 service runs without one. ``max_batch`` 1 turns batching off.
 
 The knobs have no defaults here: the service's come from the settings (MEDSEARCH_BATCH_MAX_SIZE,
-MEDSEARCH_BATCH_MAX_WAIT_MS, MEDSEARCH_QUEUE_MAX_PENDING, MEDSEARCH_QUERY_CACHE_SIZE;
+MEDSEARCH_BATCH_MAX_WAIT_MS, MEDSEARCH_QUEUE_MAX_PENDING, MEDSEARCH_QUERY_CACHE_SIZE,
+MEDSEARCH_ENCODER_WORKERS;
 docs/configuration.md), so they are written down once.
 """
 
@@ -78,17 +82,21 @@ class EncodeBatcher:
     max_wait_s: float
     max_pending: int
     cache_size: int
+    workers: int
     _queue: asyncio.Queue[_Job] = field(init=False)
     _pending: int = field(default=0, init=False)
     _worker: asyncio.Task[None] | None = field(default=None, init=False)
     _executor: ThreadPoolExecutor = field(init=False)
+    _free: asyncio.Semaphore = field(init=False)
+    _runs: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _cache: VectorCache = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_pending < 1 or self.max_wait_s < 0:
-            raise ValueError("max_batch and max_pending must be positive, max_wait_s non-negative")
+        if self.max_batch < 1 or self.max_pending < 1 or self.max_wait_s < 0 or self.workers < 1:
+            raise ValueError("max_batch, max_pending and workers must be positive, max_wait_s non-negative")
         self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="encoder")
+        self._free = asyncio.Semaphore(self.workers)
         self._cache = VectorCache(self.cache_size)
 
     def start(self) -> None:
@@ -127,6 +135,9 @@ class EncodeBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            # A free encoder thread first, then the queue: while every thread is busy, arrivals pile
+            # up into the next batch instead of each waiting for a run of its own.
+            await self._free.acquire()
             jobs = [await self._queue.get()]
             size = len(jobs[0].texts)
             deadline = loop.time() + self.max_wait_s
@@ -143,7 +154,9 @@ class EncodeBatcher:
                         break
                 jobs.append(job)
                 size += len(job.texts)
-            await self._encode(jobs)
+            run = loop.create_task(self._encode(jobs))
+            self._runs.add(run)  # held until done: the loop keeps only weak references to tasks
+            run.add_done_callback(self._runs.discard)
 
     async def _encode(self, jobs: list[_Job]) -> None:
         texts = [t for job in jobs for t in job.texts]
@@ -172,3 +185,4 @@ class EncodeBatcher:
         finally:
             self._pending -= len(texts)
             self.metrics.queue_depth.set(self._pending)
+            self._free.release()

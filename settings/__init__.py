@@ -60,6 +60,14 @@ class Settings(BaseSettings):
             "next batch (batching supplies the parallelism); 0 = runtime default (all cores)."
         ),
     )
+    encoder_workers: int = Field(
+        default=2,
+        ge=1,
+        description=(
+            "Query encoder runs in flight at once (threads sharing one session). Keep workers x "
+            "MEDSEARCH_QUERY_THREADS at or under the cores: one worker per core uses them all under load."
+        ),
+    )
     max_body_bytes: int = Field(default=64 * 1024, gt=0, description="Larger request bodies get 413.")
     log_queries: bool = Field(default=False, description="Log query text. Patient data: keep off.")
     batch_max_size: int = Field(

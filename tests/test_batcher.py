@@ -1,4 +1,5 @@
-"""The encode batcher: concurrent queries share encoder runs, one run at a time, bounded queue, cache."""
+"""The encode batcher: concurrent queries share encoder runs, ``workers`` runs at a time, bounded queue,
+cache."""
 
 from __future__ import annotations
 
@@ -46,9 +47,22 @@ def vector(text: str) -> np.ndarray:
 
 
 async def started(
-    encoder: object, max_batch: int = 32, max_wait_s: float = 0.0, max_pending: int = 256, cache_size: int = 0
+    encoder: object,
+    max_batch: int = 32,
+    max_wait_s: float = 0.0,
+    max_pending: int = 256,
+    cache_size: int = 0,
+    workers: int = 1,
 ) -> EncodeBatcher:
-    batcher = EncodeBatcher(encoder, ServiceMetrics(), max_batch, max_wait_s, max_pending, cache_size)  # type: ignore[arg-type]
+    batcher = EncodeBatcher(
+        encoder,  # type: ignore[arg-type]
+        ServiceMetrics(),
+        max_batch,
+        max_wait_s,
+        max_pending,
+        cache_size,
+        workers,
+    )
     batcher.start()
     return batcher
 
@@ -64,6 +78,19 @@ async def test_concurrent_queries_share_encoder_runs_and_runs_never_overlap() ->
     assert len(encoder.calls) < len(texts) / 2  # batched: far fewer runs than queries
     assert max(len(c) for c in encoder.calls) > 1
     assert encoder.peak == 1  # one encoder run at a time: no core oversubscription
+    assert sorted(t for call in encoder.calls for t in call) == sorted(texts)
+
+
+async def test_two_workers_run_two_batches_at_once_and_still_batch() -> None:
+    encoder = RecordingEncoder(delay_s=0.02)
+    batcher = await started(encoder, max_batch=4, workers=2)
+    texts = [f"q{i}" for i in range(24)]
+    results = await asyncio.gather(*(batcher.encode([t]) for t in texts))
+    await batcher.stop()
+    for text, result in zip(texts, results, strict=True):
+        np.testing.assert_allclose(result[0], vector(text))
+    assert encoder.peak == 2  # both threads busy under load, never more
+    assert len(encoder.calls) < len(texts) / 2  # arrivals during busy runs still share a run
     assert sorted(t for call in encoder.calls for t in call) == sorted(texts)
 
 
@@ -100,7 +127,15 @@ async def test_queue_is_bounded() -> None:
 async def test_cache_answers_repeated_queries_and_counts_hits() -> None:
     encoder = RecordingEncoder()
     metrics = ServiceMetrics()
-    batcher = EncodeBatcher(encoder, metrics, max_batch=32, max_wait_s=0.0, max_pending=256, cache_size=2)  # type: ignore[arg-type]
+    batcher = EncodeBatcher(
+        encoder,  # type: ignore[arg-type]
+        metrics,
+        max_batch=32,
+        max_wait_s=0.0,
+        max_pending=256,
+        cache_size=2,
+        workers=1,
+    )
     batcher.start()
     first = await batcher.encode(["a"])
     again = await batcher.encode(["a", "b"])
