@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -40,11 +42,20 @@ from models.encoder import Encoder
 from service.errors import EncoderFailure, Overloaded
 from service.metrics import ServiceMetrics
 
+T = TypeVar("T")
+
+
+def _vectors(rows: np.ndarray) -> np.ndarray:
+    return rows
+
 
 @dataclass
 class _Job:
-    texts: list[str]
-    future: asyncio.Future[np.ndarray]
+    texts: list[str]  # the caller's texts the cache did not hold: encoded in this job's run
+    rows: list[np.ndarray | None]  # the caller's rows in order, None where a text is in ``texts``
+    then: Callable[[np.ndarray], Any]  # run on the encoder thread with the caller's (n, dim) vectors
+    future: asyncio.Future[Any]
+    queued_at: float
 
 
 class VectorCache:
@@ -117,20 +128,26 @@ class EncodeBatcher:
 
     async def encode(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), dim) vectors; raises Overloaded when the queue is full."""
+        return await self.encode_then(texts, _vectors)
+
+    async def encode_then(self, texts: Sequence[str], then: Callable[[np.ndarray], T]) -> T:
+        """``then(vectors)`` of the (len(texts), dim) vectors, run on the encoder thread right after the
+        run that encoded them: an in-process search there costs no second thread hop. Raises
+        Overloaded when the queue is full, and whatever ``then`` raises."""
         rows: list[np.ndarray | None] = [self._cache.get(t) for t in texts]
         missing = [t for t, row in zip(texts, rows, strict=True) if row is None]
         self.metrics.cache_hits.inc(len(texts) - len(missing))
         self.metrics.cache_misses.inc(len(missing))
-        if missing:
-            if self._pending + len(missing) > self.max_pending:
-                raise Overloaded(self._pending)
-            future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-            self._pending += len(missing)
-            self.metrics.queue_depth.set(self._pending)
-            await self._queue.put(_Job(list(missing), future))
-            fresh = iter(await future)
-            rows = [row if row is not None else next(fresh) for row in rows]
-        return np.stack([np.asarray(row, dtype=np.float32) for row in rows if row is not None])
+        loop = asyncio.get_running_loop()
+        if not missing:  # no encoder run: ``then`` still runs off the event loop
+            return await loop.run_in_executor(self._executor, then, np.stack(cast(list[np.ndarray], rows)))
+        if self._pending + len(missing) > self.max_pending:
+            raise Overloaded(self._pending)
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending += len(missing)
+        self.metrics.queue_depth.set(self._pending)
+        await self._queue.put(_Job(missing, rows, then, future, time.perf_counter()))
+        return cast(T, await future)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -158,30 +175,48 @@ class EncodeBatcher:
             self._runs.add(run)  # held until done: the loop keeps only weak references to tasks
             run.add_done_callback(self._runs.discard)
 
+    def _run_jobs(self, jobs: list[_Job]) -> list[tuple[np.ndarray, Any, BaseException | None]]:
+        """On an encoder thread: one run for every job's texts, then each job's ``then``."""
+        began = time.perf_counter()
+        for job in jobs:
+            self.metrics.queue_wait.observe(began - job.queued_at)
+        texts = [t for job in jobs for t in job.texts]
+        vectors = np.asarray(self.encoder.encode(texts, len(texts)), dtype=np.float32)
+        self.metrics.encode_latency.observe(time.perf_counter() - began)
+        if vectors.shape[0] != len(texts) or not np.isfinite(vectors).all():
+            raise EncoderFailure("the query encoder produced a non-finite vector")
+        outcomes: list[tuple[np.ndarray, Any, BaseException | None]] = []
+        start = 0
+        for job in jobs:
+            part = vectors[start : start + len(job.texts)]
+            start += len(job.texts)
+            fresh = iter(part)
+            full = np.stack([row if row is not None else next(fresh) for row in job.rows])
+            try:
+                outcomes.append((part, job.then(full), None))
+            except Exception as exc:  # this job's failure (its search, say) is its own
+                outcomes.append((part, None, exc))
+        return outcomes
+
     async def _encode(self, jobs: list[_Job]) -> None:
         texts = [t for job in jobs for t in job.texts]
         self.metrics.batch_size.observe(len(texts))
         try:
-            with self.metrics.encode_latency.time():
-                vectors = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.encoder.encode, texts, len(texts)
-                )
-            vectors = np.asarray(vectors, dtype=np.float32)
-            if vectors.shape[0] != len(texts) or not np.isfinite(vectors).all():
-                raise EncoderFailure("the query encoder produced a non-finite vector")
+            outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_jobs, jobs)
         except Exception as exc:  # every waiting request gets the failure, none hangs
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(exc)
         else:
-            start = 0
-            for job in jobs:
-                part = vectors[start : start + len(job.texts)]
-                start += len(job.texts)
+            for job, (part, result, error) in zip(jobs, outcomes, strict=True):
                 for text, vector in zip(job.texts, part, strict=True):
                     self._cache.put(text, vector)
-                if not job.future.done():  # a cancelled request (client gone) just drops its part
-                    job.future.set_result(part)
+                if job.future.done():  # a cancelled request (client gone) just drops its part
+                    continue
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(result)
         finally:
             self._pending -= len(texts)
             self.metrics.queue_depth.set(self._pending)

@@ -38,7 +38,13 @@ class ServiceMetrics:
         )
         self.encode_latency = Histogram(
             "medsearch_encode_duration_seconds",
-            "Query encoding latency.",
+            "Encoder run latency (tokenize + ONNX run of one batch, on the encoder thread).",
+            buckets=FAST_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "medsearch_encode_queue_wait_seconds",
+            "Time a query waited for an encoder thread (from the queue to the start of its run).",
             buckets=FAST_BUCKETS,
             registry=self.registry,
         )

@@ -79,6 +79,13 @@ class ServingState:
         return self.settings.collection
 
     @property
+    def search_in_process(self) -> bool:
+        """The embedded engine answers in a fraction of a millisecond: searched on the encoder thread
+        right after the query's run (one thread hop per request). A server's round trip could hold
+        an encoder thread, so those searches go to the store's own threads."""
+        return self.settings.qdrant_url is None
+
+    @property
     def query_manifest(self) -> ModelManifest:
         return self.encoder.manifest
 

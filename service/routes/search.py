@@ -7,7 +7,8 @@ import time
 
 import anyio.to_thread
 import numpy as np
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel
 
 from service.auth import require
 from service.batcher import EncodeBatcher
@@ -90,6 +91,12 @@ def _hit(hit: Hit, with_text: bool) -> SearchHit:
     )
 
 
+def _json(body: BaseModel) -> Response:
+    """``body`` serialised once, by pydantic: returned as a model, FastAPI would validate it again
+    against the response model, turn it into a dict and then serialise that with json.dumps."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
 def _filter_keys(value: FilterLike | None) -> list[str]:
     full = as_filter(value)
     return [] if full is None else sorted({c.key for clause in full.clauses().values() for c in clause})
@@ -124,11 +131,17 @@ async def _search_all(
         filters = [checked_filter(spec, r.filter) for r in requests]
         for r in requests:
             checked_mode(r, spec)
-        vectors = await batcher.encode([r.query for r in requests])
+        queries = [r.query for r in requests]
         try:
-            found = await anyio.to_thread.run_sync(
-                _search, state, vectors, requests, filters, metrics, limiter=state.store_calls
-            )
+            if state.search_in_process:
+                found = await batcher.encode_then(
+                    queries, lambda vectors: _search(state, vectors, requests, filters, metrics)
+                )
+            else:
+                vectors = await batcher.encode(queries)
+                found = await anyio.to_thread.run_sync(
+                    _search, state, vectors, requests, filters, metrics, limiter=state.store_calls
+                )
         except StoreUnavailable as exc:
             state.store_failed(exc)
             raise
@@ -155,7 +168,7 @@ async def _search_all(
 @router.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES)
 async def search(
     request: SearchRequest, state: StateDep, batcher: BatcherDep, metrics: MetricsDep
-) -> SearchResponse:
+) -> Response:
     """Nearest documents to a free-text query.
 
     The query is encoded by the service's ONNX query encoder into the collection's document space.
@@ -166,28 +179,30 @@ async def search(
     documents each document comes back once, with its best-matching chunk (`chunk`, and that
     chunk's `text`).
     """
-    return (await _search_all([request], state, batcher, metrics))[0]
+    return _json((await _search_all([request], state, batcher, metrics))[0])
 
 
 @router.post("/search/batch", response_model=BatchSearchResponse, responses=ERROR_RESPONSES)
 async def search_batch(
     request: BatchSearchRequest, state: StateDep, batcher: BatcherDep, metrics: MetricsDep
-) -> BatchSearchResponse:
+) -> Response:
     """Several searches in one call, their queries encoded in one batch; results in request order.
 
     Every query is validated (and every filter checked) before any is encoded: one bad query fails
     the whole call with a 422 naming it (`queries.N.field`), so nothing is half-answered.
     """
-    return BatchSearchResponse(results=await _search_all(request.queries, state, batcher, metrics))
+    return _json(BatchSearchResponse(results=await _search_all(request.queries, state, batcher, metrics)))
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES)
-async def embed(request: EmbedRequest, state: StateDep, batcher: BatcherDep) -> EmbedResponse:
+async def embed(request: EmbedRequest, state: StateDep, batcher: BatcherDep) -> Response:
     """The query encoder's vectors of `texts`, labelled with their space, for systems that reuse them
     (they compare only with vectors of the same space)."""
     with anyio.fail_after(state.settings.request_timeout_s):
         vectors = await batcher.encode(request.texts)
     manifest = state.query_manifest
-    return EmbedResponse(
-        vectors=vectors.tolist(), space=manifest.space, encoder=manifest.name, dim=int(vectors.shape[1])
+    return _json(
+        EmbedResponse(
+            vectors=vectors.tolist(), space=manifest.space, encoder=manifest.name, dim=int(vectors.shape[1])
+        )
     )
