@@ -74,18 +74,23 @@ def service_table(service: ServiceBench) -> str:
     timed = [level for level in service.levels if level.breakdown is not None]
     if timed:
         lines += [
-            "Where the time goes (means from the service's /metrics over each level):",
+            "Where the time goes (means from the service's /metrics over each level; per request except "
+            "the encoder run, which every query of its batch waits for; 'outside app' is HTTP parsing and "
+            "writing in uvicorn, the network and the load generator):",
             "",
-            "| concurrency | encoder runs | queries/run | encode ms/run | search ms | in app ms "
-            "| outside app ms |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| concurrency | encoder runs | queries/run | body + validation ms | queue wait ms "
+            "| encode ms/run | search ms | serialization ms | in app ms | outside app ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for level in timed:
             b = level.breakdown
             assert b is not None
+            optional = [_ms(v) if v is not None else "-" for v in (b.validate_ms, b.queue_wait_ms)]
             lines.append(
-                f"| {level.concurrency} | {b.encoder_runs} | {b.mean_batch:.1f} | {_ms(b.encode_ms_per_run)} "
-                f"| {_ms(b.search_ms)} | {_ms(b.server_ms)} | {_ms(b.outside_ms)} |"
+                f"| {level.concurrency} | {b.encoder_runs} | {b.mean_batch:.1f} | {' | '.join(optional)} "
+                f"| {_ms(b.encode_ms_per_run)} | {_ms(b.search_ms)} "
+                f"| {_ms(b.serialize_ms) if b.serialize_ms is not None else '-'} | {_ms(b.server_ms)} "
+                f"| {_ms(b.outside_ms)} |"
             )
         lines.append("")
     if service.compared is not None:

@@ -82,6 +82,10 @@ class TimeBreakdown(BaseModel):
     search_ms: float  # one store search (HNSW + payload)
     server_ms: float  # a /search inside the app (middleware to response)
     outside_ms: float  # client-measured mean minus server_ms: HTTP, uvicorn, the load generator
+    # Per request; None against a service that does not export them.
+    validate_ms: float | None = None  # arrival in the app to the handler: body, routing, validation
+    queue_wait_ms: float | None = None  # waiting for a free encoder thread
+    serialize_ms: float | None = None  # the response to JSON
 
 
 # (metric family, sample suffix, label filter) -> value, read from the exposition text.
@@ -113,6 +117,11 @@ def breakdown(before: Totals, after: Totals, client_mean_ms: float) -> TimeBreak
     if runs <= 0 or searches <= 0 or requests <= 0:
         return None
     server_ms = delta("medsearch_http_request_duration_seconds_sum") / requests * 1000
+
+    def per_request_ms(family: str) -> float | None:
+        count = delta(f"{family}_count")
+        return delta(f"{family}_sum") / count * 1000 if count > 0 else None
+
     return TimeBreakdown(
         encoder_runs=int(runs),
         mean_batch=delta("medsearch_encode_batch_size_sum") / runs,
@@ -120,6 +129,9 @@ def breakdown(before: Totals, after: Totals, client_mean_ms: float) -> TimeBreak
         search_ms=delta("medsearch_search_duration_seconds_sum") / searches * 1000,
         server_ms=server_ms,
         outside_ms=client_mean_ms - server_ms,
+        validate_ms=per_request_ms("medsearch_request_validate_duration_seconds"),
+        queue_wait_ms=per_request_ms("medsearch_encode_queue_wait_seconds"),
+        serialize_ms=per_request_ms("medsearch_response_serialize_duration_seconds"),
     )
 
 

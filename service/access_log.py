@@ -52,9 +52,10 @@ class RequestRecordMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = request_id_from(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
-        status = CLIENT_CLOSED  # until a response starts: the client may leave before one is sent
         start = time.perf_counter()
+        # The arrival time lets a handler measure what came before it (service/routes/search.py).
+        scope.setdefault("state", {}).update(request_id=request_id, received_at=start)
+        status = CLIENT_CLOSED  # until a response starts: the client may leave before one is sent
 
         async def send_with_id(message: Message) -> None:
             nonlocal status

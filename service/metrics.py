@@ -48,6 +48,19 @@ class ServiceMetrics:
             buckets=FAST_BUCKETS,
             registry=self.registry,
         )
+        self.validate_latency = Histogram(
+            "medsearch_request_validate_duration_seconds",
+            "From a request's arrival in the app to its handler: body read, routing, JSON parsing, "
+            "validation and dependencies.",
+            buckets=FAST_BUCKETS,
+            registry=self.registry,
+        )
+        self.serialize_latency = Histogram(
+            "medsearch_response_serialize_duration_seconds",
+            "Serialising a search response to JSON.",
+            buckets=FAST_BUCKETS,
+            registry=self.registry,
+        )
         self.search_latency = Histogram(
             "medsearch_search_duration_seconds",
             "Vector store search latency.",

@@ -199,4 +199,12 @@ def test_breakdown_reads_the_level_from_metrics_deltas() -> None:
     assert b.search_ms == pytest.approx(1.0)
     assert b.server_ms == pytest.approx(20.0)  # /healthz is not counted
     assert b.outside_ms == pytest.approx(5.0)
+    assert b.validate_ms is None and b.serialize_ms is None  # an older service: no such metrics
+    stage = "medsearch_request_validate_duration_seconds"
+    staged = breakdown(
+        read_totals(exposition(2, 2, 0.02, 2, 0.002, 0.04) + f"{stage}_count 2\n{stage}_sum 0.001\n"),
+        read_totals(exposition(12, 42, 0.52, 42, 0.042, 0.84) + f"{stage}_count 42\n{stage}_sum 0.011\n"),
+        client_mean_ms=25.0,
+    )
+    assert staged is not None and staged.validate_ms == pytest.approx(0.25)
     assert breakdown(after, after, 25.0) is None

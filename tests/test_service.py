@@ -789,6 +789,10 @@ async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncCli
     assert 'medsearch_errors_total{kind="invalid_request"} 1.0' in text
     assert "medsearch_encode_duration_seconds_count 1.0" in text
     assert "medsearch_search_duration_seconds_count 1.0" in text
+    # The stages of the one successful search (the 422 never reached its handler).
+    assert "medsearch_request_validate_duration_seconds_count 1.0" in text
+    assert "medsearch_encode_queue_wait_seconds_count 1.0" in text
+    assert "medsearch_response_serialize_duration_seconds_count 1.0" in text
 
 
 async def test_metrics_registries_are_per_app(settings: Settings, state: ServingState) -> None:

@@ -7,7 +7,7 @@ import time
 
 import anyio.to_thread
 import numpy as np
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
 from service.auth import require
@@ -97,6 +97,13 @@ def _json(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
+def _validated(raw: Request, metrics: ServiceMetrics) -> None:
+    """Time from the request's arrival in the app (RequestRecordMiddleware) to its handler."""
+    received_at = getattr(raw.state, "received_at", None)
+    if received_at is not None:
+        metrics.validate_latency.observe(time.perf_counter() - received_at)
+
+
 def _filter_keys(value: FilterLike | None) -> list[str]:
     full = as_filter(value)
     return [] if full is None else sorted({c.key for clause in full.clauses().values() for c in clause})
@@ -167,7 +174,7 @@ async def _search_all(
 
 @router.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES)
 async def search(
-    request: SearchRequest, state: StateDep, batcher: BatcherDep, metrics: MetricsDep
+    request: SearchRequest, raw: Request, state: StateDep, batcher: BatcherDep, metrics: MetricsDep
 ) -> Response:
     """Nearest documents to a free-text query.
 
@@ -179,19 +186,25 @@ async def search(
     documents each document comes back once, with its best-matching chunk (`chunk`, and that
     chunk's `text`).
     """
-    return _json((await _search_all([request], state, batcher, metrics))[0])
+    _validated(raw, metrics)
+    (response,) = await _search_all([request], state, batcher, metrics)
+    with metrics.serialize_latency.time():
+        return _json(response)
 
 
 @router.post("/search/batch", response_model=BatchSearchResponse, responses=ERROR_RESPONSES)
 async def search_batch(
-    request: BatchSearchRequest, state: StateDep, batcher: BatcherDep, metrics: MetricsDep
+    request: BatchSearchRequest, raw: Request, state: StateDep, batcher: BatcherDep, metrics: MetricsDep
 ) -> Response:
     """Several searches in one call, their queries encoded in one batch; results in request order.
 
     Every query is validated (and every filter checked) before any is encoded: one bad query fails
     the whole call with a 422 naming it (`queries.N.field`), so nothing is half-answered.
     """
-    return _json(BatchSearchResponse(results=await _search_all(request.queries, state, batcher, metrics)))
+    _validated(raw, metrics)
+    results = await _search_all(request.queries, state, batcher, metrics)
+    with metrics.serialize_latency.time():
+        return _json(BatchSearchResponse(results=results))
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES)
