@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from models.heap import release_free_heap
 from models.manifest import ManifestError, ModelManifest
 
 ONNX_FILE = "model.onnx"
@@ -51,7 +52,9 @@ class OnnxEncoder:
         self.manifest = manifest
         self.model_dir = model_dir
         self._tokenizer = load_tokenizer(model_dir / TOKENIZER_FILE, manifest.max_tokens)
+        release_free_heap()  # after each parse, so the next one reuses the pages instead of adding
         self._session = build_session(model_dir / ONNX_FILE, threads)
+        release_free_heap()
         self._inputs = {i.name for i in self._session.get_inputs()}
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
