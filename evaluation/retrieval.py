@@ -15,7 +15,7 @@ from evaluation.vectors import Vectors
 from models.manifest import ModelManifest
 from store.base import DocumentPoint, VectorStore
 from store.factory import open_store
-from store.spec import CollectionSpec
+from store.spec import CollectionSpec, VectorStorage
 
 TOP_K = 100
 RRF_K = 60  # the constant of Cormack et al. (2009), used by most hybrid search engines
@@ -40,8 +40,12 @@ class DenseIndex:
 
 
 @contextmanager
-def temporary_index(vectors: Vectors, manifest: ModelManifest) -> Iterator[DenseIndex]:
-    """An embedded collection holding ``vectors`` (ids and vectors only: hits need no text)."""
+def temporary_index(
+    vectors: Vectors, manifest: ModelManifest, storage: VectorStorage | None = None
+) -> Iterator[DenseIndex]:
+    """An embedded collection holding ``vectors`` (ids and vectors only: hits need no text), stored as
+    ``storage`` says (int8 quantization, on disk), so their effect on quality is measured through the
+    store code that serves them."""
     with tempfile.TemporaryDirectory(prefix="medsearch-eval-") as tmp:
         store = open_store(None, Path(tmp))
         try:
@@ -52,6 +56,7 @@ def temporary_index(vectors: Vectors, manifest: ModelManifest) -> Iterator[Dense
                     space=manifest.space,
                     encoder=manifest.name,
                     encoder_fingerprint=manifest.fingerprint,
+                    storage=storage or VectorStorage(),
                 ),
             )
             for start in range(0, len(vectors.ids), UPSERT_BATCH):

@@ -41,6 +41,7 @@ from evaluation.vectors import Vectors, cached_vectors
 from indexer.reader import count_lines
 from models.documents import document_text
 from models.encoder import EncodeMode, Encoder
+from store.spec import VectorStorage
 
 Task = Literal["retrieval", "rerank", "sts"]
 TASKS: tuple[Task, ...] = ("retrieval", "rerank", "sts")
@@ -62,6 +63,8 @@ class Options:
     query_batch_size: int = 64
     rerank_negatives: int = DEFAULT_NEGATIVES
     chunk: int = 256  # documents encoded (and cached) per part
+    # How the temporary collection stores the vectors (e.g. int8 quantization): searched as served.
+    storage: VectorStorage = field(default_factory=VectorStorage)
 
 
 def bm25_method() -> dict[str, object]:
@@ -179,7 +182,11 @@ class InProcessEvaluation:
             assert document is not None
             vectors = self.document_vectors(document)
             self.log(f"{document.manifest.name}: {len(vectors.ids)} document vectors")
-            context = temporary_index(vectors, document.manifest) if "retrieval" in tasks else nullcontext()
+            context = (
+                temporary_index(vectors, document.manifest, self.options.storage)
+                if "retrieval" in tasks
+                else nullcontext()
+            )
             with context as index:
                 for config in group:
                     result, run = self._dense(config, vectors, index)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from indexer import versions
 from indexer.pipeline import DeleteGuard, IndexSummary, Partition, Retry, index_files, measure_corpus
-from indexer.planning import FilterFields, IndexingError, chunking_of, planned_spec
+from indexer.planning import FilterFields, IndexingError, StorageChoice, chunking_of, planned_spec
 from models.encoder import Encoder
 from store.base import VectorStore
 from store.errors import StoreError, StoreUnavailable
@@ -83,6 +83,9 @@ class Report(BaseModel):
 class RunOptions:
     fields: FilterFields | None = None
     sparse: bool | None = None
+    # --quantization / --vectors-on-disk; unset: a full build keeps the served version's storage, an
+    # incremental run the collection's (asking it for another is refused).
+    storage: StorageChoice = field(default_factory=StorageChoice)
     batch_size: int = 16
     rejects_path: Path | None = None
     retry: Retry = field(default_factory=Retry)
@@ -137,7 +140,8 @@ def full_build(
         )
         # BM25 statistics are measured on this corpus, never inherited from the previous version.
         chunking = chunking_of(encoder, options.chunk_overlap)
-        spec = planned_spec(None, encoder, fields, sparse, lambda: measure_corpus(paths), chunking)
+        storage = options.storage.applied_to(before.storage if before is not None else None)
+        spec = planned_spec(None, encoder, fields, sparse, lambda: measure_corpus(paths), chunking, storage)
         name, report.resumed = versions.version_for(store, alias, versions.build_identity(spec, paths))
         report.collection = name
         if name == current and options.partition is None:
@@ -206,6 +210,7 @@ def incremental(
             retry=options.retry,
             on_progress=options.on_progress,
             delete_missing=options.delete_guard,
+            storage=options.storage,
         )
     except StoreUnavailable as exc:
         return _finish(report, None, ExitCode.RETRY, str(exc))

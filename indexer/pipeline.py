@@ -21,7 +21,7 @@ from typing import TypeVar
 import numpy as np
 
 from indexer.chunking import split_text
-from indexer.planning import FilterFields, IndexingError, prepare_collection
+from indexer.planning import FilterFields, IndexingError, StorageChoice, prepare_collection
 from indexer.reader import Document, Rejected, read_documents
 from models.documents import document_text
 from models.encoder import Chunkable, Encoder
@@ -336,15 +336,19 @@ def index_files(
     on_progress: Callable[[int, int], None] | None = None,
     partition: Partition | None = None,
     delete_missing: DeleteGuard | None = None,
+    storage: StorageChoice | None = None,
 ) -> IndexSummary:
     """Index every document of ``paths``. ``on_progress(done_lines, indexed)`` is called per group.
 
     ``group_size`` documents are read, encoded (the encoder sorts them by length into ``batch_size``
     batches) and upserted together. ``partition``: only the documents of that part of the id space are
     written (every line is still read and checked). ``delete_missing``: afterwards, delete the
-    stored documents the input no longer has, within the guard's limit.
+    stored documents the input no longer has, within the guard's limit. ``storage``: how the vectors
+    are stored (an existing collection stored otherwise is refused: storage is fixed at creation).
     """
-    spec = prepare_collection(store, collection, encoder, fields, sparse, lambda: measure_corpus(paths))
+    spec = prepare_collection(
+        store, collection, encoder, fields, sparse, lambda: measure_corpus(paths), storage or StorageChoice()
+    )
     kinds = field_kinds(spec)
     bm25 = Bm25Encoder(spec.sparse) if spec.sparse is not None else None
     summary = IndexSummary()

@@ -1,5 +1,5 @@
 """The collection spec an indexing run writes: planned from the document encoder, the declared filter
-fields, BM25 and chunking, and checked against the collection it writes into.
+fields, BM25, chunking and vector storage, and checked against the collection it writes into.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from models.encoder import Chunkable, Encoder
 from store.base import VectorStore
 from store.schema import spec_difference
 from store.sparse import Bm25Spec
-from store.spec import ChunkingSpec, CollectionSpec
+from store.spec import ChunkingSpec, CollectionSpec, Quantization, VectorStorage
 
 
 class IndexingError(RuntimeError):
@@ -30,6 +30,23 @@ class FilterFields:
     @classmethod
     def of(cls, spec: CollectionSpec) -> FilterFields:
         return cls(spec.keyword_fields, spec.integer_fields, spec.date_fields)
+
+
+@dataclass(frozen=True)
+class StorageChoice:
+    """``--quantization`` and ``--vectors-on-disk`` as given; None keeps what the collection has (for a
+    full build: the served version's), so a routine reindex keeps the operator's earlier choice."""
+
+    quantization: Quantization | Literal["none"] | None = None
+    on_disk: bool | None = None
+
+    def applied_to(self, current: VectorStorage | None) -> VectorStorage:
+        current = current or VectorStorage()
+        quantization = current.quantization
+        if self.quantization is not None:
+            quantization = None if self.quantization == "none" else self.quantization
+        on_disk = current.on_disk if self.on_disk is None else self.on_disk
+        return VectorStorage(quantization=quantization, on_disk=on_disk)
 
 
 def chunking_of(encoder: Encoder, overlap: int | None) -> ChunkingSpec | None:
@@ -67,7 +84,10 @@ def collection_spec(
 
 def _describe(spec: CollectionSpec) -> str:
     bm25 = "with BM25 vectors" if spec.sparse is not None else "no BM25 vectors"
-    return f"{spec.encoder} (space {spec.space!r}, filter fields {list(spec.filter_fields())}, {bm25})"
+    place = "on disk" if spec.storage.on_disk else "in RAM"
+    vectors = f"{spec.storage.quantization or 'float32'} vectors, originals {place}"
+    fields = list(spec.filter_fields())
+    return f"{spec.encoder} (space {spec.space!r}, filter fields {fields}, {bm25}, {vectors})"
 
 
 def planned_spec(
@@ -77,14 +97,17 @@ def planned_spec(
     sparse: bool | None = None,
     measure_bm25: Callable[[], Bm25Spec] | None = None,
     chunking: ChunkingSpec | Literal["keep"] | None = "keep",
+    storage: VectorStorage | None = None,
 ) -> CollectionSpec:
-    """The spec a run writes: ``fields`` / ``sparse`` None and ``chunking`` "keep" keep ``existing``'s
-    choice. New BM25 vectors take their average document length from ``measure_bm25`` (a pass over
-    the input)."""
+    """The spec a run writes: ``fields`` / ``sparse`` / ``storage`` None and ``chunking`` "keep" keep
+    ``existing``'s choice. New BM25 vectors take their average document length from ``measure_bm25``
+    (a pass over the input)."""
     if chunking == "keep":
         chunking = existing.chunking if existing is not None else None
     if fields is None:
         fields = FilterFields.of(existing) if existing is not None else FilterFields()
+    if storage is None:
+        storage = existing.storage if existing is not None else VectorStorage()
     if sparse is None:
         sparse = existing is not None and existing.sparse is not None
     bm25 = None
@@ -95,7 +118,7 @@ def planned_spec(
             bm25 = measure_bm25()
         else:
             raise IndexingError("a collection with BM25 vectors needs its corpus to measure their lengths")
-    return collection_spec(encoder, fields, chunking).model_copy(update={"sparse": bm25})
+    return collection_spec(encoder, fields, chunking).model_copy(update={"sparse": bm25, "storage": storage})
 
 
 def prepare_collection(
@@ -105,12 +128,14 @@ def prepare_collection(
     fields: FilterFields | None,
     sparse: bool | None = None,
     measure_bm25: Callable[[], Bm25Spec] | None = None,
+    storage: StorageChoice = StorageChoice(),
 ) -> CollectionSpec:
-    """Create the collection, or check that an existing one holds this encoder's vectors. Chunking is
-    the existing collection's (none for a new one): a full build creates its version, chunked or
-    not, before indexing into it."""
+    """Create the collection, or check that an existing one holds this encoder's vectors, stored as
+    ``storage`` asks. Chunking is the existing collection's (none for a new one): a full build
+    creates its version, chunked or not, before indexing into it."""
     existing = store.get_collection(collection)
-    spec = planned_spec(existing, encoder, fields, sparse, measure_bm25)
+    wanted = storage.applied_to(existing.storage if existing is not None else None)
+    spec = planned_spec(existing, encoder, fields, sparse, measure_bm25, storage=wanted)
     if existing is not None and existing != spec:
         raise IndexingError(
             f"collection {collection!r} holds vectors of {_describe(existing)}; this run would write "

@@ -61,7 +61,7 @@ def versions(store: VectorStore, alias: str) -> list[Version]:
 
 def build_identity(spec: CollectionSpec, inputs: Sequence[Path]) -> str:
     """What a build is made of: the same spec over the same input bytes is the same build."""
-    digest = hashlib.sha256(spec.model_dump_json().encode())
+    digest = hashlib.sha256(spec.identity_json().encode())
     for path in inputs:
         digest.update(f"\0{sha256_file(path)}".encode())
     return digest.hexdigest()

@@ -208,6 +208,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
 
     from indexer.build import ExitCode, RunOptions, full_build, incremental
     from indexer.pipeline import DeleteGuard, Partition
+    from indexer.planning import StorageChoice
     from indexer.progress import Progress
     from indexer.reader import InputError, resolve_inputs, total_lines
     from models.loading import load_encoder
@@ -248,6 +249,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
         options = RunOptions(
             fields=declared_fields(args),
             sparse=True if args.sparse == "bm25" else None,
+            storage=StorageChoice(quantization=args.quantization, on_disk=args.vectors_on_disk),
             batch_size=args.batch_size,
             rejects_path=Path(args.rejects) if args.rejects else None,
             keep=args.keep,
@@ -432,6 +434,20 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         choices=["bm25"],
         help="also store BM25 vectors (Qdrant's BM25, IDF by the engine) for hybrid search; "
         "a new collection measures the corpus' average length first",
+    )
+    index.add_argument(
+        "--quantization",
+        choices=["int8", "none"],
+        help="Qdrant scalar int8 quantization: a 4x smaller copy of the vectors in RAM that searches use, "
+        "rescoring the best candidates with the originals; 'none' turns it off. Default: the served "
+        "version's choice (none for a first build). Figures: docs/capacity.md",
+    )
+    index.add_argument(
+        "--vectors-on-disk",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the original vectors memory-mapped on disk instead of in RAM (pair with --quantization "
+        "int8); default: the served version's choice (in RAM for a first build)",
     )
     index.add_argument(
         "--integer-field",

@@ -129,6 +129,7 @@ def _eval_in_process(args: argparse.Namespace, settings: Settings, split: BeirSp
     from indexer.reader import count_lines
     from models.loading import load_encoder
     from models.manifest import ManifestError
+    from store.spec import VectorStorage
 
     tasks = _tasks(args)
     try:
@@ -174,6 +175,7 @@ def _eval_in_process(args: argparse.Namespace, settings: Settings, split: BeirSp
             sts=sts_sets,
             batch_size=args.batch_size,
             rerank_negatives=args.rerank_negatives,
+            storage=VectorStorage(quantization=args.quantization, on_disk=args.vectors_on_disk),
         ),
         progress=_tqdm_progress,
         log=_log,
@@ -187,6 +189,7 @@ def _eval_in_process(args: argparse.Namespace, settings: Settings, split: BeirSp
         "mode": "in-process",
         "tasks": sorted(tasks),
         "top_k": evaluation.options.top_k,
+        "storage": evaluation.options.storage.model_dump(),
         "configurations": [c.name for c in chosen],
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "warnings": warnings,
@@ -232,6 +235,11 @@ def _eval_service(args: argparse.Namespace, settings: Settings, split: BeirSplit
         return fail("--url measures retrieval only: reranking and STS need the encoders (run without --url)")
     if args.config:
         return fail("--url evaluates the pair the service serves; --config does not apply")
+    if args.quantization or args.vectors_on_disk:
+        return fail(
+            "--url searches the collection as it was indexed; --quantization and --vectors-on-disk "
+            "apply in process"
+        )
     try:
         corpus_ids = {doc.doc_id for doc in iter_corpus(split.corpus_path)}
     except (OSError, DatasetError) as exc:
@@ -321,6 +329,17 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
         default="fp32",
         help="transformers encoders: fp32 (default, cached) or a fast path used if it passes the "
         "quality gate (auto, bf16, int8; never cached)",
+    )
+    ev.add_argument(
+        "--quantization",
+        choices=["int8"],
+        help="search a collection with Qdrant int8 quantization (rescored), as `index --quantization int8` "
+        "builds it: its quality beside a run without (in process only)",
+    )
+    ev.add_argument(
+        "--vectors-on-disk",
+        action="store_true",
+        help="the collection's original vectors on disk (in process)",
     )
     ev.add_argument("--cache-dir", help="document vector cache (default: MEDSEARCH_HOME/cache)")
     ev.add_argument("--no-cache", action="store_true", help="encode documents without the cache")

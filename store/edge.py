@@ -22,6 +22,11 @@ corpus stalled every other thread of the service (probes, the encoder's batcher)
 where an HNSW search takes well under a millisecond with the same top 10. That was measured once, by
 hand (recall against exact search: store/qdrant.py and docs/results.md); no benchmark repeats it.
 
+The spec's ``storage`` is applied when the shard is created (int8 quantization pinned in RAM, the
+original vectors memory-mapped when on disk) and persisted by the engine in the shard's
+``edge_config.json``; every search builds its parameters from the spec (``search_params``), so a
+quantized collection is always searched with rescoring. Figures: docs/capacity.md.
+
 Thread safety: EdgeShard methods take ``&self`` and lock inside the engine, so concurrent searches
 and upserts need no Python lock (tests/test_store.py hammers one shard from several threads). The
 lock here only guards which shards are open. The WAL lock makes a shard usable by one process at a
@@ -51,9 +56,17 @@ from store.base import DocumentPoint, Hit, point_id
 from store.durable import fsync_dir, write_atomic
 from store.errors import StoreError, StoreUnavailable
 from store.filters import FilterLike, Scalar, checked_filter
-from store.qdrant import DEFAULT_HNSW_EF, HNSW_M, QdrantModels, Vectors, dense_vectors
+from store.qdrant import (
+    DEFAULT_HNSW_EF,
+    HNSW_M,
+    INT8_OVERSAMPLING,
+    INT8_QUANTILE,
+    QdrantModels,
+    Vectors,
+    dense_vectors,
+)
 from store.sparse import BM25_VECTOR, SparseVector
-from store.spec import CollectionSpec
+from store.spec import CollectionSpec, VectorStorage
 
 SPEC_FILE = "collection.json"
 DELETING_PREFIX = ".deleting-"
@@ -125,10 +138,40 @@ ENGINE = _EngineModels()
 
 @dataclass(frozen=True)
 class _OpenCollection:
-    """A collection this process has open: the engine's shard and the spec read beside it."""
+    """A collection this process has open: the engine's shard, the spec read beside it and the search
+    parameters that spec calls for."""
 
     shard: qe.EdgeShard
     spec: CollectionSpec
+    params: qe.SearchParams
+
+
+def search_params(hnsw_ef: int, storage: VectorStorage) -> qe.SearchParams:
+    """HNSW depth, and for quantized vectors a rescoring of the oversampled candidates with the
+    originals (store/qdrant.py): built from the spec, so whatever the collection holds is searched
+    the way it was built for, without the caller knowing."""
+    if storage.quantization is None:
+        return qe.SearchParams(hnsw_ef=hnsw_ef)
+    return qe.SearchParams(
+        hnsw_ef=hnsw_ef,
+        quantization=qe.QuantizationSearchParams(rescore=True, oversampling=INT8_OVERSAMPLING),
+    )
+
+
+def _vector_params(spec: CollectionSpec) -> qe.EdgeVectorParams:
+    # Memory.Cold: memory-mapped, read on demand. None keeps the engine's default (Cached: mapped and
+    # warmed into the page cache at load), which every collection before VectorStorage has.
+    memory = qe.Memory.Cold if spec.storage.on_disk else None
+    return qe.EdgeVectorParams(size=spec.dim, distance=qe.Distance.Cosine, memory=memory)
+
+
+def _quantization(storage: VectorStorage) -> qe.ScalarQuantizationConfig | None:
+    if storage.quantization is None:
+        return None
+    # Pinned: on the heap, never evicted (what a server's always_ram means).
+    return qe.ScalarQuantizationConfig(
+        type=qe.ScalarType.Int8, quantile=INT8_QUANTILE, memory=qe.Memory.Pinned
+    )
 
 
 def _retrieve(
@@ -167,7 +210,7 @@ class EdgeStore:
 
     def __init__(self, root: Path, hnsw_ef: int = DEFAULT_HNSW_EF) -> None:
         self._root = root
-        self._params = qe.SearchParams(hnsw_ef=hnsw_ef)
+        self._hnsw_ef = hnsw_ef
         self._lock = threading.Lock()
         self._open: dict[str, _OpenCollection] = {}
         self._closed = False
@@ -221,7 +264,7 @@ class EdgeStore:
                 fsync_dir(self._root)
             except OSError as exc:
                 raise StoreError(f"cannot create collection {name!r} in {self._root}: {exc}") from exc
-            self._open[name] = _OpenCollection(self._load_shard(name), spec)
+            self._open[name] = self._opened(name, spec)
 
     def count(self, name: str) -> int:
         coll = self._collection(name)
@@ -297,7 +340,7 @@ class EdgeStore:
                 with_payload=True,
                 with_vector=False,
                 score_threshold=score_threshold,
-                params=self._params,
+                params=coll.params,
             )
         else:
             depth = schema.prefetch_depth(limit)
@@ -309,7 +352,7 @@ class EdgeStore:
                         query=qe.Query.Nearest(query),
                         filter=where,
                         score_threshold=score_threshold,
-                        params=self._params,
+                        params=coll.params,
                     ),
                     qe.Prefetch(
                         limit=depth,
@@ -473,7 +516,7 @@ class EdgeStore:
                 spec = self._read_spec(name)
                 if spec is None:
                     raise StoreError(f"collection {name!r} does not exist in {self._root}")
-                self._open[name] = _OpenCollection(self._load_shard(name), spec)
+                self._open[name] = self._opened(name, spec)
             return self._open[name]
 
     def _resolve(self, name: str) -> str:
@@ -502,6 +545,9 @@ class EdgeStore:
         except ValidationError as exc:
             raise StoreError(f"{path} is not a valid collection spec: {exc}") from exc
 
+    def _opened(self, name: str, spec: CollectionSpec) -> _OpenCollection:
+        return _OpenCollection(self._load_shard(name), spec, search_params(self._hnsw_ef, spec.storage))
+
     def _load_shard(self, name: str) -> qe.EdgeShard:
         path = self._root / name / SHARD_DIR
         try:
@@ -511,11 +557,12 @@ class EdgeStore:
 
     def _build(self, staging: Path, spec: CollectionSpec) -> None:
         config = qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=spec.dim, distance=qe.Distance.Cosine),
+            vectors=_vector_params(spec),
             sparse_vectors=(
                 {BM25_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if spec.sparse else None
             ),
             hnsw_config=HNSW,
+            quantization_config=_quantization(spec.storage),
         )
         try:
             shard = qe.EdgeShard.create(str(staging / SHARD_DIR), config)

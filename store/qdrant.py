@@ -25,6 +25,12 @@ from store.spec import CollectionSpec
 DEFAULT_HNSW_EF = 256
 # HNSW graph degree: Qdrant's default, which both backends build with.
 HNSW_M = 16
+# Scalar int8 quantization (CollectionSpec.storage.quantization). Each dimension's range is set by its
+# 0.99 quantile (Qdrant's documented choice: a few outliers would otherwise widen every step), the
+# int8 copy is pinned in RAM, and a search rescores the best top_k x OVERSAMPLING candidates with the
+# original vectors, so the final scores (and the order of the top_k) are float32 cosines.
+INT8_QUANTILE = 0.99
+INT8_OVERSAMPLING = 2.0
 
 ConditionT = TypeVar("ConditionT")
 FilterT = TypeVar("FilterT")

@@ -212,7 +212,12 @@ def mismatch_error(name: str, stored: CollectionSpec, requested: CollectionSpec)
     difference = spec_difference(stored, requested)
     if difference is None:
         return None
-    return StoreError(f"collection {name!r} already exists with a different spec ({difference})")
+    message = f"collection {name!r} already exists with a different spec ({difference})"
+    if stored.storage != requested.storage:
+        # The engine built its segments for the stored choice: it cannot change in place.
+        message += ". How a collection stores its vectors is fixed when it is created: a full build "
+        message += "(without --incremental) makes a new version with the new storage"
+    return StoreError(message)
 
 
 def head_point_ids(spec: CollectionSpec, doc_ids: Sequence[str]) -> list[str]:

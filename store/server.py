@@ -3,7 +3,8 @@
 The CollectionSpec lives in the collection's own metadata (``config.metadata["medsearch"]``), so it
 travels with the collection through snapshots and cannot drift from it. Collection metadata needs
 Qdrant >= 1.16; an older server silently drops it, which ``create_collection`` detects by reading the
-spec back and refusing.
+spec back and refusing. The spec's ``storage`` (int8 quantization, vectors on disk) becomes the
+collection's own config at creation, and every search takes its quantization parameters from it.
 
 Errors: a server that cannot be reached, times out, or answers 408/429/5xx raises StoreUnavailable;
 any other refusal (4xx, malformed answer, unknown collection) raises StoreError.
@@ -33,9 +34,17 @@ from store import schema
 from store.base import DocumentPoint, Hit, point_id
 from store.errors import StoreError, StoreUnavailable
 from store.filters import FilterLike, Scalar, checked_filter
-from store.qdrant import DEFAULT_HNSW_EF, HNSW_M, QdrantModels, Vectors, dense_vectors
+from store.qdrant import (
+    DEFAULT_HNSW_EF,
+    HNSW_M,
+    INT8_OVERSAMPLING,
+    INT8_QUANTILE,
+    QdrantModels,
+    Vectors,
+    dense_vectors,
+)
 from store.sparse import BM25_VECTOR, SparseVector
-from store.spec import CollectionSpec
+from store.spec import CollectionSpec, VectorStorage
 
 MEMORY = ":memory:"
 SPEC_KEY = "medsearch"
@@ -107,6 +116,32 @@ class _ClientModels(QdrantModels[models.Condition, models.Filter, models.SparseV
 CLIENT = _ClientModels()
 
 
+def search_params(hnsw_ef: int, storage: VectorStorage) -> models.SearchParams:
+    """HNSW depth, and for quantized vectors a rescoring of the oversampled candidates with the
+    originals (store/qdrant.py): built from the spec, so the caller never needs to know."""
+    quantization = (
+        models.QuantizationSearchParams(rescore=True, oversampling=INT8_OVERSAMPLING)
+        if storage.quantization is not None
+        else None
+    )
+    return models.SearchParams(hnsw_ef=hnsw_ef, quantization=quantization)
+
+
+def storage_config(storage: VectorStorage) -> dict[str, Any]:
+    """create_collection arguments for ``storage``. The legacy flags (``on_disk``, ``always_ram``),
+    not Qdrant 1.19's ``memory`` tiers: deploy/ pins Qdrant 1.16, which knows only these."""
+    quantization = (
+        models.ScalarQuantization(
+            scalar=models.ScalarQuantizationConfig(
+                type=models.ScalarType.INT8, quantile=INT8_QUANTILE, always_ram=True
+            )
+        )
+        if storage.quantization is not None
+        else None
+    )
+    return {"on_disk": True if storage.on_disk else None, "quantization_config": quantization}
+
+
 class ServerStore:
     """VectorStore over a Qdrant server (``url``) or qdrant-client's in-process ':memory:' mode."""
 
@@ -128,7 +163,7 @@ class ServerStore:
         self._serial = threading.Lock() if url == MEMORY else None
         # Local mode is brute force already and warns on every search that sets parameters. The
         # server uses max(hnsw_ef, limit) candidates, so a fixed ef also covers large top_k.
-        self._params = None if url == MEMORY else models.SearchParams(hnsw_ef=hnsw_ef)
+        self._hnsw_ef = None if url == MEMORY else hnsw_ef
         self._specs: dict[str, CollectionSpec] = {}
         self._specs_lock = threading.Lock()
 
@@ -166,12 +201,16 @@ class ServerStore:
                 if spec.sparse
                 else None
             )
+            storage = storage_config(spec.storage)
             with self._call(f"create collection {name!r}"):
                 self._client.create_collection(
                     name,
-                    vectors_config=models.VectorParams(size=spec.dim, distance=models.Distance.COSINE),
+                    vectors_config=models.VectorParams(
+                        size=spec.dim, distance=models.Distance.COSINE, on_disk=storage["on_disk"]
+                    ),
                     sparse_vectors_config=sparse,
                     hnsw_config=models.HnswConfigDiff(m=0) if bulk else None,
+                    quantization_config=storage["quantization_config"],
                     metadata={SPEC_KEY: spec.model_dump(mode="json")},
                 )
             stored = self.get_collection(name)
@@ -232,8 +271,9 @@ class ServerStore:
         where = CLIENT.query_filter(spec, checked_filter(spec, filters))
         if sparse is not None:
             schema.check_hybrid(spec)
+        params = None if self._hnsw_ef is None else search_params(self._hnsw_ef, spec.storage)
         if spec.chunking is None:
-            ranking = self._ranking(query, sparse, where, score_threshold, top_k)
+            ranking = self._ranking(query, sparse, where, score_threshold, top_k, params)
             with self._call(f"search {name!r}"):
                 response = self._client.query_points(
                     name, limit=top_k, with_payload=True, with_vectors=False, **ranking
@@ -242,7 +282,8 @@ class ServerStore:
         # A chunked collection: Qdrant groups the chunks by their document and keeps each document's
         # best one. The hybrid candidate lists are as deep as the embedded backend's first
         # over-fetch (store/schema.py), so both fuse the same candidates.
-        ranking = self._ranking(query, sparse, where, score_threshold, top_k * schema.CHUNK_OVERFETCH)
+        depth = top_k * schema.CHUNK_OVERFETCH
+        ranking = self._ranking(query, sparse, where, score_threshold, depth, params)
         with self._call(f"search {name!r}"):
             result = self._client.query_points_groups(
                 name,
@@ -262,18 +303,19 @@ class ServerStore:
         where: models.Filter | None,
         score_threshold: float | None,
         depth_for: int,
+        params: models.SearchParams | None,
     ) -> dict[str, Any]:
         """What ranks the points, as query_points(_groups) arguments: the dense query, or the dense and
-        BM25 candidate lists for ``depth_for`` results fused by RRF."""
+        BM25 candidate lists for ``depth_for`` results fused by RRF. ``params``: the dense search's."""
         if sparse is None:
             return {
                 "query": query,
                 "query_filter": where,
                 "score_threshold": score_threshold,
-                "search_params": self._params,
+                "search_params": params,
             }
         return {
-            "prefetch": self._hybrid_prefetch(query, sparse, where, score_threshold, depth_for),
+            "prefetch": self._hybrid_prefetch(query, sparse, where, score_threshold, depth_for, params),
             "query": models.RrfQuery(rrf=models.Rrf(k=schema.RRF_K)),
         }
 
@@ -284,11 +326,12 @@ class ServerStore:
         where: models.Filter | None,
         score_threshold: float | None,
         top_k: int,
+        params: models.SearchParams | None,
     ) -> list[models.Prefetch]:
         depth = schema.prefetch_depth(top_k)
         return [
             models.Prefetch(
-                query=query, filter=where, limit=depth, score_threshold=score_threshold, params=self._params
+                query=query, filter=where, limit=depth, score_threshold=score_threshold, params=params
             ),
             models.Prefetch(query=CLIENT.sparse(sparse), using=BM25_VECTOR, filter=where, limit=depth),
         ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from store.sparse import Bm25Spec
@@ -25,6 +27,35 @@ class ChunkingSpec(BaseModel):
         if self.overlap >= self.max_tokens:
             raise ValueError(f"overlap ({self.overlap}) must be below max_tokens ({self.max_tokens})")
         return self
+
+
+Quantization = Literal["int8"]
+
+
+class VectorStorage(BaseModel):
+    """How the engine keeps a collection's dense vectors. Fixed when the collection is created (Qdrant
+    builds its segments for it), so another choice is another collection: a full build."""
+
+    model_config = ConfigDict(frozen=True)
+
+    quantization: Quantization | None = Field(
+        default=None,
+        description="Qdrant scalar quantization: 'int8' keeps a 1-byte-per-dimension copy of every vector "
+        "in RAM (4x smaller than float32), which searches walk the graph with; the best candidates are "
+        "then rescored with the original vectors (oversampled). None: original vectors only",
+        examples=["int8"],
+    )
+    on_disk: bool = Field(
+        default=False,
+        description="The original float32 vectors are memory-mapped from disk and read on demand instead "
+        "of held in RAM; with int8 quantization a search reads them only to rescore its candidates",
+        examples=[False],
+    )
+
+
+# Fields added after versioned builds existed: left out of a spec's identity while at their default,
+# so a collection built before them keeps its version name and a rerun of its build stays a no-op.
+_ADDED_LATER = {"storage": VectorStorage()}
 
 
 class CollectionSpec(BaseModel):
@@ -73,6 +104,17 @@ class CollectionSpec(BaseModel):
         description="Long documents split into chunks, one point each; a search returns each document "
         "once, with its best chunk. None: one point per whole document",
     )
+    storage: VectorStorage = Field(
+        default_factory=VectorStorage,
+        description="How the dense vectors are stored and searched (quantization, on disk); collections "
+        "written before it was recorded hold float32 vectors in RAM, the default",
+    )
 
     def filter_fields(self) -> tuple[str, ...]:
         return (*self.keyword_fields, *self.integer_fields, *self.date_fields)
+
+    def identity_json(self) -> str:
+        """The JSON a digest of the spec is taken over (indexer/versions.py): fields added later are
+        left out while at their default, so the digest of an older spec has not changed."""
+        unchanged = {key for key, default in _ADDED_LATER.items() if getattr(self, key) == default}
+        return self.model_dump_json(exclude=unchanged)
