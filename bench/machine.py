@@ -10,11 +10,39 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-RUNTIME_PACKAGES = ("onnxruntime", "torch", "transformers", "numpy", "tokenizers", "uvicorn", "httpx")
+RUNTIME_PACKAGES = (
+    "onnxruntime",
+    "torch",
+    "transformers",
+    "numpy",
+    "tokenizers",
+    "uvicorn",
+    "httpx",
+    "qdrant-edge-py",
+)
+# CPU features the figures depend on (SIMD width of Qdrant's distance kernels, int8 and bf16 matmul):
+# machines differ by session, so every report names the ones present.
+CPU_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "sve",
+)
 
 
 class MachineInfo(BaseModel):
     cpu_model: str
+    cpu_flags: list[str] = []
     cores_logical: int
     cores_usable: int
     ram_gib: float | None
@@ -30,6 +58,19 @@ def _cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """Those of ``CPU_FLAGS`` the CPU has (x86 "flags", Arm "Features" of /proc/cpuinfo)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return []
+    for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            present = set(value.split())
+            return [flag for flag in CPU_FLAGS if flag in present]
+    return []
 
 
 def _ram_gib() -> float | None:
@@ -55,6 +96,7 @@ def machine_info() -> MachineInfo:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
     return MachineInfo(
         cpu_model=_cpu_model(),
+        cpu_flags=cpu_flags(),
         cores_logical=logical,
         cores_usable=usable,
         ram_gib=_ram_gib(),

@@ -1,4 +1,5 @@
-"""The PNG: service latency CDF per concurrency level, and encoder latency by input length."""
+"""The PNG: service latency CDF per concurrency level, encoder latency by input length, and the store's
+capacity curves (serving memory and search latency against the number of documents)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from bench.capacity import CapacityBench
     from bench.query_latency import QueryEncoderBench
     from bench.service_load import ServiceBench
 
@@ -43,15 +45,58 @@ def _encoder_panel(ax: Any, bench: QueryEncoderBench) -> None:
     ax.legend(fontsize="small")
 
 
+def _by_storage(capacity: CapacityBench) -> dict[str, list[Any]]:
+    series: dict[str, list[Any]] = {}
+    for run in sorted(capacity.runs, key=lambda r: r.documents):
+        series.setdefault(run.storage_name, []).append(run)
+    return series
+
+
+def _capacity_memory_panel(ax: Any, capacity: CapacityBench) -> None:
+    for name, runs in _by_storage(capacity).items():
+        sizes = [r.documents for r in runs]
+        (line,) = ax.plot(sizes, [r.serve.after.rss_mib for r in runs], marker="o", label=f"{name} RSS")
+        ax.plot(sizes, [r.build.disk_mib for r in runs], marker="x", linestyle=":", color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("documents (log)")
+    ax.set_ylabel("MiB (log); dotted: disk")
+    ax.set_title("Embedded store: serving RSS and disk")
+    ax.legend(fontsize="small")
+
+
+def _capacity_latency_panel(ax: Any, capacity: CapacityBench) -> None:
+    top = max(capacity.setup.concurrency)
+    ef = capacity.setup.ef[len(capacity.setup.ef) // 2]
+    for name, runs in _by_storage(capacity).items():
+        levels = [next(v for v in r.serve.levels if v.ef == ef and v.concurrency == top) for r in runs]
+        sizes = [r.documents for r in runs]
+        (line,) = ax.plot(sizes, [v.latency.p50_ms for v in levels], marker="o", label=f"{name} p50")
+        ax.plot(sizes, [v.latency.p99_ms for v in levels], linestyle="--", color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("documents (log)")
+    ax.set_ylabel("ms (log); dashed: p99")
+    ax.set_title(f"Top-10 search at concurrency {top}, ef {ef}")
+    ax.legend(fontsize="small")
+
+
 def plot_latency(
-    service: ServiceBench | None, encoders: QueryEncoderBench | None, title: str, path: Path
+    service: ServiceBench | None,
+    encoders: QueryEncoderBench | None,
+    title: str,
+    path: Path,
+    capacity: CapacityBench | None = None,
 ) -> bool:
-    """Write the figure to ``path``; False (nothing written) when the run measured no latency."""
+    """Write the figure to ``path``; False (nothing written) when the run measured nothing to plot."""
     panels: list[Callable[[Any], None]] = []
     if service is not None and any(level.samples_ms for level in service.levels):
         panels.append(lambda ax: _service_panel(ax, service))
     if encoders is not None and encoders.encoders:
         panels.append(lambda ax: _encoder_panel(ax, encoders))
+    if capacity is not None and capacity.runs:
+        panels.append(lambda ax: _capacity_memory_panel(ax, capacity))
+        panels.append(lambda ax: _capacity_latency_panel(ax, capacity))
     if not panels:
         return False
     import matplotlib

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from bench.capacity import CapacityBench, capacity_table
 from bench.machine import MachineInfo
 from bench.plot import plot_latency
 from bench.precision import PrecisionBench, precision_table
@@ -24,6 +25,7 @@ class BenchReport(BaseModel):
     query_encoders: QueryEncoderBench | None = None
     indexer: IndexerBench | None = None
     precision: PrecisionBench | None = None
+    capacity: CapacityBench | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,8 @@ def markdown(report: BenchReport) -> str:
         "",
         f"{m.cpu_model}, {m.cores_usable}/{m.cores_logical} cores usable, {m.ram_gib} GiB RAM, "
         f"Python {m.python}, {versions}.",
+        "",
+        f"CPU flags: {' '.join(m.cpu_flags) or 'not read'}.",
     ]
     if report.service is not None:
         parts += ["", service_table(report.service)]
@@ -202,6 +206,8 @@ def markdown(report: BenchReport) -> str:
         parts += ["", indexer_table(report.indexer)]
     if report.precision is not None:
         parts += ["", precision_table(report.precision)]
+    if report.capacity is not None:
+        parts += ["", capacity_table(report.capacity)]
     return "\n".join(parts) + "\n"
 
 
@@ -216,7 +222,7 @@ def write_report(report: BenchReport, results_dir: Path) -> ReportFiles:
     text = markdown(report)
     md_path.write_text(text, encoding="utf-8")
     png_path = stem.with_suffix(".png")
-    if not plot_latency(report.service, report.query_encoders, title(report), png_path):
+    if not plot_latency(report.service, report.query_encoders, title(report), png_path, report.capacity):
         return ReportFiles(json=json_path, markdown=md_path, png=None)
     md_path.write_text(text + f"\n![latency]({png_path.name})\n", encoding="utf-8")
     return ReportFiles(json=json_path, markdown=md_path, png=png_path)

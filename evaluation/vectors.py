@@ -100,6 +100,22 @@ def _load_complete(directory: Path) -> Vectors | None:
     return Vectors(ids, np.concatenate([m for _, m in parts]))
 
 
+def largest_cached(cache_root: Path, encoder: str) -> Vectors | None:
+    """The largest complete entry of document vectors made by the encoder named ``encoder``, whatever
+    its source; None when there is none. For the statistics of an encoder's vectors (bench capacity
+    draws synthetic ones like them), never for retrieval, which must match its source."""
+    best: Vectors | None = None
+    for directory in sorted((cache_root / "document-vectors").glob(f"{encoder}-*")):
+        try:
+            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if meta.get("encoder") != encoder or (best is not None and meta.get("count", 0) <= len(best.ids)):
+            continue
+        best = _load_complete(directory) or best
+    return best
+
+
 def _resume(directory: Path, stream: Iterator[tuple[str, str]]) -> list[tuple[list[str], np.ndarray]] | None:
     """The parts already on disk, consuming their documents from ``stream``; None when they are not
     exactly the first documents of this stream, in order (then nothing can be reused)."""

@@ -1,4 +1,5 @@
-"""`medsearch bench`: service load, query-encoder latency, indexer throughput, or all three.
+"""`medsearch bench`: service load, query-encoder latency, indexer throughput (or all three), document
+encoding precision, and the store's capacity at growing collection sizes.
 
 Each run prints its figures as markdown tables and writes JSON + markdown + PNG under bench/results.
 Heavy imports (httpx, onnxruntime, torch, matplotlib) happen inside the commands.
@@ -14,6 +15,7 @@ from typing import Any
 
 # Imported at load (the CLI loads this module only for `medsearch bench`): where the bench package is
 # missing (the api image), loading fails and the CLI says so in one line.
+from bench.capacity import STORAGES, CapacityBench
 from bench.precision import PrecisionBench
 from bench.query_latency import QueryEncoderBench
 from bench.service_load import ServiceBench
@@ -296,6 +298,43 @@ def run_precision(args: argparse.Namespace, settings: Settings) -> PrecisionBenc
     )
 
 
+# --- capacity -----------------------------------------------------------------------------------
+
+
+def run_capacity(args: argparse.Namespace, settings: Settings) -> CapacityBench:
+    from bench.capacity import default_setup, measure_capacity
+    from bench.synthetic import fallback_model, fitted_model
+    from evaluation.vectors import largest_cached
+
+    corpus = Path(args.corpus)
+    if not corpus.is_file():
+        raise BenchSetupError(f"corpus {corpus} not found (pass --corpus FILE)")
+    encoder = args.document_model or settings.document_model
+    cached = largest_cached(settings.home / "cache", encoder)
+    if cached is not None:
+        source = f"Gaussian fitted to {len(cached.ids):,} cached {encoder} document vectors"
+        model = fitted_model(cached.matrix, source)
+    else:
+        _note(
+            f"capacity: no cached {encoder} document vectors under {settings.home / 'cache'} (medsearch eval "
+            "fills it): the fallback distribution"
+        )
+        model = fallback_model(args.seed)
+    setup = default_setup(model, corpus, args.seed, args.queries, args.ef, args.concurrency)
+    _note(f"capacity: {model.source}; sizes {args.sizes}, storage {args.storage}")
+    return measure_capacity(
+        args.sizes,
+        args.storage,
+        setup,
+        model,
+        corpus,
+        Path(args.work_dir) if args.work_dir else settings.home / "bench-capacity",
+        again=args.again,
+        keep_collections=args.keep_collections,
+        log=lambda message: _note(f"capacity: {message}"),
+    )
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 
@@ -317,6 +356,7 @@ def _report(args: argparse.Namespace, sections: dict[str, Any]) -> int:
 def run_parts(args: argparse.Namespace, settings: Settings, parts: tuple[str, ...]) -> int:
     from httpx import HTTPError
 
+    from bench.capacity import CapacityError
     from bench.inputs import InputLengthError
     from bench.service_load import NotLoopback
     from bench.spawn import SpawnError
@@ -334,7 +374,17 @@ def run_parts(args: argparse.Namespace, settings: Settings, parts: tuple[str, ..
             sections["indexer"] = run_indexer(args, settings)
         if "precision" in parts:
             sections["precision"] = run_precision(args, settings)
-    except (BenchSetupError, NotLoopback, SpawnError, InputLengthError, ManifestError, HTTPError) as exc:
+        if "capacity" in parts:
+            sections["capacity"] = run_capacity(args, settings)
+    except (
+        BenchSetupError,
+        NotLoopback,
+        SpawnError,
+        InputLengthError,
+        ManifestError,
+        HTTPError,
+        CapacityError,
+    ) as exc:
         error = str(exc)
     except ModuleNotFoundError as exc:
         error = f"{exc}. Install the indexing and benchmark extras: pip install -e '.[index,bench]'"
@@ -427,6 +477,54 @@ def _precision_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-size", type=_positive_int, default=2048, help="largest matmul probe size")
 
 
+def _storage_list(value: str) -> list[str]:
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = sorted(set(names) - set(STORAGES))
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(STORAGES)}, got {value!r}")
+    return names
+
+
+def _capacity_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sizes",
+        type=_int_list,
+        default=[10_000, 100_000, 1_000_000],
+        help="collection sizes in documents (default 10000,100000,1000000); each is measured on its own "
+        "and kept in --work-dir, so a large size can run later and join the report",
+    )
+    p.add_argument(
+        "--storage",
+        type=_storage_list,
+        default=list(STORAGES),
+        help=f"vector storage (default {','.join(STORAGES)}): what index --quantization and "
+        "--vectors-on-disk build",
+    )
+    p.add_argument("--ef", type=_int_list, default=[64, 128, 256], help="hnsw_ef values (default 64,128,256)")
+    p.add_argument("--concurrency", type=_int_list, default=[1, 8], help="searches in flight (default 1,8)")
+    p.add_argument("--queries", type=_positive_int, default=300, help="held-out queries (default 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--corpus",
+        default=DEFAULT_CORPUS,
+        help=f"JSONL corpus whose texts are cycled as payloads (default {DEFAULT_CORPUS})",
+    )
+    p.add_argument(
+        "--document-model",
+        help="encoder whose cached corpus vectors shape the synthetic ones "
+        "(default: MEDSEARCH_DOCUMENT_MODEL)",
+    )
+    p.add_argument(
+        "--work-dir", help="collections and per-size results (default MEDSEARCH_HOME/bench-capacity)"
+    )
+    p.add_argument("--again", action="store_true", help="measure again what the work dir already holds")
+    p.add_argument(
+        "--keep-collections",
+        action="store_true",
+        help="keep the built collections (default: deleted once measured)",
+    )
+
+
 def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     """Fill `medsearch bench` (the CLI creates the parser: this module loads only when it runs)."""
     bsub = bench.add_subparsers(dest="bench_command", required=True)
@@ -437,6 +535,10 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
         "precision": (
             "document encoding in fp32 against a fast path (bf16/int8): docs/s, cosine, %% of peak",
             (_precision_options,),
+        ),
+        "capacity": (
+            "the embedded store at growing sizes: load, HNSW build, memory, disk, latency, recall",
+            (_capacity_options,),
         ),
         "all": (
             "service, query and indexer benchmarks in one report",
