@@ -37,6 +37,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from bench.machine import cpu_model, process_status_kib
 from bench.stats import LatencySummary, summarize
 from bench.synthetic import QUERY_NOISE, TOP_K, Truth, VectorModel, documents, exact_truth, recall_at_k
 from store.spec import CollectionSpec, VectorStorage
@@ -146,15 +147,7 @@ class Job(BaseModel):
 
 
 def memory() -> Memory:
-    try:
-        status = Path("/proc/self/status").read_text(encoding="utf-8")
-    except OSError:
-        return Memory()
-    kib = {}
-    for line in status.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-            kib[key] = int(value.split()[0])
+    kib = process_status_kib("self", ("VmRSS", "RssAnon", "RssFile", "VmHWM")) or {}
     mib = {key: round(value / 1024, 1) for key, value in kib.items()}
     return Memory(
         rss_mib=mib.get("VmRSS"),
@@ -346,12 +339,6 @@ def _child(job: Job, log: Callable[[str], None]) -> str:
     return job.result.read_text(encoding="utf-8")
 
 
-def _cpu_model() -> str:
-    from bench.machine import machine_info
-
-    return machine_info().cpu_model
-
-
 def measure_capacity(
     sizes: Sequence[int],
     storage_names: Sequence[str],
@@ -413,7 +400,7 @@ def measure_capacity(
                 build=build,
                 serve=serve,
                 measured=datetime.now(UTC),
-                cpu_model=_cpu_model(),
+                cpu_model=cpu_model(),
             )
             result_path.write_text(run.model_dump_json(indent=1), encoding="utf-8")
             if not keep_collections:

@@ -51,7 +51,22 @@ class MachineInfo(BaseModel):
     packages: dict[str, str | None]
 
 
-def _cpu_model() -> str:
+def process_status_kib(pid: int | str, keys: tuple[str, ...]) -> dict[str, int] | None:
+    """The ``keys`` of /proc/PID/status (``pid`` "self" for this process) in KiB, those present; None
+    when the process or /proc is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    found = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in keys:
+            found[key] = int(value.split()[0])
+    return found
+
+
+def cpu_model() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -95,7 +110,7 @@ def machine_info() -> MachineInfo:
     logical = os.cpu_count() or 1
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
     return MachineInfo(
-        cpu_model=_cpu_model(),
+        cpu_model=cpu_model(),
         cpu_flags=cpu_flags(),
         cores_logical=logical,
         cores_usable=usable,

@@ -14,13 +14,13 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel
 
+from bench.machine import process_status_kib
 from bench.stats import LatencySummary, summarize
 
 Clock = Callable[[], float]
@@ -183,16 +183,8 @@ def require_loopback(url: str) -> str:
 
 def read_memory_kib(pid: int) -> tuple[int, int] | None:
     """(VmRSS, VmHWM) of ``pid`` in KiB from /proc, or None when the process or /proc is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
-    except OSError:
-        return None
-    fields = {}
-    for line in status.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
-    if len(fields) != 2:
+    fields = process_status_kib(pid, ("VmRSS", "VmHWM"))
+    if fields is None or len(fields) != 2:
         return None
     return fields["VmRSS"], fields["VmHWM"]
 
