@@ -6,12 +6,19 @@ import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from models.align.frozen import REPORT_FILE, FrozenAlignRecipe, QualityGateError, run_frozen_alignment
+from models.align.frozen import (
+    REPORT_FILE,
+    FrozenAlignRecipe,
+    FrozenAlignResult,
+    QualityGateError,
+    run_frozen_alignment,
+)
 from models.align.pseudo import PseudoQueries, corpus_sentences, pseudo_queries, question_bodies
 from models.align.query_side import QuerySideConfig, QueryTower
 from models.align.stage_configs import QueryDistillationConfig
@@ -178,6 +185,22 @@ def _direct(model_dir: Path, _ids: Sequence[str], texts: Sequence[str]) -> np.nd
     return load_encoder(model_dir, device="cpu").encode(list(texts))
 
 
+def _align(
+    recipe: FrozenAlignRecipe, models: Path, tmp_path: Path, work: str = "work", **extra: Any
+) -> FrozenAlignResult:
+    """run_frozen_alignment on the tiny fixtures: their models, the one-hit scorer, direct corpus
+    vectors, no progress bars; ``extra`` adds or overrides arguments (gate, log)."""
+    options: dict[str, Any] = {
+        "models_dir": models,
+        "work_dir": tmp_path / work,
+        "deltas_dir": tmp_path / "deltas",
+        "scorer": _ndcg,
+        "corpus_vectors": _direct,
+        "progress": False,
+    }
+    return run_frozen_alignment(recipe, **(options | extra))
+
+
 @pytest.fixture
 def frozen_setup(tmp_path: Path, tiny_bert: Path, tiny_st_embedder: Path) -> tuple[Path, FrozenAlignRecipe]:
     models = tmp_path / "models"
@@ -203,17 +226,7 @@ def test_frozen_run_publishes_a_query_encoder_in_the_embedders_space(
 ) -> None:
     models, recipe = frozen_setup
     messages: list[str] = []
-    result = run_frozen_alignment(
-        recipe,
-        models_dir=models,
-        work_dir=tmp_path / "work",
-        deltas_dir=tmp_path / "deltas",
-        scorer=_ndcg,
-        corpus_vectors=_direct,
-        gate=lambda _fp32, _int8: (50.0, 49.8),
-        log=messages.append,
-        progress=False,
-    )
+    result = _align(recipe, models, tmp_path, gate=lambda _fp32, _int8: (50.0, 49.8), log=messages.append)
     document = verify_manifest(models / "tiny-st-embedder")
     assert result.query_int8.name == "tiny-frozen-query-onnx-int8"
     for name in ("tiny-frozen-query", "tiny-frozen-query-onnx", "tiny-frozen-query-onnx-int8"):
@@ -235,17 +248,9 @@ def test_a_rerun_resumes_from_the_caches_and_checkpoint(
     tmp_path: Path, frozen_setup: tuple[Path, FrozenAlignRecipe]
 ) -> None:
     models, recipe = frozen_setup
-    kwargs = {
-        "models_dir": models,
-        "work_dir": tmp_path / "work",
-        "deltas_dir": tmp_path / "deltas",
-        "scorer": _ndcg,
-        "corpus_vectors": _direct,
-        "progress": False,
-    }
-    first = run_frozen_alignment(recipe, **kwargs)  # type: ignore[arg-type]
+    first = _align(recipe, models, tmp_path)
     messages: list[str] = []
-    second = run_frozen_alignment(recipe, log=messages.append, **kwargs)  # type: ignore[arg-type]
+    second = _align(recipe, models, tmp_path, log=messages.append)
     assert not any("encoding" in m for m in messages)  # teacher vectors read back, not recomputed
     assert first.query.fingerprint == second.query.fingerprint
     # The resumed run's report still holds the curve the first run scored.
@@ -257,28 +262,17 @@ def test_a_run_can_start_from_an_earlier_runs_best_weights(
 ) -> None:
     """Another pass over the texts starts where the earlier run's best step left the tower."""
     models, recipe = frozen_setup
-    kwargs = {
-        "models_dir": models,
-        "deltas_dir": tmp_path / "deltas",
-        "scorer": _ndcg,
-        "corpus_vectors": _direct,
-        "progress": False,
-    }
-    first = run_frozen_alignment(recipe, work_dir=tmp_path / "first", **kwargs)  # type: ignore[arg-type]
+    first = _align(recipe, models, tmp_path, "first")
     best = tmp_path / "first" / "training" / "best.pt"
     again = recipe.model_copy(update={"name": "tiny-again", "start_from": best})
     messages: list[str] = []
-    second = run_frozen_alignment(again, work_dir=tmp_path / "second", log=messages.append, **kwargs)  # type: ignore[arg-type]
+    second = _align(again, models, tmp_path, "second", log=messages.append)
     first_scores = first.report["selection_ndcg10"]["training"]  # type: ignore[index]
     assert second.report["selection_ndcg10"]["training"]["0"] == max(first_scores.values())  # type: ignore[index]
     assert any(m.startswith(f"align: starting from {best}") for m in messages)
     assert not any("projection fitted" in m for m in messages)  # the loaded projection is kept
     with pytest.raises(FileNotFoundError, match="start_from: no such file"):
-        run_frozen_alignment(
-            recipe.model_copy(update={"start_from": tmp_path / "missing.pt"}),
-            work_dir=tmp_path / "third",
-            **kwargs,  # type: ignore[arg-type]
-        )
+        _align(recipe.model_copy(update={"start_from": tmp_path / "missing.pt"}), models, tmp_path, "third")
 
 
 def test_an_int8_encoder_that_loses_too_much_is_not_published(
@@ -286,16 +280,7 @@ def test_an_int8_encoder_that_loses_too_much_is_not_published(
 ) -> None:
     models, recipe = frozen_setup
     with pytest.raises(QualityGateError, match=r"int8 48.0 vs fp32 50.0"):
-        run_frozen_alignment(
-            recipe,
-            models_dir=models,
-            work_dir=tmp_path / "work",
-            deltas_dir=tmp_path / "deltas",
-            scorer=_ndcg,
-            corpus_vectors=_direct,
-            gate=lambda _fp32, _int8: (50.0, 48.0),
-            progress=False,
-        )
+        _align(recipe, models, tmp_path, gate=lambda _fp32, _int8: (50.0, 48.0))
     assert not (models / "tiny-frozen-query-onnx-int8").exists()
     assert verify_manifest(models / "tiny-frozen-query-onnx").role == "query"
 
@@ -306,15 +291,7 @@ def test_a_document_model_without_a_query_prompt_cannot_teach(
     models, recipe = frozen_setup
     shutil.copytree(tiny_gemma, models / "tiny-gemma")
     with pytest.raises(ValueError, match="no query prompt"):
-        run_frozen_alignment(
-            recipe.model_copy(update={"document_model": "tiny-gemma"}),
-            models_dir=models,
-            work_dir=tmp_path / "work",
-            deltas_dir=tmp_path / "deltas",
-            scorer=_ndcg,
-            corpus_vectors=_direct,
-            progress=False,
-        )
+        _align(recipe.model_copy(update={"document_model": "tiny-gemma"}), models, tmp_path)
 
 
 def test_a_teacher_layers_student_trains_on_a_text_set_in_two_stages(
@@ -341,16 +318,7 @@ def test_a_teacher_layers_student_trains_on_a_text_set_in_two_stages(
         }
     )
     messages: list[str] = []
-    result = run_frozen_alignment(
-        recipe,
-        models_dir=models,
-        work_dir=tmp_path / "work",
-        deltas_dir=tmp_path / "deltas",
-        scorer=_ndcg,
-        corpus_vectors=_direct,
-        log=messages.append,
-        progress=False,
-    )
+    result = _align(recipe, models, tmp_path, log=messages.append)
     document = verify_manifest(models / "tiny-st-embedder")
     assert (result.query_int8.space, result.query_int8.dim) == (document.space, document.dim)
     report = json.loads((tmp_path / "work" / REPORT_FILE).read_text())
