@@ -31,15 +31,18 @@ class KeptTokens(BaseModel):
     ids: list[int]
 
 
-def vocabulary_digest(tokenizer_file: Path) -> str:
-    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
+def vocabulary_digest(tokenizer_file: Path, tokenizer: Tokenizer | None = None) -> str:
+    """Of ``tokenizer_file``'s token -> id map (``tokenizer``: that file, already loaded)."""
+    loaded = tokenizer or Tokenizer.from_file(str(tokenizer_file))
+    vocab = loaded.get_vocab(with_added_tokens=True)
     return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
 
 
-def unknown_id(tokenizer_file: Path) -> int:
+def unknown_id(tokenizer_file: Path, tokenizer: Tokenizer | None = None) -> int:
     model = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("model", {})
     token = model.get("unk_token")
-    found = Tokenizer.from_file(str(tokenizer_file)).token_to_id(token) if token else None
+    loaded = tokenizer or Tokenizer.from_file(str(tokenizer_file))
+    found = loaded.token_to_id(token) if token else None
     if found is None:
         raise ValueError(f"{tokenizer_file}: no unknown token to map dropped rows to")
     return int(found)
@@ -69,9 +72,9 @@ def tokens_to_keep(
             keep.update(i for encoding in tokenizer.encode_batch(batch) for i in encoding.ids)
             batch = []
     keep.update(i for encoding in tokenizer.encode_batch(batch) for i in encoding.ids)
-    unknown = unknown_id(tokenizer_file)
+    unknown = unknown_id(tokenizer_file, tokenizer)
     return KeptTokens(
-        vocabulary_sha256=vocabulary_digest(tokenizer_file),
+        vocabulary_sha256=vocabulary_digest(tokenizer_file, tokenizer),
         unknown_id=unknown,
         ids=sorted(i for i in keep | {unknown} if i < table_rows),
     )
