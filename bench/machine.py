@@ -66,6 +66,19 @@ def process_status_kib(pid: int | str, keys: tuple[str, ...]) -> dict[str, int] 
     return found
 
 
+def process_cpu_s(pid: int | str) -> float | None:
+    """CPU seconds (user + system, every thread) ``pid`` has used so far, from /proc/PID/stat; None
+    when the process or /proc is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    # Fields after the command name, which is in parentheses and may hold spaces: utime and stime
+    # are the 14th and 15th fields of the line, the 12th and 13th after the name.
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_model() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():

@@ -13,7 +13,7 @@ from bench.machine import MachineInfo
 from bench.plot import plot_latency
 from bench.precision import PrecisionBench, precision_table
 from bench.query_latency import QueryEncoderBench
-from bench.service_load import ServiceBench
+from bench.service_load import LoadLevel, ServiceBench
 from bench.throughput import IndexerBench
 
 
@@ -51,6 +51,11 @@ def _mib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.0f}"
 
 
+def _cpu(level: LoadLevel) -> str:
+    cells = [_ms(v) if v is not None else "-" for v in (level.service_cpu_ms, level.client_cpu_ms)]
+    return " / ".join(cells)
+
+
 def service_table(service: ServiceBench) -> str:
     info = service.info or {}
     encoder = (info.get("query_encoder") or {}).get("name", "unknown")
@@ -61,8 +66,8 @@ def service_table(service: ServiceBench) -> str:
         f"query encoder `{encoder}`.",
         "",
         "| concurrency | requests | errors | req/s | p50 ms | p95 ms | p99 ms | max RSS MiB "
-        "| /healthz p50 / p99 ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| /healthz p50 / p99 ms | CPU ms/request: service / load generator |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in service.levels:
         lat = level.latency
@@ -70,9 +75,14 @@ def service_table(service: ServiceBench) -> str:
         probe = f"{_ms(level.healthz.p50_ms)} / {_ms(level.healthz.p99_ms)}" if level.healthz else "-"
         lines.append(
             f"| {level.concurrency} | {level.requests} | {level.errors} | {level.requests_per_s:.1f} | "
-            f"{' | '.join(cells)} | {_mib(level.max_rss_kib)} | {probe} |"
+            f"{' | '.join(cells)} | {_mib(level.max_rss_kib)} | {probe} | {_cpu(level)} |"
         )
-    lines.append("")
+    lines += [
+        "",
+        "The CPU column is each process's user + system time over the level divided by its requests: "
+        "where the two share the machine's cores, req/s cannot pass cores x 1000 / (their sum).",
+        "",
+    ]
     timed = [level for level in service.levels if level.breakdown is not None]
     if timed:
         lines += [
@@ -158,6 +168,10 @@ def indexer_table(bench: IndexerBench) -> str:
     return "\n".join(lines)
 
 
+def _service_cpu(level: LoadLevel) -> str:
+    return _ms(level.service_cpu_ms) if level.service_cpu_ms is not None else "-"
+
+
 def compared_table(service: ServiceBench) -> list[str]:
     other = service.compared
     assert other is not None
@@ -165,8 +179,9 @@ def compared_table(service: ServiceBench) -> list[str]:
         f"Side by side: {other.url} POST /embeddings, model `{other.model}` (encode only, prefix "
         f"{other.prefix!r}), same queries and levels. Ratio = our /search req/s over theirs.",
         "",
-        "| concurrency | ours req/s | ours p50 ms | theirs req/s | theirs p50 ms | errors (theirs) | ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | ours req/s | ours p50 ms | theirs req/s | theirs p50 ms | errors (theirs) | ratio "
+        "| CPU ms/request, ours / theirs |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ours = {level.concurrency: level for level in service.levels}
     for theirs in other.levels:
@@ -177,7 +192,7 @@ def compared_table(service: ServiceBench) -> list[str]:
         p50 = [_ms(level.latency.p50_ms) if level.latency else "-" for level in (mine, theirs)]
         lines.append(
             f"| {theirs.concurrency} | {mine.requests_per_s:.1f} | {p50[0]} | {theirs.requests_per_s:.1f} "
-            f"| {p50[1]} | {theirs.errors} | {ratio:.2f}x |"
+            f"| {p50[1]} | {theirs.errors} | {ratio:.2f}x | {_service_cpu(mine)} / {_service_cpu(theirs)} |"
         )
     return lines
 

@@ -1,9 +1,16 @@
 """Load generator for a running service: fixed-duration closed loops of concurrent /search requests.
 
-Each concurrency level runs ``concurrency`` workers, each sending one request after the other until
-the level's deadline; a worker stops by itself at the deadline (plus at most one request's timeout).
-Latency is measured per successful (200) response; anything else counts as an error by kind. The
-service process's memory is sampled from /proc while the levels run.
+Each concurrency level runs ``concurrency`` workers, each on its own keep-alive connection, sending
+one request after the other until the level's deadline; a worker stops by itself at the deadline
+(plus at most one request's timeout). Latency is measured per successful (200) response; anything
+else counts as an error by kind. The service process's memory is sampled from /proc while the levels
+run, and both processes' CPU time is read before and after each level.
+
+The requests go through bench/http_client.py, not httpx: on the 2-core bench machine the load
+generator shares the cores with the service, and httpx spent 0.95-1.05 ms of CPU per request there
+against 0.11-0.12 ms (600 sequential searches each, uvloop, 2026-12-03). With httpx the generator
+took a third of the machine at concurrency 8 and the service's throughput was capped by it. The
+levels run on uvloop when it is installed (it is, with the service).
 """
 
 from __future__ import annotations
@@ -13,25 +20,27 @@ import ipaddress
 import itertools
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel
 
-from bench.machine import process_status_kib
+from bench.http_client import HttpConnection
+from bench.machine import process_cpu_s, process_status_kib
 from bench.stats import LatencySummary, summarize
 
+T = TypeVar("T")
 Clock = Callable[[], float]
-# One request of a load level: (client, query text) -> the response.
-Send = Callable[[httpx.AsyncClient, str], Awaitable[httpx.Response]]
+# One request of a load level: (connection, query text) -> (status, body).
+Send = Callable[[HttpConnection, str], Awaitable[tuple[int, bytes]]]
 PROBE_INTERVAL_S = 0.05
 
 
 def search_request(top_k: int) -> Send:
-    def send(client: httpx.AsyncClient, query: str) -> Awaitable[httpx.Response]:
-        return client.post("/search", json={"query": query, "top_k": top_k})
+    def send(connection: HttpConnection, query: str) -> Awaitable[tuple[int, bytes]]:
+        return connection.post_json("/search", {"query": query, "top_k": top_k})
 
     return send
 
@@ -40,8 +49,8 @@ def embeddings_request(model: str, prefix: str) -> Send:
     """OpenAI-style POST /embeddings (infinity, TEI and others); ``prefix`` is the query prompt the
     other server does not add itself, so both sides encode the same text."""
 
-    def send(client: httpx.AsyncClient, query: str) -> Awaitable[httpx.Response]:
-        return client.post("/embeddings", json={"model": model, "input": [prefix + query]})
+    def send(connection: HttpConnection, query: str) -> Awaitable[tuple[int, bytes]]:
+        return connection.post_json("/embeddings", {"model": model, "input": [prefix + query]})
 
     return send
 
@@ -64,6 +73,11 @@ class LoadLevel(BaseModel):
     # waits behind searches (event loop blocked, threads exhausted) shows here.
     healthz: LatencySummary | None = None
     breakdown: TimeBreakdown | None = None
+    # CPU milliseconds per request over the level: the load generator's process (every thread: the
+    # workers, the probe, the memory sampler) and the service's, when its pid is known. On a machine
+    # the two share, req/s <= cores x 1000 / (their sum).
+    client_cpu_ms: float | None = None
+    service_cpu_ms: float | None = None
 
 
 class MemoryPeak(BaseModel):
@@ -169,6 +183,15 @@ class ServiceBench(BaseModel):
     compared: ComparedServer | None = None
 
 
+def run_fast(main: Coroutine[Any, Any, T]) -> T:
+    """``main`` on uvloop when it is installed (with the service it is), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ModuleNotFoundError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def require_loopback(url: str) -> str:
     """``url`` without a trailing slash, if its host is this machine; NotLoopback otherwise."""
     host = urlsplit(url).hostname or ""
@@ -245,7 +268,7 @@ class MemorySampler:
 
 
 async def run_level(
-    client: httpx.AsyncClient,
+    url: str,
     queries: Sequence[str],
     concurrency: int,
     duration_s: float,
@@ -253,9 +276,11 @@ async def run_level(
     clock: Clock = time.perf_counter,
     probe: httpx.AsyncClient | None = None,
     send: Send | None = None,
+    timeout_s: float = 30.0,
+    service_pid: int | None = None,
 ) -> LoadLevel:
-    """``concurrency`` workers POST /search (or ``send``) in closed loops until ``duration_s`` has
-    passed; with ``probe``, /healthz is timed on that client meanwhile."""
+    """``concurrency`` workers POST /search (or ``send``) to ``url`` in closed loops, one connection
+    each, until ``duration_s`` has passed; with ``probe``, /healthz is timed on that client meanwhile."""
     request = send or search_request(top_k)
     if concurrency < 1 or duration_s <= 0 or not queries:
         raise ValueError("need concurrency >= 1, a positive duration and at least one query")
@@ -265,19 +290,23 @@ async def run_level(
     deadline = clock() + duration_s
 
     async def worker() -> None:
-        while clock() < deadline:
-            query = queries[next(turn) % len(queries)]
-            start = clock()
-            try:
-                response = await request(client, query)
-            except httpx.HTTPError as exc:
-                errors[type(exc).__name__] += 1
-                continue
-            elapsed_ms = (clock() - start) * 1000
-            if response.status_code == 200:
-                latencies.append(elapsed_ms)
-            else:
-                errors[str(response.status_code)] += 1
+        connection = HttpConnection(url, timeout_s)
+        try:
+            while clock() < deadline:
+                query = queries[next(turn) % len(queries)]
+                start = clock()
+                try:
+                    status, _ = await request(connection, query)
+                except (OSError, TimeoutError) as exc:  # refused, reset, closed mid-response, timed out
+                    errors[type(exc).__name__] += 1
+                    continue
+                elapsed_ms = (clock() - start) * 1000
+                if status == 200:
+                    latencies.append(elapsed_ms)
+                else:
+                    errors[str(status)] += 1
+        finally:
+            connection.close()
 
     probes: list[float] = []
 
@@ -295,10 +324,18 @@ async def run_level(
             await asyncio.sleep(PROBE_INTERVAL_S)
 
     started = clock()
+    client_cpu = time.process_time()
+    service_cpu = process_cpu_s(service_pid) if service_pid is not None else None
     tasks = [worker() for _ in range(concurrency)] + ([prober(probe)] if probe is not None else [])
     await asyncio.gather(*tasks)
     seconds = clock() - started
+    client_cpu = time.process_time() - client_cpu
+    service_after = process_cpu_s(service_pid) if service_pid is not None else None
     requests = len(latencies) + sum(n for kind, n in errors.items() if kind != "healthz")
+
+    def per_request_ms(cpu_s: float | None) -> float | None:
+        return cpu_s / requests * 1000 if cpu_s is not None and requests else None
+
     return LoadLevel(
         concurrency=concurrency,
         seconds=seconds,
@@ -309,6 +346,10 @@ async def run_level(
         latency=summarize(latencies) if latencies else None,
         samples_ms=[round(x, 3) for x in latencies],
         healthz=summarize(probes) if probes else None,
+        client_cpu_ms=per_request_ms(client_cpu),
+        service_cpu_ms=per_request_ms(
+            service_after - service_cpu if service_cpu is not None and service_after is not None else None
+        ),
     )
 
 
@@ -326,15 +367,23 @@ async def measure_compared(
     """The same closed-loop levels against another server's /embeddings (loopback only)."""
     base = require_loopback(url)
     send = embeddings_request(model, prefix)
-    limits = httpx.Limits(max_connections=max(levels), max_keepalive_connections=max(levels))
-    async with httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits, trust_env=False) as client:
+    port = urlsplit(base).port or 80
+    pid = find_pid_by_port(port)
+    connection = HttpConnection(base, timeout_s)
+    try:
         for _ in range(warmup):
-            await send(client, queries[0])
-        results = []
-        for concurrency in levels:
-            if on_level is not None:
-                on_level(concurrency)
-            results.append(await run_level(client, queries, concurrency, duration_s, send=send))
+            await send(connection, queries[0])
+    finally:
+        connection.close()
+    results = []
+    for concurrency in levels:
+        if on_level is not None:
+            on_level(concurrency)
+        results.append(
+            await run_level(
+                base, queries, concurrency, duration_s, send=send, timeout_s=timeout_s, service_pid=pid
+            )
+        )
     return ComparedServer(url=base, model=model, prefix=prefix, levels=results)
 
 
@@ -375,14 +424,14 @@ async def measure_service(
         note = f"cannot read /proc/{sampler.pid}/status"
         sampler = None
     # trust_env=False: a proxy from the environment must never carry loopback traffic elsewhere.
-    limits = httpx.Limits(max_connections=max(levels), max_keepalive_connections=max(levels))
-    async with (
-        httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits, trust_env=False) as client,
-        httpx.AsyncClient(base_url=base, timeout=timeout_s, trust_env=False) as probe,
-    ):
-        info = await _service_info(client)
-        for _ in range(warmup):
-            await client.post("/search", json={"query": queries[0], "top_k": top_k})
+    async with httpx.AsyncClient(base_url=base, timeout=timeout_s, trust_env=False) as probe:
+        info = await _service_info(probe)
+        warm = HttpConnection(base, timeout_s)
+        try:
+            for _ in range(warmup):
+                await warm.post_json("/search", {"query": queries[0], "top_k": top_k})
+        finally:
+            warm.close()
         sampling = asyncio.create_task(sampler.run()) if sampler is not None else None
         results = []
         try:
@@ -392,7 +441,16 @@ async def measure_service(
                 if sampler is not None:
                     sampler.level_max_rss_kib = 0
                 before = await _totals(probe)
-                level = await run_level(client, queries, concurrency, duration_s, top_k, probe=probe)
+                level = await run_level(
+                    base,
+                    queries,
+                    concurrency,
+                    duration_s,
+                    top_k,
+                    probe=probe,
+                    timeout_s=timeout_s,
+                    service_pid=pid,
+                )
                 after = await _totals(probe)
                 if before is not None and after is not None and level.latency is not None:
                     level.breakdown = breakdown(before, after, level.latency.mean_ms)

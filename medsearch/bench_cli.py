@@ -85,16 +85,14 @@ def _chosen(settings: Settings, names: list[str] | None, keep: Callable[[ModelMa
 
 
 def run_service(args: argparse.Namespace) -> ServiceBench:
-    import asyncio
-
     import httpx
 
     from bench.queries import QUESTIONS
-    from bench.service_load import measure_service, require_loopback
+    from bench.service_load import measure_service, require_loopback, run_fast
     from bench.spawn import spawned_service
 
     def measure(url: str, pid: int | None, spawned: bool) -> ServiceBench:
-        return asyncio.run(
+        return run_fast(
             measure_service(
                 url,
                 QUESTIONS,

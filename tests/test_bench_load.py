@@ -98,10 +98,9 @@ async def test_counts_requests_and_errors_over_loopback() -> None:
 
 async def test_unreachable_service_counts_connection_errors() -> None:
     port = free_port()  # nothing listens there
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
-        level = await run_level(client, QUESTIONS, concurrency=2, duration_s=0.1)
+    level = await run_level(f"http://127.0.0.1:{port}", QUESTIONS, concurrency=2, duration_s=0.1)
     assert level.requests == level.errors > 0
-    assert set(level.error_kinds) == {"ConnectError"}
+    assert set(level.error_kinds) == {"ConnectionRefusedError"}
     assert level.latency is None
 
 
@@ -112,16 +111,18 @@ async def test_real_app_in_process_answers_every_request(tmp_path: Path) -> None
     state = ServingState(settings=settings, encoder=HashEncoder(), store=store)
     app = create_app(settings, state)
     try:
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://medsearch") as client,
-        ):
-            level = await run_level(client, QUESTIONS, concurrency=4, duration_s=0.3, top_k=3)
-            metrics = (await client.get("/metrics")).text
+        with uvicorn_thread(app) as url:
+            level = await run_level(
+                url, QUESTIONS, concurrency=4, duration_s=0.3, top_k=3, service_pid=os.getpid()
+            )
+            metrics = httpx.get(f"{url}/metrics", trust_env=False).text
     finally:
         store.close()
     assert level.errors == 0
     assert level.requests == len(level.samples_ms) > 0
+    # The server runs in this process: both CPU figures are this process's time over the level.
+    assert level.client_cpu_ms is not None and level.service_cpu_ms is not None
+    assert level.client_cpu_ms > 0 and level.service_cpu_ms > 0
     assert f'medsearch_http_requests_total{{route="/search",status="200"}} {float(level.requests)}' in metrics
 
 

@@ -52,6 +52,8 @@ def synthetic_report() -> BenchReport:
         latency=summarize(samples),
         samples_ms=samples,
         max_rss_kib=204800,
+        service_cpu_ms=4.5,
+        client_cpu_ms=0.125,
     )
     encoders = [
         encoder("small", "query", {8: 2.0, 16: 4.0}),
@@ -96,7 +98,7 @@ def test_results_files_are_written(tmp_path: Path) -> None:
     text = files.markdown.read_text(encoding="utf-8")
     assert text.startswith(markdown(report))
     assert f"![latency]({files.png.name})" in text
-    assert "| 8 | 5 | 1 | 2.5 | 2.50 | 3.85 | 3.97 | 200 |" in text
+    assert "| 8 | 5 | 1 | 2.5 | 2.50 | 3.85 | 3.97 | 200 | - | 4.50 / 0.12 |" in text
     assert "peak RSS (VmHWM) 400 MiB" in text
     assert "| 8 | 2.00 / 3.80 | 30.00 / 57.00 | 15.0× |" in text
     assert report.machine.cpu_model in text
