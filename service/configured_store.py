@@ -15,5 +15,10 @@ def open_configured_store(settings: Settings) -> VectorStore:
     """The embedded store in ``settings.store_path``, or the Qdrant server at ``settings.qdrant_url``."""
     api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
     return open_store(
-        settings.qdrant_url, settings.store_path, api_key, settings.qdrant_timeout_s, settings.hnsw_ef
+        settings.qdrant_url,
+        settings.store_path,
+        api_key,
+        settings.qdrant_timeout_s,
+        settings.hnsw_ef,
+        search_threads=settings.search_threads or None,
     )

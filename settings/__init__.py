@@ -46,6 +46,13 @@ class Settings(BaseSettings):
         description="HNSW candidates per search: higher is closer to exact, slower. Unset: the store's "
         "default, chosen by measurement (DEFAULT_HNSW_EF in store/qdrant.py).",
     )
+    search_threads: int = Field(
+        default=1,
+        ge=0,
+        description="Threads of the embedded engine's search pool per collection (segments searched in "
+        "parallel). 1: a search costs one thread beside the encoder's; 0: the engine's default, one per "
+        "CPU. A Qdrant server sizes its own.",
+    )
 
     host: str = Field(default="127.0.0.1", description="Listen address (0.0.0.0 in the container image).")
     port: int = Field(default=8000, ge=0, le=65535, description="Listen port (0: any free port).")

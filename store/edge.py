@@ -27,6 +27,11 @@ original vectors memory-mapped when on disk) and persisted by the engine in the 
 ``edge_config.json``; every search builds its parameters from the spec (``search_params``), so a
 quantized collection is always searched with rescoring. Figures: docs/capacity.md.
 
+The engine searches a shard's segments on a thread pool of its own, sized by the CPU count unless
+told otherwise. ``search_threads`` sizes it when a shard is opened (passed with the shard's own
+config, which the engine checks against the segments and writes back): the service opens with 1,
+because a one-segment collection gains nothing from the pool and pays for its threads (docs/results.md).
+
 Thread safety: EdgeShard methods take ``&self`` and lock inside the engine, so concurrent searches
 and upserts need no Python lock (tests/test_store.py hammers one shard from several threads). The
 lock here only guards which shards are open. The WAL lock makes a shard usable by one process at a
@@ -41,7 +46,7 @@ import re
 import shutil
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -144,6 +149,7 @@ class _OpenCollection:
     shard: qe.EdgeShard
     spec: CollectionSpec
     params: qe.SearchParams
+    chunk_rate: schema.ChunkRate = field(default_factory=schema.ChunkRate)
 
 
 def search_params(hnsw_ef: int, storage: VectorStorage) -> qe.SearchParams:
@@ -171,6 +177,20 @@ def _quantization(storage: VectorStorage) -> qe.ScalarQuantizationConfig | None:
     # Pinned: on the heap, never evicted (what a server's always_ram means).
     return qe.ScalarQuantizationConfig(
         type=qe.ScalarType.Int8, quantile=INT8_QUANTILE, memory=qe.Memory.Pinned
+    )
+
+
+def _edge_config(spec: CollectionSpec, search_threads: int | None = None) -> qe.EdgeConfig:
+    """The shard config ``spec`` calls for: what a shard is created with, and what it is opened with
+    when the search pool is sized (the engine refuses a config its segments do not match)."""
+    return qe.EdgeConfig(
+        vectors=_vector_params(spec),
+        sparse_vectors=(
+            {BM25_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if spec.sparse else None
+        ),
+        hnsw_config=HNSW,
+        quantization_config=_quantization(spec.storage),
+        max_search_threads=search_threads,
     )
 
 
@@ -208,9 +228,13 @@ HNSW = qe.HnswIndexConfig(m=HNSW_M, ef_construct=100, full_scan_threshold=10_000
 class EdgeStore:
     """VectorStore over qdrant-edge shards in ``root``."""
 
-    def __init__(self, root: Path, hnsw_ef: int = DEFAULT_HNSW_EF) -> None:
+    def __init__(self, root: Path, hnsw_ef: int = DEFAULT_HNSW_EF, search_threads: int | None = None) -> None:
+        """``search_threads``: size of each opened shard's search pool; None keeps the engine's."""
+        if search_threads is not None and search_threads < 1:
+            raise ValueError(f"search_threads must be positive (or None), got {search_threads}")
         self._root = root
         self._hnsw_ef = hnsw_ef
+        self._search_threads = search_threads
         self._lock = threading.Lock()
         self._open: dict[str, _OpenCollection] = {}
         self._closed = False
@@ -315,12 +339,12 @@ class EdgeStore:
         if sparse is not None:
             schema.check_hybrid(coll.spec)
 
-        def ranked(limit: int) -> list[Hit]:
+        def ranked(limit: int) -> list[schema.Scored]:
             return self._query(coll, name, query, limit, where, score_threshold, sparse)
 
         if coll.spec.chunking is not None:
-            return schema.grouped_by_overfetch(ranked, top_k)
-        return ranked(top_k)
+            return schema.grouped_by_overfetch(ranked, top_k, coll.chunk_rate)
+        return [schema.hit_of(payload, score) for payload, score in ranked(top_k)]
 
     def _query(
         self,
@@ -331,7 +355,7 @@ class EdgeStore:
         where: qe.Filter | None,
         score_threshold: float | None,
         sparse: SparseVector | None,
-    ) -> list[Hit]:
+    ) -> list[schema.Scored]:
         if sparse is None:
             request = qe.QueryRequest(
                 limit=limit,
@@ -368,7 +392,7 @@ class EdgeStore:
             points = coll.shard.query(request)
         except Exception as exc:
             raise _engine_error(f"search {name!r}", exc) from exc
-        return [schema.hit_of(p.payload, p.score) for p in points]
+        return [(p.payload, p.score) for p in points]
 
     def optimize(self, name: str) -> None:
         coll = self._collection(name)
@@ -546,26 +570,19 @@ class EdgeStore:
             raise StoreError(f"{path} is not a valid collection spec: {exc}") from exc
 
     def _opened(self, name: str, spec: CollectionSpec) -> _OpenCollection:
-        return _OpenCollection(self._load_shard(name), spec, search_params(self._hnsw_ef, spec.storage))
+        return _OpenCollection(self._load_shard(name, spec), spec, search_params(self._hnsw_ef, spec.storage))
 
-    def _load_shard(self, name: str) -> qe.EdgeShard:
+    def _load_shard(self, name: str, spec: CollectionSpec) -> qe.EdgeShard:
         path = self._root / name / SHARD_DIR
+        config = None if self._search_threads is None else _edge_config(spec, self._search_threads)
         try:
-            return qe.EdgeShard.load(str(path))
+            return qe.EdgeShard.load(str(path), config)
         except Exception as exc:
             raise _engine_error(f"open {path}", exc) from exc
 
     def _build(self, staging: Path, spec: CollectionSpec) -> None:
-        config = qe.EdgeConfig(
-            vectors=_vector_params(spec),
-            sparse_vectors=(
-                {BM25_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if spec.sparse else None
-            ),
-            hnsw_config=HNSW,
-            quantization_config=_quantization(spec.storage),
-        )
         try:
-            shard = qe.EdgeShard.create(str(staging / SHARD_DIR), config)
+            shard = qe.EdgeShard.create(str(staging / SHARD_DIR), _edge_config(spec))
             try:
                 for path, kind in schema.index_paths(spec).items():
                     shard.update(qe.UpdateOperation.create_field_index(path, _INDEX_TYPES[kind]))

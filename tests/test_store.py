@@ -801,3 +801,24 @@ def test_server_bulk_load_defers_the_graph_and_waits_for_it(monkeypatch: pytest.
     store.optimize(NAME)  # already indexed: nothing more to switch on
     assert len(updates) == 1
     real.close()
+
+
+def test_edge_sizes_the_search_pool_of_the_shards_it_opens(tmp_path: Path) -> None:
+    root = tmp_path / "qdrant"
+    points = make_points(50)
+    builder = EdgeStore(root)
+    builder.create_collection(NAME, SPEC)
+    builder.upsert(NAME, points)
+    query = np.array(points[7].vector)
+    default_hits = ids_scores(builder.search(NAME, query, 5))
+    builder.close()
+    config = root / NAME / "shard" / "edge_config.json"
+    assert "max_search_threads" not in json.loads(config.read_text())
+
+    one = EdgeStore(root, search_threads=1)
+    assert ids_scores(one.search(NAME, query, 5)) == default_hits
+    one.close()
+    # The engine checked the shard's own config (from the spec) and wrote the pool size back.
+    assert json.loads(config.read_text())["max_search_threads"] == 1
+    with pytest.raises(ValueError, match="search_threads"):
+        EdgeStore(root, search_threads=0)

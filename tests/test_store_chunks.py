@@ -3,7 +3,7 @@ search returns each document once, found by its best chunk, with that chunk's te
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -272,5 +272,61 @@ def test_backends_agree_on_chunked_search(tmp_path: Path) -> None:
         answers.append([[(h.doc_id, h.chunk, round(h.score, 4)) for h in run] for run in runs])
         for run in runs:
             assert len({h.doc_id for h in run}) == len(run)
+        s.close()
+    assert answers[0] == answers[1]
+
+
+def test_grouped_search_stays_exact_while_its_first_fetch_adapts() -> None:
+    from store.schema import CHUNK_OVERFETCH, ChunkRate, Scored, grouped_by_overfetch
+
+    # Ranked chunks: doc "x" holds the 12 best, then one chunk each of 20 other documents.
+    ranked: list[Scored] = [({"doc_id": "x", "chunk": k}, 1.0 - k / 100) for k in range(12)]
+    ranked += [({"doc_id": f"d{i}"}, 0.5 - i / 100) for i in range(20)]
+    singles = ranked[12:]
+    limits: list[int] = []
+
+    def fetch(points: list[Scored]) -> Callable[[int], list[Scored]]:
+        def run(limit: int) -> list[Scored]:
+            limits.append(limit)
+            return points[:limit]
+
+        return run
+
+    rate = ChunkRate()
+    assert rate.first_limit(10) == 10 * CHUNK_OVERFETCH  # nothing seen yet: the old fixed depth
+    for _ in range(60):  # a collection whose hits are one chunk per document
+        grouped_by_overfetch(fetch(singles), 10, rate)
+    assert rate.first_limit(10) <= 13
+    limits.clear()
+    best = grouped_by_overfetch(fetch(ranked), 10, rate)
+    # The shallow first fetch held 2 documents: it fetched deeper until it had 10, best chunk each.
+    assert [h.doc_id for h in best] == ["x"] + [f"d{i}" for i in range(9)]
+    assert best[0].chunk == 0
+    assert limits[0] <= 13 and limits[-1] >= 21 and len(limits) >= 2
+    assert best == grouped_by_overfetch(fetch(ranked), 10)  # the fixed depth agrees
+
+
+def test_edge_grouped_searches_match_the_server_over_many_queries(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    # Mostly one-chunk documents (the chunk rate falls), a few with six chunks.
+    docs = {
+        f"doc-{i}": ("儿科", [(f"文本 {i} 第{k}段", 0.0) for k in range(6 if i % 10 == 0 else 1)])
+        for i in range(60)
+    }
+    points = make_points(docs)
+    vectors = rng.normal(size=(len(points), DIM))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    points = [p.model_copy(update={"vector": v.tolist()}) for p, v in zip(points, vectors, strict=True)]
+    queries = rng.normal(size=(40, DIM))
+    answers = []
+    for backend in BACKENDS:
+        s = _open(backend, tmp_path / backend)
+        s.create_collection(NAME, SPEC)
+        s.upsert(NAME, points)
+        answers.append(
+            [[(h.doc_id, h.chunk, round(h.score, 4)) for h in s.search(NAME, q, 8)] for q in queries]
+        )
+        if isinstance(s, EdgeStore):
+            assert s._collection(NAME).chunk_rate.first_limit(8) < 8 * 4
         s.close()
     assert answers[0] == answers[1]
