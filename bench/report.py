@@ -56,6 +56,26 @@ def _cpu(level: LoadLevel) -> str:
     return " / ".join(cells)
 
 
+def _overhead(service: ServiceBench) -> list[str]:
+    raw = service.raw_encode
+    if raw is None:
+        return [f"Raw encode not measured: {service.raw_encode_note}.", ""] if service.raw_encode_note else []
+    lines = [
+        f"Raw encode of `{raw.model}` ({raw.threads} thread(s), {raw.latency.count} back-to-back encodes "
+        "of the same queries in the bench process, the service idle): "
+        f"p50 {_ms(raw.latency.p50_ms)} ms, p99 {_ms(raw.latency.p99_ms)} ms."
+    ]
+    lone = min(service.levels, key=lambda level: level.concurrency, default=None)
+    if lone is not None and lone.latency is not None:
+        lat = lone.latency
+        over = lat.p50_ms - raw.latency.p50_ms
+        lines[0] += (
+            f" /search at concurrency {lone.concurrency}: p50 = raw p50 + {_ms(over)} ms; "
+            f"p99 / p50 = {lat.p99_ms / lat.p50_ms:.2f}."
+        )
+    return [*lines, ""]
+
+
 def service_table(service: ServiceBench) -> str:
     info = service.info or {}
     encoder = (info.get("query_encoder") or {}).get("name", "unknown")
@@ -82,6 +102,7 @@ def service_table(service: ServiceBench) -> str:
         "The CPU column is each process's user + system time over the level divided by its requests: "
         "where the two share the machine's cores, req/s cannot pass cores x 1000 / (their sum).",
         "",
+        *_overhead(service),
     ]
     timed = [level for level in service.levels if level.breakdown is not None]
     if timed:

@@ -171,6 +171,40 @@ class ComparedServer(BaseModel):
     levels: list[LoadLevel]
 
 
+class RawEncode(BaseModel):
+    """The served query encoder run back to back on the same queries, in the bench process, while
+    the service is idle: the floor a /search at concurrency 1 is compared with."""
+
+    model: str
+    threads: int
+    latency: LatencySummary
+
+
+# The served model's name (from /info) -> its raw encode figures, or None when it is not on this machine.
+RawEncoder = Callable[[str], RawEncode | None]
+RAW_ENCODES = 400
+RAW_WARMUP = 20
+
+
+def time_raw_encode(
+    encode: Callable[[str], object],
+    queries: Sequence[str],
+    repeats: int = RAW_ENCODES,
+    warmup: int = RAW_WARMUP,
+    clock: Clock = time.perf_counter,
+) -> LatencySummary:
+    """``warmup`` untimed then ``repeats`` timed calls of ``encode``, cycling through ``queries``."""
+    for i in range(warmup):
+        encode(queries[i % len(queries)])
+    samples = []
+    for i in range(repeats):
+        query = queries[i % len(queries)]
+        start = clock()
+        encode(query)
+        samples.append((clock() - start) * 1000)
+    return summarize(samples)
+
+
 class ServiceBench(BaseModel):
     url: str
     spawned: bool
@@ -181,6 +215,8 @@ class ServiceBench(BaseModel):
     memory_note: str = ""
     info: dict[str, Any] | None = None
     compared: ComparedServer | None = None
+    raw_encode: RawEncode | None = None
+    raw_encode_note: str = ""
 
 
 def run_fast(main: Coroutine[Any, Any, T]) -> T:
@@ -409,9 +445,11 @@ async def measure_service(
     spawned: bool = False,
     on_level: Callable[[int], None] | None = None,
     compare: tuple[str, str, str] | None = None,
+    raw_encoder: RawEncoder | None = None,
 ) -> ServiceBench:
     """Run every concurrency level against ``url`` (loopback only), sampling ``pid``'s memory, or
-    the memory of whichever process listens on the URL's port when ``pid`` is None."""
+    the memory of whichever process listens on the URL's port when ``pid`` is None. With
+    ``raw_encoder``, the served query encoder is first timed on its own (the service idle)."""
     base = require_loopback(url)
     if pid is None:
         port = urlsplit(base).port or 80
@@ -432,6 +470,13 @@ async def measure_service(
                 await warm.post_json("/search", {"query": queries[0], "top_k": top_k})
         finally:
             warm.close()
+        raw, raw_note = None, ""
+        if raw_encoder is not None:
+            served = ((info or {}).get("query_encoder") or {}).get("name")
+            raw = raw_encoder(served) if isinstance(served, str) else None
+            if raw is None:
+                known = served or "unknown: no /info"
+                raw_note = f"the served query encoder ({known}) is not in this machine's models"
         sampling = asyncio.create_task(sampler.run()) if sampler is not None else None
         results = []
         try:
@@ -475,4 +520,6 @@ async def measure_service(
         memory=sampler.peak() if sampler is not None else None,
         memory_note=note,
         info=info,
+        raw_encode=raw,
+        raw_encode_note=raw_note,
     )

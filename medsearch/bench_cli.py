@@ -88,8 +88,24 @@ def run_service(args: argparse.Namespace) -> ServiceBench:
     import httpx
 
     from bench.queries import QUESTIONS
-    from bench.service_load import measure_service, require_loopback, run_fast
+    from bench.service_load import RawEncode, measure_service, require_loopback, run_fast, time_raw_encode
     from bench.spawn import spawned_service
+    from models.loading import load_encoder
+    from models.manifest import ManifestError, named_model_dir
+
+    def raw_encode(served: str) -> RawEncode | None:
+        """The served model as the service runs it (its threads), from this machine's models."""
+        settings = Settings()
+        try:
+            model_dir = named_model_dir(settings.models_path, served)
+        except ManifestError:
+            return None
+        if not model_dir.is_dir():
+            return None
+        _note(f"service: raw encode of {served} ({settings.query_threads} thread(s)), the service idle")
+        encoder = load_encoder(model_dir, threads=settings.query_threads)
+        latency = time_raw_encode(lambda text: encoder.encode([text], 1), QUESTIONS)
+        return RawEncode(model=served, threads=settings.query_threads, latency=latency)
 
     def measure(url: str, pid: int | None, spawned: bool) -> ServiceBench:
         return run_fast(
@@ -105,6 +121,7 @@ def run_service(args: argparse.Namespace) -> ServiceBench:
                 spawned=spawned,
                 on_level=lambda c: _note(f"service: concurrency {c} for {args.duration:g} s"),
                 compare=(args.compare, args.compare_model, args.compare_prefix) if args.compare else None,
+                raw_encoder=raw_encode,
             )
         )
 

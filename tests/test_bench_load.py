@@ -209,3 +209,37 @@ def test_breakdown_reads_the_level_from_metrics_deltas() -> None:
     )
     assert staged is not None and staged.validate_ms == pytest.approx(0.25)
     assert breakdown(after, after, 25.0) is None
+
+
+async def test_the_served_encoder_is_timed_alone_before_the_levels() -> None:
+    from bench.service_load import RawEncode, time_raw_encode
+
+    app = EveryThirdSearchFails()
+    asked: list[str] = []
+
+    def raw(name: str) -> RawEncode | None:
+        asked.append(name)
+        # Nothing has been searched yet when the encoder is timed: the levels come after.
+        assert app.searches == 0
+        return RawEncode(model=name, threads=1, latency=time_raw_encode(len, QUESTIONS, repeats=7, warmup=2))
+
+    with uvicorn_thread(app, lifespan="off") as url:
+        result = await measure_service(url, QUESTIONS, levels=[1], duration_s=0.1, warmup=0, raw_encoder=raw)
+        missing = await measure_service(
+            url, QUESTIONS, levels=[1], duration_s=0.1, warmup=0, raw_encoder=lambda name: None
+        )
+    assert asked == ["fake"]  # the name /info gave
+    assert result.raw_encode is not None and result.raw_encode.latency.count == 7
+    assert missing.raw_encode is None and "(fake) is not in this machine's models" in missing.raw_encode_note
+
+
+def test_raw_encode_times_each_call_after_the_warm_up() -> None:
+    from bench.service_load import time_raw_encode
+
+    ticks = iter(range(100))
+    calls: list[str] = []
+    summary = time_raw_encode(
+        calls.append, ["a", "b", "c"], repeats=4, warmup=2, clock=lambda: next(ticks) / 1000
+    )
+    assert calls == ["a", "b", "a", "b", "c", "a"]  # warm-up, then the timed cycle from the start
+    assert summary.count == 4 and summary.p50_ms == pytest.approx(1.0)

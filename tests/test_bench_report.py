@@ -15,7 +15,7 @@ from bench.machine import git_commit, machine_info
 from bench.queries import QUESTIONS
 from bench.query_latency import EncoderLatency, LengthLatency, QueryEncoderBench, latency_ratios
 from bench.report import BenchReport, file_stem, markdown, write_report
-from bench.service_load import LoadLevel, MemoryPeak, ServiceBench
+from bench.service_load import LoadLevel, MemoryPeak, RawEncode, ServiceBench
 from bench.stats import summarize
 from medsearch.cli import main
 from tests.conftest import REPO
@@ -70,6 +70,7 @@ def synthetic_report() -> BenchReport:
             top_k=10,
             levels=[level],
             memory=MemoryPeak(pid=42, hwm_kib=409600, max_sampled_rss_kib=307200, samples=10),
+            raw_encode=RawEncode(model="small", threads=1, latency=summarize([1.0, 1.5, 2.0])),
         ),
         query_encoders=QueryEncoderBench(
             repeats=3,
@@ -100,6 +101,11 @@ def test_results_files_are_written(tmp_path: Path) -> None:
     assert f"![latency]({files.png.name})" in text
     assert "| 8 | 5 | 1 | 2.5 | 2.50 | 3.85 | 3.97 | 200 | - | 4.50 / 0.12 |" in text
     assert "peak RSS (VmHWM) 400 MiB" in text
+    # The one level (8 in flight) is the lowest: its p50 2.50 against the raw encode's 1.50.
+    assert (
+        "p50 1.50 ms, p99 1.99 ms. /search at concurrency 8: p50 = raw p50 + 1.00 ms; p99 / p50 = 1.59."
+        in text
+    )
     assert "| 8 | 2.00 / 3.80 | 30.00 / 57.00 | 15.0× |" in text
     assert report.machine.cpu_model in text
 
