@@ -72,6 +72,9 @@ class Setup(BaseModel):
     corpus: str
     corpus_sha256: str
     payload_text_bytes: float = Field(description="Mean UTF-8 bytes of a document's title and text")
+    search_threads: int | None = Field(
+        default=None, description="The engine's search pool per shard; None: its default, one per CPU"
+    )
 
 
 class Memory(BaseModel):
@@ -139,6 +142,7 @@ class Job(BaseModel):
     corpus: Path
     ef: list[int] = Field(default_factory=list)
     concurrency: list[int] = Field(default_factory=list)
+    search_threads: int | None = None
     truth: Path | None = None
     result: Path
 
@@ -291,7 +295,7 @@ def serve_phase(job: Job) -> ServeFigures:
     truth = Truth.load(job.truth)
     baseline = memory()
     started = time.perf_counter()
-    store = EdgeStore(root, hnsw_ef=job.ef[0])
+    store = EdgeStore(root, hnsw_ef=job.ef[0], search_threads=job.search_threads)
     store.count(COLLECTION)  # opens the shard
     open_s = time.perf_counter() - started
     opened = memory()
@@ -300,7 +304,7 @@ def serve_phase(job: Job) -> ServeFigures:
         for ef in job.ef:
             if ef != job.ef[0]:
                 store.close()
-                store = EdgeStore(root, hnsw_ef=ef)
+                store = EdgeStore(root, hnsw_ef=ef, search_threads=job.search_threads)
 
             def search(query: np.ndarray, store: EdgeStore = store) -> list[str]:
                 return [hit.doc_id for hit in store.search(COLLECTION, query, TOP_K)]
@@ -388,6 +392,7 @@ def measure_capacity(
                     "result": runs_dir / f"{size}-{name}.serve.json",
                     "ef": setup.ef,
                     "concurrency": setup.concurrency,
+                    "search_threads": setup.search_threads,
                     "truth": truth_path,
                 }
             )
@@ -449,7 +454,8 @@ def capacity_table(bench: CapacityBench) -> str:
         f"Payloads: {setup.corpus} cycled ({setup.payload_text_bytes:.0f} UTF-8 bytes of title + text on "
         f"average). {setup.queries} held-out queries, each a document plus noise of the documents' own "
         f"spread (x{setup.query_noise:g}); recall@10 against their exact top 10. Searches: top 10 with "
-        "payloads through store/edge.py, threads at each concurrency. Index s: HNSW graph (and quantized "
+        "payloads through store/edge.py, threads at each concurrency; the engine's search pool: "
+        f"{setup.search_threads or 'one per CPU'} thread(s) per shard. Index s: HNSW graph (and quantized "
         "copy) built by optimize(). Serving RSS: the child process after every search level, its files "
         "evicted from the page cache before it opened them; bytes/doc: RSS above the bare interpreter.",
         "",
@@ -493,7 +499,13 @@ def load_setup_fields(corpus: Path) -> tuple[str, float]:
 
 
 def default_setup(
-    model: VectorModel, corpus: Path, seed: int, queries: int, ef: list[int], concurrency: list[int]
+    model: VectorModel,
+    corpus: Path,
+    seed: int,
+    queries: int,
+    ef: list[int],
+    concurrency: list[int],
+    search_threads: int | None = None,
 ) -> Setup:
     digest, mean_bytes = load_setup_fields(corpus)
     return Setup(
@@ -508,6 +520,7 @@ def default_setup(
         corpus=str(corpus),
         corpus_sha256=digest,
         payload_text_bytes=mean_bytes,
+        search_threads=search_threads,
     )
 
 

@@ -335,7 +335,8 @@ def run_capacity(args: argparse.Namespace, settings: Settings) -> CapacityBench:
             "fills it): the fallback distribution"
         )
         model = fallback_model(args.seed)
-    setup = default_setup(model, corpus, args.seed, args.queries, args.ef, args.concurrency)
+    threads = settings.search_threads if args.search_threads is None else args.search_threads
+    setup = default_setup(model, corpus, args.seed, args.queries, args.ef, args.concurrency, threads or None)
     _note(f"capacity: {model.source}; sizes {args.sizes}, storage {args.storage}")
     return measure_capacity(
         args.sizes,
@@ -517,6 +518,12 @@ def _capacity_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ef", type=_int_list, default=[64, 128, 256], help="hnsw_ef values (default 64,128,256)")
     p.add_argument("--concurrency", type=_int_list, default=[1, 8], help="searches in flight (default 1,8)")
+    p.add_argument(
+        "--search-threads",
+        type=int,
+        help="the engine's search pool per shard (default MEDSEARCH_SEARCH_THREADS, as the service opens "
+        "it; 0: the engine's default, one per CPU)",
+    )
     p.add_argument("--queries", type=_positive_int, default=300, help="held-out queries (default 300)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -129,11 +129,17 @@ def test_capacity_end_to_end_on_a_tiny_collection(
     # Collections are deleted once measured; the results stay and a rerun reuses them.
     assert not any((work / "collections").iterdir())
     saved = CapacityRun.model_validate_json((work / "runs" / "300-float32.json").read_text(encoding="utf-8"))
+    assert saved.setup.search_threads == 1  # the service's search pool (MEDSEARCH_SEARCH_THREADS)
     assert main([*argv, "--storage", "float32"]) == 0
     assert "300 documents, float32: kept" in capsys.readouterr().err
     (newest, *_) = sorted(results.glob("*.json"), reverse=True)
     again = BenchReport.model_validate_json(newest.read_text(encoding="utf-8")).capacity
     assert again is not None and again.runs == [saved]
+    # Another search pool is another setup: measured again, not reused.
+    assert main([*argv, "--storage", "float32", "--search-threads", "0"]) == 0
+    assert "300 documents, float32: building" in capsys.readouterr().err
+    rerun = CapacityRun.model_validate_json((work / "runs" / "300-float32.json").read_text(encoding="utf-8"))
+    assert rerun.setup.search_threads is None
 
 
 def test_capacity_refuses_unknown_storage(capsys: pytest.CaptureFixture[str]) -> None:
