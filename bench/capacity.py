@@ -432,6 +432,7 @@ def _per_document(run: CapacityRun) -> str:
 def capacity_table(bench: CapacityBench) -> str:
     setup = bench.setup
     levels = setup.concurrency
+    pool = f"{setup.search_threads} thread(s)" if setup.search_threads else "the default, one thread per CPU"
     header = [
         "documents",
         "storage",
@@ -455,8 +456,7 @@ def capacity_table(bench: CapacityBench) -> str:
         f"average). {setup.queries} held-out queries, each a document plus noise of the documents' own "
         f"spread (x{setup.query_noise:g}); recall@10 against their exact top 10. Searches: top 10 with "
         "payloads through store/edge.py, threads at each concurrency; the engine's search pool: "
-        f"{f'{setup.search_threads} thread(s)' if setup.search_threads else 'the default, one thread per CPU'} "
-        "per shard. Index s: HNSW graph (and quantized "
+        f"{pool} per shard. Index s: HNSW graph (and quantized "
         "copy) built by optimize(). Serving RSS: the child process after every search level, its files "
         "evicted from the page cache before it opened them; bytes/doc: RSS above the bare interpreter.",
         "",
