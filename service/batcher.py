@@ -1,10 +1,11 @@
 """Router -> batcher -> encoder: concurrent requests' queries are encoded together, ``workers`` runs
 at a time.
 
-Requests put their texts on a bounded queue and wait. Each of ``workers`` encoder threads takes what
-is waiting as soon as it is free (up to ``max_batch`` texts), lingers up to ``max_wait_s`` for more
-while the batch is not full, runs the encoder, runs each request's follow-up (``encode_then``: the
-embedded store's search) and hands the results to the event loop. The threads feed themselves: the
+Requests put their texts on a bounded queue and wait. Each of ``workers`` encoder threads takes its
+share of what is waiting as soon as it is free (see below; up to ``max_batch`` texts), lingers up
+to ``max_wait_s`` for more while the batch is not full and nothing is left for the others, runs the
+encoder, runs each request's follow-up (``encode_then``: the embedded store's search) and hands the
+results to the event loop. The threads feed themselves: the
 event loop only enqueues and is told when results are ready, so a free thread never waits for the
 loop (HTTP, validation) to hand it the next batch, and a lone query wakes the thread that ran the
 last one. Against a batching task on the loop feeding a thread pool, in one sitting: p50 at
@@ -12,6 +13,11 @@ concurrency 1 6.19 / 5.52 -> 5.36 / 5.45 ms, req/s at 32 406 / 437 -> 492 / 463,
 (docs/results.md). So:
 
 - concurrent queries share one ONNX call (one pass over the weights instead of one per query),
+- a run takes at most its share of the waiting texts, ceil(waiting / ``workers``), and leaves the
+  rest to the next thread that is free: a thread that took everything would encode the whole load
+  on one core while the others idle. In a closed loop of 8 clients, taking everything settled into
+  runs of 1 and runs of 6-8 (the clients of a big run come back together); the share keeps runs of
+  2-3 on both cores (req/s at 8: +7 and +12% in an interleaved A/B, docs/results.md),
 - at most ``workers`` encoder runs are in flight (one onnxruntime session, whose ``run`` is
   thread-safe): with single-threaded runs (MEDSEARCH_QUERY_THREADS=1) and one worker per core, load
   uses every core while a lone query still costs one single-threaded run, the cores are never
@@ -28,8 +34,7 @@ service runs without one. ``max_batch`` 1 turns batching off.
 
 The knobs have no defaults here: the service's come from the settings (MEDSEARCH_BATCH_MAX_SIZE,
 MEDSEARCH_BATCH_MAX_WAIT_MS, MEDSEARCH_QUEUE_MAX_PENDING, MEDSEARCH_QUERY_CACHE_SIZE,
-MEDSEARCH_ENCODER_WORKERS;
-docs/configuration.md), so they are written down once.
+MEDSEARCH_ENCODER_WORKERS; docs/configuration.md), so they are written down once.
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ class EncodeBatcher:
     cache_size: int
     workers: int
     _jobs: deque[_Job] = field(default_factory=deque, init=False)
+    _queued_texts: int = field(default=0, init=False)  # texts of the jobs in ``_jobs``; under the lock
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     # Idle encoder threads' wake-up events, the latest idle on top: a lone query goes to the thread
     # that ran the previous one, whose core still caches the weights (FIFO wake-ups alternated the
@@ -168,6 +174,7 @@ class EncodeBatcher:
         self.metrics.queue_depth.set(self._pending)
         with self._lock:
             self._jobs.append(_Job(missing, rows, then, future, time.perf_counter()))
+            self._queued_texts += len(missing)
             wake = self._idle.pop() if self._idle else None
         if wake is not None:
             wake.set()
@@ -194,32 +201,46 @@ class EncodeBatcher:
                 return
 
     def _next_batch(self, wake: threading.Event) -> list[_Job] | None:
-        """What is waiting, up to ``max_batch`` texts, after lingering up to ``max_wait_s`` for more
-        while not full; sleeps on ``wake`` while nothing waits; None once stopping with nothing left."""
+        """This thread's share of what is waiting (at least one job, at most ``max_batch`` texts),
+        then, when nothing is left for the others, what arrives while it lingers up to ``max_wait_s``
+        and the batch is not full; sleeps on ``wake`` while nothing waits; None once stopping with
+        nothing left."""
         while True:
             with self._lock:
                 if self._jobs:
+                    share = min(self.max_batch, -(-self._queued_texts // self.workers))
                     break
                 if self._stopping:
                     return None
                 wake.clear()
                 self._idle.append(wake)
             wake.wait()
-        deadline = time.monotonic() + self.max_wait_s
         jobs: list[_Job] = []
         size = 0
-        while size < self.max_batch:
+        with self._lock:
+            while self._jobs and (not jobs or size + len(self._jobs[0].texts) <= share):
+                size += self._take(jobs)
+            drained = not self._jobs
+        if not drained or self.max_wait_s <= 0 or not jobs:
+            return jobs  # empty when another thread took what woke this one
+        deadline = time.monotonic() + self.max_wait_s
+        while size < self.max_batch and not self._stopping:
             with self._lock:
-                job = self._jobs.popleft() if self._jobs else None
-            if job is not None:
-                jobs.append(job)
-                size += len(job.texts)
-                continue
+                if self._jobs:
+                    size += self._take(jobs)
+                    continue
             remaining = deadline - time.monotonic()
-            if not jobs or remaining <= 0 or self._stopping:
+            if remaining <= 0:
                 break
             time.sleep(min(remaining, LINGER_POLL_S))
-        return jobs  # empty when another thread took what woke this one
+        return jobs
+
+    def _take(self, jobs: list[_Job]) -> int:
+        """Move the oldest waiting job to ``jobs``; its text count. Called under the lock."""
+        job = self._jobs.popleft()
+        self._queued_texts -= len(job.texts)
+        jobs.append(job)
+        return len(job.texts)
 
     def _run_jobs(self, jobs: list[_Job]) -> list[_Outcome]:
         """One encoder run for every job's texts, then each job's ``then``."""

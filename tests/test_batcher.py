@@ -94,6 +94,30 @@ async def test_two_workers_run_two_batches_at_once_and_still_batch() -> None:
     assert sorted(t for call in encoder.calls for t in call) == sorted(texts)
 
 
+async def test_a_free_worker_takes_its_share_of_the_queue_and_leaves_the_rest() -> None:
+    """With both workers busy, six queries queue; the first free worker takes ceil(6 / 2) = 3 and
+    leaves the rest to the other instead of encoding all six on one core."""
+    gate = threading.Event()
+    encoder = RecordingEncoder(gate=gate)
+    batcher = await started(encoder, max_batch=16, workers=2)
+    busy = [asyncio.ensure_future(batcher.encode([f"busy{i}"])) for i in range(2)]
+    for _ in range(2000):  # each busy query on its own worker (a worker taking both fails here)
+        if encoder.running == 2:
+            break
+        await asyncio.sleep(0.001)
+    assert encoder.running == 2
+    queued = [asyncio.ensure_future(batcher.encode([f"q{i}"])) for i in range(6)]
+    await asyncio.sleep(0)  # every request is on the queue
+    assert batcher.pending == 8
+    gate.set()
+    await asyncio.gather(*busy, *queued)
+    await batcher.stop()
+    later = encoder.calls[2:]
+    assert sorted(t for call in later for t in call) == [f"q{i}" for i in range(6)]
+    assert max(len(call) for call in later) == 3
+    assert len(later) >= 2
+
+
 async def test_batches_never_exceed_the_configured_size() -> None:
     encoder = RecordingEncoder(delay_s=0.01)
     batcher = await started(encoder, max_batch=4, max_wait_s=0.01, cache_size=0)
