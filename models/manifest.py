@@ -67,6 +67,11 @@ class ModelManifest(BaseModel):
         description="Fingerprint of the transformers model these weights were exported from (if any).",
     )
     quantization: str | None = None
+    built_from: dict[str, str] = Field(
+        default_factory=dict,
+        description="What `medsearch models build` made this from: 'parent' -> the parent build's "
+        "fingerprint, committed input file name (delta, int8 plan) -> sha256. A change rebuilds it.",
+    )
     license: str = ""
     card: str = Field(default="", description="Model card: data, recipe, figures (a repository path).")
     figures: dict[str, float] = Field(

