@@ -21,7 +21,7 @@ from models.attention_masks import encoder_attention_mask
 from models.dense import load_dense_stack
 from models.embedding_table import compress_embedding_tables, trim_vocabulary
 from models.hf_loading import load_hf_model
-from models.int8_plan import Int8Plan
+from models.int8_plan import BLOCK_SIZE, Int8Plan
 from models.manifest import (
     ModelManifest,
     Pooling,
@@ -216,7 +216,7 @@ def check_parity(onnx_dir: Path, wrapper: torch.nn.Module, texts: Sequence[str])
     return min_row_cosine(encoder.encode(texts, batch_size=len(texts)), expected)
 
 
-def _float_matmuls(graph: Path, fragments: Sequence[str]) -> list[str]:
+def _matmuls_named(graph: Path, fragments: Sequence[str]) -> list[str]:
     if not fragments:
         return []
     import onnx
@@ -227,6 +227,32 @@ def _float_matmuls(graph: Path, fragments: Sequence[str]) -> list[str]:
     if missing:
         raise ValueError(f"{graph}: no MatMul named like {missing[0]!r}")
     return chosen
+
+
+def quantize_blockwise(graph: Path, nodes: Sequence[str]) -> None:
+    """``nodes`` (MatMuls with constant weights) rewritten in place as 8-bit blocks of weights
+    (MatMulNBits, int8 compute): the one mechanism onnxruntime ships for weight-only quantization."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, bits=8)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(graph)),
+        bits=8,
+        block_size=BLOCK_SIZE,
+        is_symmetric=True,
+        accuracy_level=4,
+        nodes_to_include=list(nodes),
+        algo_config=config,
+    )
+    quantizer.process()
+    quantized = [n.name for n in quantizer.model.model.graph.node if n.op_type == "MatMulNBits"]
+    if len(quantized) != len(nodes):
+        raise ValueError(f"{graph}: {len(quantized)} of {len(nodes)} MatMuls became 8-bit blocks")
+    quantizer.model.save_model_to_file(str(graph))
 
 
 def quantize_int8(
@@ -246,7 +272,8 @@ def quantize_int8(
     leave the mean cosine to fp32 on 500 cmedqa-im queries unchanged (0.9956) and shrink the graph
     from 388 to 114 MiB, which is most of the service's resident memory.
 
-    ``plan`` (models/int8_plan.py) leaves named MatMuls in float and first trims the word-embedding
+    ``plan`` (models/int8_plan.py) leaves named MatMuls in float or stores them as 8-bit weight
+    blocks, and first trims the word-embedding
     table to the rows it lists (an LLM student's 262k-row table is 201 MB even in int8), and the
     tokenizer to the tokens it lists (models.vocabulary.trim_tokenizer).
     """
@@ -265,18 +292,23 @@ def quantize_int8(
             quantization += f"+vocabulary-{rows}-rows"
         progress(f"quantize: int8 MatMul weights of {source.name}")
         matmuls = work / f"matmul-{ONNX_FILE}"
-        floats = _float_matmuls(graph, plan.keep_float)
+        floats = _matmuls_named(graph, plan.keep_float)
         if floats:
             progress(f"quantize: {len(floats)} MatMuls stay float32 ({', '.join(plan.keep_float)})")
             quantization += f"+float-{'-'.join(plan.keep_float)}"
+        blocks = _matmuls_named(graph, plan.blockwise)
         quantize_dynamic(
             str(graph),
             str(matmuls),
             op_types_to_quantize=["MatMul"],
             per_channel=True,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=floats,
+            nodes_to_exclude=[*floats, *blocks],
         )
+        if blocks:
+            progress(f"quantize: {len(blocks)} MatMuls as 8-bit weight blocks ({', '.join(plan.blockwise)})")
+            quantize_blockwise(matmuls, blocks)
+            quantization += f"+blockwise-int8-{'-'.join(plan.blockwise)}"
         progress("quantize: int8 embedding tables, one scale per row")
         compress_embedding_tables(matmuls, work / ONNX_FILE)
         matmuls.unlink()

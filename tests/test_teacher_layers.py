@@ -135,6 +135,20 @@ def test_delta_rebuilds_the_student_and_its_onnx_export_matches(
     full_vector = load_encoder(models / "student-onnx").encode(outside)[0]
     assert float(trimmed_vector @ full_vector) < 0.99
 
+    # down_proj as 8-bit weight blocks instead of float32: MatMulNBits nodes, named in the manifest,
+    # and within int8 error of fp32.
+    blockwise = Int8Plan(blockwise=["down_proj"])
+    blocks, _ = quantize_int8(
+        models / "student-onnx", models / "student-onnx-blocks", plan=blockwise, progress=lambda _m: None
+    )
+    assert blocks.quantization is not None and blocks.quantization.endswith("+blockwise-int8-down_proj")
+    nodes = onnx.load(str(models / "student-onnx-blocks" / "model.onnx")).graph.node
+    block_nodes = [n.name for n in nodes if n.op_type == "MatMulNBits"]
+    assert block_nodes and all("down_proj" in n for n in block_nodes)
+    assert not [n.name for n in nodes if n.op_type == "MatMul" and "down_proj" in n.name]
+    in_blocks = load_encoder(models / "student-onnx-blocks").encode(TEXTS[:4])
+    assert np.min(np.sum(full * in_blocks, axis=1)) > 0.99
+
 
 def test_a_delta_refuses_other_base_weights(embedder: Path, tmp_path: Path) -> None:
     student = _tower(embedder, 1)

@@ -135,6 +135,11 @@ class FrozenAlignRecipe(BaseModel):
         default_factory=list,
         description="MatMul node-name fragments the int8 graph keeps in float32 (models/int8_plan.py).",
     )
+    int8_blockwise: list[str] = Field(
+        default_factory=list,
+        description="MatMul node-name fragments the int8 graph stores as 8-bit weight blocks "
+        "(models/int8_plan.py).",
+    )
     trim_vocabulary: bool = Field(
         default=False,
         description="int8 keeps only the word-embedding rows the training texts and corpus use (plus "
@@ -467,7 +472,7 @@ def run_frozen_alignment(
         models_dir / query_name, models_dir / f"{query_name}-onnx", name=f"{query_name}-onnx", progress=log
     )
     int8_dir = models_dir / f"{query_name}-onnx-int8"
-    plan = Int8Plan(keep_float=list(recipe.int8_keep_float))
+    plan = Int8Plan(keep_float=list(recipe.int8_keep_float), blockwise=list(recipe.int8_blockwise))
     if recipe.trim_vocabulary:
         tokenizer_file = models_dir / query_name / "tokenizer.json"
         table_rows = int(query.model.get_input_embeddings().weight.shape[0])
