@@ -4,6 +4,7 @@ fingerprint and the committed files it reads (a trained delta, an int8 plan)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,17 @@ from models.manifest import ModelManifest, read_manifest, write_manifest
 from models.registry import Recipe
 
 
+@dataclass
+class Built:
+    made: list[str]  # the models made, in order
+    weights: Path  # the parent's "download"
+    plan: Path  # the child's committed input
+    models: Path
+
+
 @pytest.fixture
-def recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], Path, Path]:
-    """A parent (weights from a 'download') and a child that reads a committed plan file."""
+def built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Built:
+    """A parent (weights from a 'download') and a child that reads a committed plan file, both built."""
     made: list[str] = []
     weights = tmp_path / "download.bin"
     plan = tmp_path / "child.plan.json"
@@ -44,47 +53,35 @@ def recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str],
             "child": Recipe("child", "planned", "parent", make(plan), inputs=lambda _n: [plan]),
         },
     )
-    return made, weights, plan
-
-
-def test_a_current_build_is_reused(recipes: tuple[list[str], Path, Path], tmp_path: Path) -> None:
-    made, _, _ = recipes
     models = tmp_path / "models"
     registry.build("child", models, progress=lambda _m: None)
-    assert made == ["parent", "child"]
-    recorded = read_manifest(models / "child").built_from
-    assert (
-        recorded["parent"] == read_manifest(models / "parent").fingerprint and "child.plan.json" in recorded
-    )
-    messages: list[str] = []
-    registry.build("child", models, progress=messages.append)
-    assert made == ["parent", "child"]
-    assert messages == ["child: already built (" + str(models / "child") + ")"]
+    return Built(made, weights, plan, models)
 
 
-def test_a_changed_committed_input_rebuilds_only_its_model(
-    recipes: tuple[list[str], Path, Path], tmp_path: Path
-) -> None:
-    made, _, plan = recipes
-    models = tmp_path / "models"
-    registry.build("child", models, progress=lambda _m: None)
-    plan.write_text('{"blockwise": ["down_proj"]}')  # a pull changed the committed plan
+def test_a_current_build_is_reused(built: Built) -> None:
+    assert built.made == ["parent", "child"]
+    recorded = read_manifest(built.models / "child").built_from
+    assert recorded["parent"] == read_manifest(built.models / "parent").fingerprint
+    assert "child.plan.json" in recorded
     messages: list[str] = []
-    registry.build("child", models, progress=messages.append)
-    assert made == ["parent", "child", "child"]
+    registry.build("child", built.models, progress=messages.append)
+    assert built.made == ["parent", "child"]
+    assert messages == [f"child: already built ({built.models / 'child'})"]
+
+
+def test_a_changed_committed_input_rebuilds_only_its_model(built: Built) -> None:
+    built.plan.write_text('{"blockwise": ["down_proj"]}')  # a pull changed the committed plan
+    messages: list[str] = []
+    registry.build("child", built.models, progress=messages.append)
+    assert built.made == ["parent", "child", "child"]
     assert any("building again" in m for m in messages)
-    assert (models / "child" / "model.bin").read_text().startswith('{"blockwise"')
+    assert (built.models / "child" / "model.bin").read_text().startswith('{"blockwise"')
 
 
-def test_a_rebuilt_parent_rebuilds_its_children(
-    recipes: tuple[list[str], Path, Path], tmp_path: Path
-) -> None:
-    made, weights, _ = recipes
-    models = tmp_path / "models"
-    registry.build("child", models, progress=lambda _m: None)
-    weights.write_text("weights v2")
-    registry.build("parent", models, progress=lambda _m: None)  # still current: nothing it records changed
-    assert made == ["parent", "child"]
-    (models / "parent" / "manifest.json").unlink()  # gone: built again, with other weights
-    registry.build("child", models, progress=lambda _m: None)
-    assert made == ["parent", "child", "parent", "child"]
+def test_a_rebuilt_parent_rebuilds_its_children(built: Built) -> None:
+    built.weights.write_text("weights v2")
+    registry.build("parent", built.models, progress=lambda _m: None)  # nothing it records changed
+    assert built.made == ["parent", "child"]
+    (built.models / "parent" / "manifest.json").unlink()  # gone: built again, with other weights
+    registry.build("child", built.models, progress=lambda _m: None)
+    assert built.made == ["parent", "child", "parent", "child"]
