@@ -86,8 +86,9 @@ class Settings(BaseSettings):
         default=0.0,
         ge=0,
         description=(
-            "How long a batch lingers for more queries once the encoder is free; 0: a batch is what queued "
-            "during the previous run (natural batching). MEDSEARCH_BATCH_MAX_SIZE=1 turns batching off."
+            "How long a batch lingers for more queries once the encoder is free; 0: a batch is the "
+            "thread's share (waiting / MEDSEARCH_ENCODER_WORKERS) of what queued during the previous "
+            "run (natural batching). MEDSEARCH_BATCH_MAX_SIZE=1 turns batching off."
         ),
     )
     queue_max_pending: int = Field(
