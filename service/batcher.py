@@ -17,7 +17,7 @@ concurrency 1 6.19 / 5.52 -> 5.36 / 5.45 ms, req/s at 32 406 / 437 -> 492 / 463,
   rest to the next thread that is free: a thread that took everything would encode the whole load
   on one core while the others idle. In a closed loop of 8 clients, taking everything settled into
   runs of 1 and runs of 6-8 (the clients of a big run come back together); the share keeps runs of
-  2-3 on both cores (req/s at 8: +7 and +12% in an interleaved A/B, docs/results.md),
+  1-3 on both cores (req/s at 8: +7 and +12% in an interleaved A/B, docs/results.md),
 - at most ``workers`` encoder runs are in flight (one onnxruntime session, whose ``run`` is
   thread-safe): with single-threaded runs (MEDSEARCH_QUERY_THREADS=1) and one worker per core, load
   uses every core while a lone query still costs one single-threaded run, the cores are never
@@ -208,7 +208,6 @@ class EncodeBatcher:
         while True:
             with self._lock:
                 if self._jobs:
-                    share = min(self.max_batch, -(-self._queued_texts // self.workers))
                     break
                 if self._stopping:
                     return None
@@ -217,7 +216,8 @@ class EncodeBatcher:
             wake.wait()
         jobs: list[_Job] = []
         size = 0
-        with self._lock:
+        with self._lock:  # the share of what waits now: another thread may have taken some since
+            share = min(self.max_batch, -(-self._queued_texts // self.workers))
             while self._jobs and (not jobs or size + len(self._jobs[0].texts) <= share):
                 size += self._take(jobs)
             drained = not self._jobs
