@@ -233,12 +233,8 @@ def quantize_blockwise(graph: Path, nodes: Sequence[str]) -> None:
     """``nodes`` (MatMuls with constant weights) rewritten in place as 8-bit blocks of weights
     (MatMulNBits, int8 compute): the one mechanism onnxruntime ships for weight-only quantization."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, bits=8)
     quantizer = MatMulNBitsQuantizer(
         onnx.load(str(graph)),
         bits=8,
@@ -246,7 +242,6 @@ def quantize_blockwise(graph: Path, nodes: Sequence[str]) -> None:
         is_symmetric=True,
         accuracy_level=4,
         nodes_to_include=list(nodes),
-        algo_config=config,
     )
     quantizer.process()
     quantized = [n.name for n in quantizer.model.model.graph.node if n.op_type == "MatMulNBits"]

@@ -65,7 +65,7 @@ def _onnx(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
     return export_query_encoder(parent, out, name=out.name, progress=progress)
 
 
-def _int8_plan(name: str) -> list[Path]:
+def _int8_plan_files(name: str) -> list[Path]:
     """An aligned student's committed int8 plan (models/int8_plan.py), if it has one."""
     from models.int8_plan import INT8_PLAN_SUFFIX
 
@@ -78,7 +78,7 @@ def _int8(out: Path, parent: Path | None, progress: Progress) -> ModelManifest:
     from models.int8_plan import load_int8_plan
 
     assert parent is not None
-    plan = next((load_int8_plan(p, parent / "tokenizer.json") for p in _int8_plan(out.name)), None)
+    plan = next((load_int8_plan(p, parent / "tokenizer.json") for p in _int8_plan_files(out.name)), None)
     manifest, _cosine = quantize_int8(parent, out, plan=plan, progress=progress)
     return manifest
 
@@ -157,7 +157,7 @@ def _aligned_query_family(
             f"{query}-onnx",
             _int8,
             card=card,
-            inputs=_int8_plan,
+            inputs=_int8_plan_files,
         ),
     )
 
