@@ -43,7 +43,9 @@ def file_stem(report: BenchReport) -> str:
     return f"bench-{report.created:%Y%m%d-%H%M%S}-{report.commit}"
 
 
-def _ms(value: float) -> str:
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
     return f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
 
@@ -52,8 +54,7 @@ def _mib(kib: int | None) -> str:
 
 
 def _cpu(level: LoadLevel) -> str:
-    cells = [_ms(v) if v is not None else "-" for v in (level.service_cpu_ms, level.client_cpu_ms)]
-    return " / ".join(cells)
+    return f"{_ms(level.service_cpu_ms)} / {_ms(level.client_cpu_ms)}"
 
 
 def _overhead(service: ServiceBench) -> list[str]:
@@ -118,7 +119,7 @@ def service_table(service: ServiceBench) -> str:
         for level in timed:
             b = level.breakdown
             assert b is not None
-            optional = [_ms(v) if v is not None else "-" for v in (b.validate_ms, b.queue_wait_ms)]
+            optional = [_ms(b.validate_ms), _ms(b.queue_wait_ms)]
             lines.append(
                 f"| {level.concurrency} | {b.encoder_runs} | {b.mean_batch:.1f} | {' | '.join(optional)} "
                 f"| {_ms(b.encode_ms_per_run)} | {_ms(b.search_ms)} "
@@ -189,10 +190,6 @@ def indexer_table(bench: IndexerBench) -> str:
     return "\n".join(lines)
 
 
-def _service_cpu(level: LoadLevel) -> str:
-    return _ms(level.service_cpu_ms) if level.service_cpu_ms is not None else "-"
-
-
 def compared_table(service: ServiceBench) -> list[str]:
     other = service.compared
     assert other is not None
@@ -213,7 +210,8 @@ def compared_table(service: ServiceBench) -> list[str]:
         p50 = [_ms(level.latency.p50_ms) if level.latency else "-" for level in (mine, theirs)]
         lines.append(
             f"| {theirs.concurrency} | {mine.requests_per_s:.1f} | {p50[0]} | {theirs.requests_per_s:.1f} "
-            f"| {p50[1]} | {theirs.errors} | {ratio:.2f}x | {_service_cpu(mine)} / {_service_cpu(theirs)} |"
+            f"| {p50[1]} | {theirs.errors} | {ratio:.2f}x "
+            f"| {_ms(mine.service_cpu_ms)} / {_ms(theirs.service_cpu_ms)} |"
         )
     return lines
 
